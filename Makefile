@@ -1,0 +1,34 @@
+.PHONY: install test demo quality style clean
+
+PYTHON ?= python3
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+check_dirs := src tests recipes benchmarks scripts
+
+# One step both `test` and `demo` stand on. torch first: a machine without CUDA gets the CPU wheel (torch==2.13.0),
+# so the package's own `torch>=` requirement is already met and pip never pulls a CUDA build.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || \
+		( if command -v nvidia-smi >/dev/null 2>&1; then $(PYTHON) -m pip install torch; \
+		  else $(PYTHON) -m pip install torch==2.13.0; fi )
+	@$(PYTHON) -c "import pivot_hf, pytest, hypothesis, ruff" 2>/dev/null || $(PYTHON) -m pip install -e ".[dev]"
+
+test: install
+	$(PYTHON) -m pytest tests -n 2 --dist loadfile -q
+
+demo: install
+	$(PYTHON) scripts/demo.py
+
+quality:
+	ruff check $(check_dirs)
+	ruff format --check $(check_dirs)
+
+style:
+	ruff check --fix $(check_dirs)
+	ruff format $(check_dirs)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache demo_output

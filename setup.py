@@ -1,0 +1,51 @@
+"""pivot-hf: PIVOT (Preference-Instructed Vision OpTimization) on the Hugging Face stack."""
+
+from setuptools import find_packages, setup
+
+# torch is deliberately not pinned to a build: `make install` puts the CPU wheel (torch==2.13.0) on machines without
+# CUDA before this runs, so pip never resolves a multi-gigabyte CUDA build there.
+_deps = [
+    "torch>=2.4",
+    "transformers>=5.0,<6",
+    "trl>=1.0,<2",
+    "peft>=0.15",
+    "accelerate>=1.0",
+    "datasets>=3.0",
+    "huggingface_hub>=1.0",
+    "evaluate>=0.4",
+    "safetensors>=0.4",
+    "pyyaml>=6.0",
+    "pillow>=10.0",
+    "tqdm",
+    "numpy",
+    "scikit-learn>=1.3",
+    "matplotlib>=3.7",
+    "psutil",
+]
+
+extras = {
+    "tests": ["pytest>=8", "pytest-xdist", "hypothesis>=6"],
+    "quality": ["ruff>=0.6"],
+    # Triton kernels: CUDA only. Installed on GPU machines; gated at runtime everywhere.
+    "liger": ["liger-kernel>=0.5"],
+    # The paper's 16 MLLM benchmarks (issue: MLLM benchmark evaluation).
+    "eval": ["lmms-eval"],
+    "deepspeed": ["deepspeed>=0.15"],
+}
+extras["dev"] = extras["tests"] + extras["quality"]
+
+setup(
+    name="pivot-hf",
+    version="0.1.0.dev0",
+    description="PIVOT: preference-instructed vision optimization of vision encoders, on transformers + TRL",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"pivot_hf": ["py.typed", "resources/*", "resources/**/*"]},
+    python_requires=">=3.10",
+    install_requires=_deps,
+    extras_require=extras,
+    entry_points={"console_scripts": ["pivot-hf=pivot_hf.cli:main"]},
+)

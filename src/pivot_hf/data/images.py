@@ -1,0 +1,163 @@
+"""Image paths, validation and lazy RGB decoding.
+
+Rows never hold pixels: they hold a path that was resolved and confined to its image root at conversion time. Pixels
+are decoded only when a trainer's collator touches a row, through `LazyImages`, a `datasets` transform
+(`Dataset.with_transform`) that survives `select`, `shuffle` and the `remove_columns` that `transformers.Trainer` applies.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+# PIL's own default (about 89.5 megapixels); above it PIL warns, above twice it refuses. We check explicitly so the skip
+# has a clear reason instead of a warning lost in the logs.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+@dataclass
+class ImageCheck:
+    """Result of validating one image file (no pixels are kept)."""
+
+    ok: bool
+    reason: str | None = None  # a `SKIP_REASONS` key when not ok
+    mode: str | None = None
+    format: str | None = None
+    size: tuple[int, int] | None = None
+
+
+def resolve_image_path(root: str, rel: Any) -> tuple[str | None, str | None]:
+    """Resolve `rel` under `root`, following symlinks; return `(absolute_path, None)` or `(None, skip_reason)`.
+
+    A path is refused (`path_escapes_root`) when its real location is outside the real root: `..` components, absolute
+    paths elsewhere and symlinks pointing out all end up there. This keeps a malicious or sloppy annotation file from
+    reading arbitrary files of the training machine.
+    """
+    if not isinstance(rel, str) or not rel.strip():
+        return None, "invalid_image_field"
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, rel.strip()))
+    try:
+        inside = os.path.commonpath([real_root, real]) == real_root
+    except ValueError:  # different drives on Windows
+        inside = False
+    if not inside:
+        return None, "path_escapes_root"
+    if not os.path.isfile(real):
+        return None, "image_missing"
+    return real, None
+
+
+def check_image(source: str | bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = 1) -> ImageCheck:
+    """Verify that `source` (a path or encoded bytes) decodes fully, without keeping its pixels.
+
+    `Image.verify()` catches broken PNG chunks but not a truncated JPEG, so the image is also decoded once (with JPEG
+    draft mode, which decodes at reduced scale and still fails on truncated data).
+    """
+    opener = (lambda: io.BytesIO(source)) if isinstance(source, bytes | bytearray) else (lambda: source)
+    try:
+        with warnings.catch_warnings():
+            # A DecompressionBombWarning is turned into our own explicit size check below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(opener()) as im:
+                fmt, mode, size = im.format, im.mode, im.size
+                if size[0] * size[1] > max_pixels:
+                    return ImageCheck(False, "image_too_large", mode, fmt, size)
+                if min(size) < min_side:
+                    return ImageCheck(False, "image_too_small", mode, fmt, size)
+                im.verify()
+            with Image.open(opener()) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+                im.load()
+    except Image.DecompressionBombError:
+        return ImageCheck(False, "image_too_large")
+    except FileNotFoundError:
+        return ImageCheck(False, "image_missing")
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for corrupt files
+        return ImageCheck(False, "image_unreadable")
+    return ImageCheck(True, None, mode, fmt, size)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB the way a human would expect it to look.
+
+    - 16/32-bit integer and float modes are scaled to 8 bit (`Image.convert` would clip them, turning most photos white).
+    - Modes with transparency are composited on white (dropping alpha would expose arbitrary colours under it).
+    - Animated images (GIF, APNG, WebP) keep their first frame.
+    """
+    if getattr(im, "is_animated", False):
+        im.seek(0)
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy() if im.readonly else im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0  # 65535 -> 255
+        elif mode == "I" and arr.max(initial=0) > 255:
+            arr = np.clip(arr, 0, 65535) / 257.0
+        elif mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(source: Any, base_dir: str | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open `source` (path, `{"bytes", "path"}` dict as stored by `datasets.Image`, or PIL image) as an RGB image."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, dict):
+        if source.get("bytes"):
+            source = source["bytes"]
+        else:
+            source = source.get("path")
+    if isinstance(source, bytes | bytearray):
+        fp: Any = io.BytesIO(source)
+    elif isinstance(source, str):
+        fp = source if base_dir is None or os.path.isabs(source) else os.path.join(base_dir, source)
+    else:
+        raise TypeError(f"cannot load an image from {type(source).__name__}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(fp) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                raise ValueError(f"image {fp!r} has {im.size[0]}x{im.size[1]} pixels, more than {max_pixels}")
+            out = to_rgb(im)
+            out.load()
+    return out
+
+
+@dataclass
+class LazyImages:
+    """`datasets` transform that turns the `images` column (paths) into RGB PIL images on access.
+
+    Use `dataset.with_transform(LazyImages())`: nothing is decoded until a row is read, and every batch is decoded
+    independently, so memory does not grow with the number of rows iterated. It is a dataclass (picklable) so that
+    `DataLoader` workers can receive it.
+    """
+
+    column: str = "images"
+    base_dir: str | None = None
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self.column in batch:
+            batch[self.column] = [
+                [load_image(src, self.base_dir, self.max_pixels) for src in (sources or [])]
+                for sources in batch[self.column]
+            ]
+        return batch

@@ -1,0 +1,619 @@
+"""Pivot MLLM: any transformers vision encoder -> 2-layer MLP projector -> any causal LM, LLaVA-style.
+
+The module tree and parameter names are those of transformers' `LlavaForConditionalGeneration`
+(`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`), so that a Pivot checkpoint
+converts to and from the LLaVA format by renaming nothing. What differs is how visual features are taken from the
+tower, which must work for every encoder family PIVOT is applied to:
+
+- the feature layer is read right after its block, and the blocks after it are not run at all (with the default
+  `vision_feature_layer=-2` the last block, the final norm and any pooling head never see data, as in the authors'
+  recipe, which deletes them);
+- leading CLS / register tokens are dropped per family (SigLIP keeps every patch);
+- SigLIP2 NaFlex inputs (`pixel_attention_mask`, `spatial_shapes`) give a variable number of tokens per image;
+- ViT-MAE runs unmasked and in patch order.
+
+Only `transformers`, `torch` and sibling files are imported here: this file is copied next to saved checkpoints so
+they load with `trust_remote_code=True` where pivot_hf is not installed.
+"""
+
+import contextlib
+import copy
+import inspect
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaPreTrainedModel,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaMultiModalProjector
+
+from .configuration_pivot import PivotConfig, num_vision_prefix_tokens, vision_config_from_any
+
+
+# Inputs a vision tower may take besides `pixel_values`; they must not reach the language model.
+VISION_INPUT_NAMES = ("pixel_attention_mask", "spatial_shapes", "image_sizes")
+
+# Sub-modules that come after the encoder blocks in transformers' vision models: final norms and pooling heads.
+# They are never reached from a feature layer below the top (and PIVOT's default -2 is below the top).
+_POST_ENCODER_MODULES = ("post_layernorm", "layernorm", "norm", "head", "pooler", "fc_norm")
+
+
+def find_encoder_layers(vision_tower: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """Locate the list of transformer blocks of a vision tower: `(parent, attribute, layers)`.
+
+    Every transformers ViT-like encoder keeps its blocks in one `nn.ModuleList` named `layers` or `layer` with
+    `num_hidden_layers` entries (SigLIP/CLIP: `vision_model.encoder.layers`, DINOv2/ViT/MAE: `encoder.layer`).
+    """
+    num_layers = getattr(vision_tower.config, "num_hidden_layers", None)
+    for name, module in vision_tower.named_modules():
+        for attr in ("layers", "layer"):
+            layers = getattr(module, attr, None)
+            if isinstance(layers, nn.ModuleList) and (num_layers is None or len(layers) == num_layers):
+                return module, attr, layers
+    raise ValueError(
+        f"Cannot find the transformer blocks of {type(vision_tower).__name__}: expected an nn.ModuleList named "
+        "`layers` or `layer` with config.num_hidden_layers entries."
+    )
+
+
+def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
+    """Index into `hidden_states` (0 = embeddings, i = output of block i) for a possibly negative feature layer."""
+    index = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 0 <= index <= num_layers:
+        raise ValueError(
+            f"vision_feature_layer={feature_layer} cannot be reached by a vision tower with {num_layers} layers "
+            f"(valid: -{num_layers + 1}..{num_layers}; the paper uses -2)."
+        )
+    return index
+
+
+@contextlib.contextmanager
+def _run_first_blocks(vision_tower: nn.Module, num_blocks: int):
+    """Temporarily keep only the first `num_blocks` blocks, so the tower stops at the feature layer.
+
+    The blocks themselves (and any DeepSpeed / FSDP hooks on them) are untouched; only the list the encoder iterates
+    over is swapped, so `state_dict()` outside this context is always the full tower.
+    """
+    parent, attr, layers = find_encoder_layers(vision_tower)
+    if num_blocks >= len(layers):
+        yield layers
+        return
+    setattr(parent, attr, nn.ModuleList(list(layers)[:num_blocks]))
+    try:
+        yield layers
+    finally:
+        setattr(parent, attr, layers)
+
+
+def encode_images(
+    vision_tower: nn.Module,
+    pixel_values: torch.Tensor,
+    feature_layer: int = -2,
+    num_prefix_tokens: int | None = None,
+    pixel_attention_mask: torch.Tensor | None = None,
+    spatial_shapes: torch.Tensor | None = None,
+    **vision_kwargs,
+) -> torch.Tensor | list[torch.Tensor]:
+    """Patch features of any transformers vision model at `feature_layer`, prefix tokens dropped.
+
+    Works on a standalone encoder (`SiglipVisionModel`, `CLIPVisionModel`, `Dinov2Model`, `ViTModel`, an exported
+    PIVOT encoder, ...) exactly as inside the MLLM, which is what makes vision-only probes of an exported encoder
+    comparable with the MLLM's own features.
+
+    Returns a `(batch, num_patches, hidden)` tensor, or for SigLIP2 NaFlex inputs a list with one
+    `(num_valid_patches_i, hidden)` tensor per image (padding patches removed).
+    """
+    config = vision_tower.config
+    if num_prefix_tokens is None:
+        num_prefix_tokens = num_vision_prefix_tokens(config)
+        if num_prefix_tokens is None:
+            raise ValueError(
+                f"Unknown vision family {config.model_type!r}: pass num_prefix_tokens (leading non-patch tokens)."
+            )
+    _, _, layers = find_encoder_layers(vision_tower)
+    index = resolve_feature_layer(feature_layer, len(layers))
+
+    captured = {}
+
+    def _capture(_module, _args, output):
+        captured["features"] = output[0] if isinstance(output, tuple) else output
+
+    inputs = dict(vision_kwargs)
+    if spatial_shapes is not None:
+        inputs["spatial_shapes"] = spatial_shapes
+    if pixel_attention_mask is not None:
+        inputs["pixel_attention_mask"] = pixel_attention_mask
+    if config.model_type == "vit_mae" and "noise" not in inputs:
+        # Ascending noise keeps the patch order (argsort is the identity); mask_ratio is 0 so nothing is dropped.
+        num_patches = vision_tower.embeddings.patch_embeddings.num_patches
+        if tuple(pixel_values.shape[-2:]) != tuple(vision_tower.embeddings.patch_embeddings.image_size):
+            num_patches = (pixel_values.shape[-2] // config.patch_size) * (pixel_values.shape[-1] // config.patch_size)
+            inputs.setdefault("interpolate_pos_encoding", True)
+        inputs["noise"] = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32).expand(
+            pixel_values.shape[0], -1
+        )
+
+    if index == 0:
+        # The embeddings themselves: run no block at all and read the encoder's input.
+        parent, attr, layers = find_encoder_layers(vision_tower)
+        hook = layers[0].register_forward_pre_hook(
+            lambda _m, args, kwargs: captured.setdefault("features", args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        )
+        blocks = 1
+    else:
+        hook = layers[index - 1].register_forward_hook(_capture)
+        blocks = index
+    try:
+        with _run_first_blocks(vision_tower, blocks):
+            vision_tower(pixel_values=pixel_values, **inputs)
+    finally:
+        hook.remove()
+    features = captured["features"][:, num_prefix_tokens:]
+
+    if pixel_attention_mask is not None:
+        mask = pixel_attention_mask.to(torch.bool)
+        return [feats[m] for feats, m in zip(features, mask)]
+    return features
+
+
+class PivotMultiModalProjector(LlavaMultiModalProjector):
+    """`mlp2x_gelu` (LLaVA-1.5's Linear -> GELU -> Linear, same parameter names), or a single `linear` layer."""
+
+    def __init__(self, config: PivotConfig):
+        super().__init__(config)
+        if getattr(config, "projector_type", "mlp2x_gelu") == "linear":
+            del self.act, self.linear_2
+
+    def forward(self, image_features):
+        hidden_states = self.linear_1(image_features)
+        if hasattr(self, "linear_2"):
+            hidden_states = self.linear_2(self.act(hidden_states))
+        return hidden_states
+
+
+class PivotPreTrainedModel(LlavaPreTrainedModel):
+    config_class = PivotConfig
+    config: PivotConfig
+
+
+class PivotModel(LlavaModel):
+    config_class = PivotConfig
+
+    def __init__(self, config: PivotConfig):
+        # LlavaModel.__init__ is skipped on purpose: it would build a LLaVA projector only to throw it away.
+        LlavaPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = PivotMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_vision_features(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        **kwargs,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Encoder features at the feature layer(s), before the projector (what PIVOT trains and exports)."""
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        common = {
+            "num_prefix_tokens": self.config.vision_num_prefix_tokens,
+            "pixel_attention_mask": pixel_attention_mask,
+            "spatial_shapes": spatial_shapes,
+        }
+        if isinstance(layer, int):
+            return encode_images(self.vision_tower, pixel_values, layer, **common)
+        # Several feature layers are concatenated along channels (LLaVA's multi-layer option).
+        per_layer = [encode_images(self.vision_tower, pixel_values, idx, **common) for idx in layer]
+        if isinstance(per_layer[0], list):
+            return [torch.cat(feats, dim=-1) for feats in zip(*per_layer)]
+        return torch.cat(per_layer, dim=-1)
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Projected visual tokens, one `(num_tokens_i, text_hidden)` tensor per image in `pooler_output`."""
+        features = self.get_vision_features(
+            pixel_values,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            vision_feature_layer=vision_feature_layer,
+        )
+        if isinstance(features, list):
+            projected = [self.multi_modal_projector(f) for f in features]
+        else:
+            projected = list(self.multi_modal_projector(features))
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=projected)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        if input_ids is None:
+            image_embed = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embed).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        num_tokens, num_features = int(mask.sum()), image_features.shape[0]
+        if num_tokens != num_features:
+            raise ValueError(
+                f"The text holds {num_tokens} image tokens but the vision tower produced {num_features} image "
+                "features. Build inputs with the model's PivotProcessor (it expands each <image> to the encoder's "
+                "token count) and make sure truncation (max_length) does not cut image tokens: drop rows whose image "
+                "tokens plus text exceed max_length before training."
+            )
+        return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        image_features: list[torch.Tensor] | torch.Tensor | None = None,
+        **kwargs,
+    ) -> LlavaModelOutputWithPast:
+        """LLaVA's forward, plus NaFlex inputs and `image_features`: already projected visual tokens (one tensor per
+        image, or `(num_images, tokens, hidden)`), so callers can encode an image once and reuse it for several
+        sequences (chosen and rejected answers of a preference pair)."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        if image_features is None:
+            mm_encoder_outputs = mm_encoder_outputs or {}
+            if mm_encoder_outputs.get("image") is None and pixel_values is not None:
+                mm_encoder_outputs["image"] = self.get_image_features(
+                    pixel_values,
+                    pixel_attention_mask=pixel_attention_mask,
+                    spatial_shapes=spatial_shapes,
+                    vision_feature_layer=vision_feature_layer,
+                )
+            if mm_encoder_outputs.get("image") is not None:
+                image_features = mm_encoder_outputs["image"].pooler_output
+        if image_features is not None:
+            if not isinstance(image_features, torch.Tensor):
+                image_features = torch.cat(list(image_features), dim=0)
+            image_features = image_features.reshape(-1, image_features.shape[-1])
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return LlavaModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class PivotForConditionalGeneration(LlavaForConditionalGeneration):
+    """The MLLM PIVOT post-trains: `vision_tower` (any family) -> `multi_modal_projector` -> `language_model`."""
+
+    config_class = PivotConfig
+    config: PivotConfig
+
+    def __init__(self, config: PivotConfig):
+        # LlavaForConditionalGeneration.__init__ is skipped on purpose: it would allocate a whole LlavaModel first.
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = PivotModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------- features
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> nn.Module:
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    def get_vision_features(self, pixel_values, **kwargs):
+        """Encoder features at `config.vision_feature_layer`, prefix tokens dropped, before the projector."""
+        return self.model.get_vision_features(pixel_values, **kwargs)
+
+    def get_image_features(self, pixel_values, **kwargs):
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        labels=None,
+        logits_to_keep=0,
+        image_sizes=None,
+        mm_encoder_outputs=None,
+        pixel_attention_mask=None,
+        spatial_shapes=None,
+        image_features=None,
+        **kwargs,
+    ):
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            image_features=image_features,
+            **kwargs,
+        )
+
+    def unreached_vision_parameter_names(self) -> list[str]:
+        """Vision-tower parameters that no gradient can reach from the feature layer (blocks above it, final norms,
+        pooling heads). They are frozen when the tower trains: DDP would otherwise wait forever for their gradients,
+        and checks that "every trainable weight changed" would fail on them."""
+        tower = self.model.vision_tower
+        parent, attr, layers = find_encoder_layers(tower)
+        layer_ids = self.config.vision_feature_layer
+        layer_ids = layer_ids if isinstance(layer_ids, list) else [layer_ids]
+        used_blocks = max(resolve_feature_layer(i, len(layers)) for i in layer_ids)
+        layers_prefix = next(name for name, module in tower.named_modules() if module is layers)
+        parent_prefix = next(name for name, module in tower.named_modules() if module is parent)
+        unreached = []
+        for name, _ in tower.named_parameters():
+            if name.split(".")[-1] == "mask_token":  # only used for masked-image-modeling inputs, never here
+                unreached.append(name)
+                continue
+            if name.startswith(layers_prefix + "."):
+                block = int(name[len(layers_prefix) + 1 :].split(".")[0])
+                if block >= used_blocks:
+                    unreached.append(name)
+                continue
+            # A post-encoder module is a sibling of the encoder (or of the block list) with a known name.
+            parts = name.split(".")
+            outer = parent_prefix.rsplit(".", 1)[0] if "." in parent_prefix else ""
+            for depth in range(len(parts) - 1):
+                owner = ".".join(parts[:depth])
+                if parts[depth] in _POST_ENCODER_MODULES and owner in (outer, parent_prefix, ""):
+                    unreached.append(name)
+                    break
+        return [f"model.vision_tower.{n}" for n in unreached]
+
+    # -------------------------------------------------------------------------------------------------- composition
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        vision_feature_layer: int | list[int] = -2,
+        projector_type: str = "mlp2x_gelu",
+        image_token_index: int | None = None,
+        tokenizer=None,
+        torch_dtype: torch.dtype | str | None = None,
+        attn_implementation: str | None = None,
+        vision_kwargs: dict | None = None,
+        text_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "PivotForConditionalGeneration":
+        """Compose a new Pivot MLLM from a pretrained vision encoder and a pretrained causal LM (Hub ids or folders).
+
+        The vision checkpoint may be a vision model (`SiglipVisionModel`, `Dinov2Model`, ...) or a dual encoder
+        (`google/siglip2-so400m-patch16-384`, `openai/clip-vit-large-patch14-336`), whose vision half is taken. The
+        projector is freshly initialised. Pass the `tokenizer` the processor uses (`PivotProcessor`, with `<image>`
+        added) so the embeddings are resized to it and the image token id is right; without it, the id of `<image>` is
+        appended after the LLM's vocabulary.
+        """
+        vision_kwargs = dict(vision_kwargs or {})
+        text_kwargs = dict(text_kwargs or {})
+        common = {}
+        if torch_dtype is not None:
+            common["dtype"] = torch_dtype
+        if attn_implementation is not None:
+            common["attn_implementation"] = attn_implementation
+
+        vision_config = vision_config_from_any(AutoConfig.from_pretrained(vision_model_name_or_path, **vision_kwargs))
+        vision_class = AutoModel._model_mapping[type(vision_config)]
+        vision_tower = vision_class.from_pretrained(
+            vision_model_name_or_path, config=vision_config, **vision_kwargs, **common
+        )
+        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **text_kwargs, **common)
+        return cls.from_vision_text_models(
+            vision_tower,
+            language_model,
+            vision_feature_layer=vision_feature_layer,
+            projector_type=projector_type,
+            image_token_index=image_token_index,
+            tokenizer=tokenizer,
+            **config_kwargs,
+        )
+
+    @classmethod
+    def from_vision_text_models(
+        cls,
+        vision_tower: nn.Module,
+        language_model: nn.Module,
+        vision_feature_layer: int | list[int] = -2,
+        projector_type: str = "mlp2x_gelu",
+        image_token_index: int | None = None,
+        tokenizer=None,
+        **config_kwargs,
+    ) -> "PivotForConditionalGeneration":
+        """Compose from already-instantiated models (weights are moved, not copied)."""
+        text_config = copy.deepcopy(language_model.config)
+        if tokenizer is not None:
+            image_token = getattr(tokenizer, "image_token", None) or "<image>"
+            image_token_index = tokenizer.convert_tokens_to_ids(image_token)
+            if image_token_index is None or image_token_index == tokenizer.unk_token_id:
+                raise ValueError(f"The tokenizer has no {image_token!r} token: build it with PivotProcessor.")
+            vocab_size = max(len(tokenizer), text_config.vocab_size)
+        else:
+            image_token_index = text_config.vocab_size if image_token_index is None else image_token_index
+            vocab_size = max(text_config.vocab_size, image_token_index + 1)
+
+        config_kwargs.setdefault("vision_num_prefix_tokens", num_vision_prefix_tokens(vision_tower.config))
+        if config_kwargs["vision_num_prefix_tokens"] is None:
+            config_kwargs["vision_num_prefix_tokens"] = _probe_prefix_tokens(vision_tower)
+        backbone = getattr(language_model, language_model.base_model_prefix)
+        # The sub-configs are the live configs of the two models, as in a model built from a PivotConfig.
+        config = PivotConfig(
+            vision_config=vision_tower.config,
+            text_config=backbone.config,
+            vision_feature_layer=vision_feature_layer,
+            projector_type=projector_type,
+            image_token_index=image_token_index,
+            tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+            **config_kwargs,
+        )
+        config.vision_config, config.text_config = vision_tower.config, backbone.config
+        if config.vision_config.model_type == "vit_mae":
+            config.vision_config.mask_ratio = 0.0
+        with torch.device("meta"):
+            model = cls(config)
+        model.model.vision_tower = vision_tower
+        model.model.language_model = backbone
+        model.lm_head = language_model.get_output_embeddings()
+        param = next(backbone.parameters())
+        model.model.multi_modal_projector = PivotMultiModalProjector(config).to(device=param.device, dtype=param.dtype)
+        model._init_projector()
+        if vocab_size != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
+        generation_config = getattr(language_model, "generation_config", None)
+        if generation_config is not None:
+            model.generation_config = copy.deepcopy(generation_config)
+        return model
+
+    def _init_projector(self):
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        for module in self.model.multi_modal_projector.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------------------------------- LLaVA interoperability
+    def to_llava(self) -> LlavaForConditionalGeneration:
+        """The same weights as transformers' `LlavaForConditionalGeneration` (serving engines, lmms-eval `llava_hf`).
+
+        LLaVA's feature path takes `hidden_states[vision_feature_layer]` and drops one CLS token or none, so this is
+        exact for towers with 0 or 1 prefix tokens and a `mlp2x_gelu` projector (SigLIP, SigLIP2 fixed-resolution,
+        CLIP, DINOv2 without registers, ViT).
+        """
+        config = self.config
+        if config.projector_type != "mlp2x_gelu" or config.vision_num_prefix_tokens not in (0, 1):
+            raise ValueError(
+                "LLaVA conversion needs a mlp2x_gelu projector and a tower with 0 or 1 prefix tokens; got "
+                f"projector_type={config.projector_type!r}, vision_num_prefix_tokens={config.vision_num_prefix_tokens}."
+            )
+        if config.vision_config.model_type in ("vit_mae", "siglip2_vision_model"):
+            raise ValueError(f"LLaVA cannot run a {config.vision_config.model_type} tower like Pivot does.")
+        return _transplant(self, LlavaForConditionalGeneration, LlavaConfig(**_llava_config_kwargs(config)))
+
+    @classmethod
+    def from_llava(cls, llava: LlavaForConditionalGeneration, **config_kwargs) -> "PivotForConditionalGeneration":
+        """Wrap a transformers LLaVA model (e.g. `llava-hf/llava-1.5-7b-hf`) as a Pivot model, weights shared."""
+        kwargs = _llava_config_kwargs(llava.config)
+        kwargs["vision_num_prefix_tokens"] = 1 if llava.config.vision_feature_select_strategy == "default" else 0
+        kwargs.update(config_kwargs)
+        return _transplant(llava, cls, PivotConfig(**kwargs))
+
+
+def _transplant(source: nn.Module, target_class, config) -> nn.Module:
+    """Build `target_class(config)` around the tensors of `source` (same module tree), without copying weights."""
+    with torch.device("meta"):
+        target = target_class(config)
+    target.load_state_dict(source.state_dict(), assign=True, strict=True)
+    # Non-persistent buffers (rotary frequencies, position ids) are not in the state dict: take them over as well.
+    for name, buffer in source.named_buffers():
+        module_name, _, buffer_name = name.rpartition(".")
+        target.get_submodule(module_name).register_buffer(buffer_name, buffer, persistent=False)
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    target.generation_config = copy.deepcopy(source.generation_config)
+    return target
+
+
+def _llava_config_kwargs(config) -> dict:
+    names = [
+        "image_token_index",
+        "image_seq_length",
+        "projector_hidden_act",
+        "vision_feature_select_strategy",
+        "vision_feature_layer",
+        "multimodal_projector_bias",
+        "tie_word_embeddings",
+    ]
+    kwargs = {name: getattr(config, name) for name in names if hasattr(config, name)}
+    kwargs["vision_config"] = config.vision_config.to_dict()
+    kwargs["text_config"] = config.text_config.to_dict()
+    return kwargs
+
+
+@torch.no_grad()
+def _probe_prefix_tokens(vision_tower: nn.Module) -> int:
+    """For a vision family not in the table: run one blank image and count tokens beyond the patch grid."""
+    config = vision_tower.config
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    channels = getattr(config, "num_channels", 3)
+    param = next(vision_tower.parameters())
+    pixels = torch.zeros(1, channels, size, size, dtype=param.dtype, device=param.device)
+    accepts = inspect.signature(vision_tower.forward).parameters
+    kwargs = {"output_hidden_states": True} if "output_hidden_states" in accepts or "kwargs" in accepts else {}
+    out = vision_tower(pixel_values=pixels, **kwargs)
+    return int(out.last_hidden_state.shape[1] - (size // patch) ** 2)
+
+
+__all__ = [
+    "PivotForConditionalGeneration",
+    "PivotModel",
+    "PivotPreTrainedModel",
+    "PivotMultiModalProjector",
+    "encode_images",
+    "find_encoder_layers",
+    "resolve_feature_layer",
+]

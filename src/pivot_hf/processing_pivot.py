@@ -1,0 +1,163 @@
+"""Processor of the Pivot MLLM: the encoder's image processor + the LLM's tokenizer, `<image>` expanded per image.
+
+Like `modeling_pivot.py`, this file imports nothing from pivot_hf outside of itself (it travels with checkpoints).
+"""
+
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers.processing_utils import ProcessorMixin
+
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+# The official PIVOT recipe (LLaVA-NeXT's qwen_1_5 conversation) uses this system prompt.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+_PATCH_SIZE_KEYS = ("patch_size",)
+
+
+def multimodal_chat_template(text_template: str, image_token: str, system_prompt: str | None) -> str:
+    """Wrap an LLM's own chat template so it accepts multimodal messages.
+
+    Messages whose `content` is a list of parts (`{"type": "image"}`, `{"type": "text", "text": ...}`, as TRL and
+    transformers produce them) are flattened to strings first: an image part becomes `<image>\\n`, where the official
+    recipe puts it. The LLM's template is then applied unchanged, so every LLM (ChatML for Qwen, Llama's, ...) keeps
+    its own format. Written with immutable Jinja operations only (transformers renders in a sandbox).
+    """
+    image_literal = image_token.replace("\\", "\\\\").replace("'", "\\'")
+    header = ["{%- set _pivot = namespace(messages=[]) -%}"]
+    if system_prompt:
+        literal = system_prompt.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+        header.append(
+            "{%- if messages | length == 0 or messages[0]['role'] != 'system' -%}"
+            "{%- set _pivot.messages = [{'role': 'system', 'content': '" + literal + "'}] -%}{%- endif -%}"
+        )
+    header.append(
+        "{%- for _message in messages -%}"
+        "{%- if _message['content'] is string or _message['content'] is none -%}"
+        "{%- set _pivot.messages = _pivot.messages + [_message] -%}"
+        "{%- else -%}"
+        "{%- set _text = namespace(value='') -%}"
+        "{%- for _part in _message['content'] -%}"
+        "{%- if _part['type'] == 'image' -%}{%- set _text.value = _text.value + '" + image_literal + "\\n' -%}"
+        "{%- elif _part['type'] == 'text' -%}{%- set _text.value = _text.value + _part['text'] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set _pivot.messages = _pivot.messages + [{'role': _message['role'], 'content': _text.value}] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = _pivot.messages -%}"
+    )
+    return "".join(header) + text_template
+
+
+class PivotProcessor(ProcessorMixin):
+    r"""
+    Image processor of the vision encoder + tokenizer of the LLM. Each `<image>` in the text becomes as many image
+    tokens as the encoder produces for that image: `(H / patch) * (W / patch)` for fixed-resolution towers, the valid
+    patches of `spatial_shapes` for SigLIP2 NaFlex.
+
+    Args:
+        image_processor: the encoder's image processor.
+        tokenizer: the LLM's tokenizer, with `image_token` added as a special token.
+        patch_size (`int`): patch size of the vision tower.
+        image_token (`str`, defaults to `"<image>"`): placeholder token.
+        chat_template (`str`, *optional*): a multimodal chat template (see `multimodal_chat_template`).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        image_token=DEFAULT_IMAGE_TOKEN,
+        chat_template=None,
+    ):
+        self.patch_size = patch_size
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self._count_image_tokens(image_inputs, image_idx)
+
+    def _count_image_tokens(self, image_inputs: dict, image_idx: int) -> int:
+        if "spatial_shapes" in image_inputs:  # SigLIP2 NaFlex: a variable patch grid per image
+            height, width = (int(v) for v in image_inputs["spatial_shapes"][image_idx])
+            return height * width
+        if self.patch_size is None:
+            raise ValueError("PivotProcessor needs `patch_size` (the vision tower's) to count image tokens.")
+        pixel_values = image_inputs["pixel_values"][image_idx]
+        height, width = pixel_values.shape[-2:]
+        return (height // self.patch_size) * (width // self.patch_size)
+
+    def num_image_tokens(self, image: Image.Image | tuple[int, int] | None = None) -> int:
+        """Image tokens for one image (or `(width, height)`); fixed-resolution towers ignore the size.
+
+        Data pipelines use it to drop rows whose text plus image tokens cannot fit `max_length` before training.
+        """
+        if image is None or isinstance(image, tuple):
+            width, height = image if isinstance(image, tuple) else (64, 64)
+            image = Image.new("RGB", (max(1, int(width)), max(1, int(height))))
+        processed = self.image_processor(images=[image.convert("RGB")], return_tensors="np")
+        return self._count_image_tokens(processed, 0)
+
+    @property
+    def model_input_names(self):
+        names = list(self.tokenizer.model_input_names) + list(self.image_processor.model_input_names)
+        return list(dict.fromkeys(names))
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        image_token: str = DEFAULT_IMAGE_TOKEN,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        vision_kwargs: dict | None = None,
+        text_kwargs: dict | None = None,
+        image_processor_kwargs: dict | None = None,
+    ) -> "PivotProcessor":
+        """Compose the processor of a new Pivot MLLM from the encoder's and the LLM's checkpoints.
+
+        Adds `image_token` to the tokenizer (as a special token), gives it a pad token if it has none, and wraps the
+        LLM's chat template so multimodal messages work (`system_prompt` is inserted when a conversation has none;
+        `None` keeps the LLM's own default).
+        """
+        vision_kwargs = dict(vision_kwargs or {})
+        image_processor = AutoImageProcessor.from_pretrained(
+            vision_model_name_or_path, **vision_kwargs, **(image_processor_kwargs or {})
+        )
+        tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **(text_kwargs or {}))
+        vision_config = AutoConfig.from_pretrained(vision_model_name_or_path, **vision_kwargs)
+        vision_config = getattr(vision_config, "vision_config", None) or vision_config
+        patch_size = vision_config.patch_size
+        patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+        return cls.from_image_processor_and_tokenizer(
+            image_processor, tokenizer, patch_size=patch_size, image_token=image_token, system_prompt=system_prompt
+        )
+
+    @classmethod
+    def from_image_processor_and_tokenizer(
+        cls,
+        image_processor,
+        tokenizer,
+        patch_size: int,
+        image_token: str = DEFAULT_IMAGE_TOKEN,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    ) -> "PivotProcessor":
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False
+            )
+        if tokenizer.pad_token is None:
+            # Padding positions are masked out of attention and loss, so any existing token serves.
+            tokenizer.pad_token = tokenizer.eos_token
+        text_template = tokenizer.chat_template
+        if isinstance(text_template, dict):
+            text_template = text_template.get("default")
+        chat_template = multimodal_chat_template(text_template, image_token, system_prompt) if text_template else None
+        return cls(
+            image_processor, tokenizer, patch_size=patch_size, image_token=image_token, chat_template=chat_template
+        )
+
+
+__all__ = ["PivotProcessor", "multimodal_chat_template", "DEFAULT_IMAGE_TOKEN", "DEFAULT_SYSTEM_PROMPT"]

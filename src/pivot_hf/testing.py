@@ -1,0 +1,227 @@
+"""Tiny offline checkpoints for tests, the demo and benchmarks: one per vision family, tiny LLMs, tiny Pivot MLLMs.
+
+Each builder writes a local folder laid out exactly like a Hub checkpoint (config + safetensors + processor files), so
+the real loading code (`from_pretrained` on a Hub id or a folder) is what gets exercised. Weights are random but
+seeded, so two builds with the same arguments are identical.
+"""
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    BitImageProcessorPil,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Siglip2ImageProcessorPil,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+    SiglipConfig,
+    SiglipImageProcessorPil,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTImageProcessorPil,
+    ViTMAEConfig,
+    ViTMAEModel,
+    ViTModel,
+)
+
+
+VISION_FAMILIES = (
+    "siglip",
+    "siglip_dual",
+    "siglip2_naflex",
+    "clip",
+    "dinov2",
+    "dinov2_registers",
+    "vit",
+    "vit_mae",
+)
+# Image tokens each tiny tower gives a 32 px image (patch 8 -> 4x4 grid); NaFlex depends on the aspect ratio.
+TINY_IMAGE_SIZE = 32
+TINY_PATCH_SIZE = 8
+
+
+def real_config_path(name: str) -> str:
+    """A real-shaped config shipped with the package (`resources/configs/<name>.json`, see its README)."""
+    path = resources.files("pivot_hf") / "resources" / "configs" / f"{name}.json"
+    if not path.is_file():
+        available = sorted(p.name[: -len(".json")] for p in path.parent.iterdir() if p.name.endswith(".json"))
+        raise FileNotFoundError(f"No real config named {name!r}; available: {available}")
+    return str(path)
+
+
+def real_shape_pivot_config(vision: str = "siglip2-so400m-patch16-384", text: str = "Qwen2.5-1.5B-Instruct", **kwargs):
+    """The PivotConfig of a paper-sized model (for the meta device, parameter counts and benchmarks)."""
+    import json
+
+    from .configuration_pivot import PivotConfig
+
+    vision_config = json.loads(Path(real_config_path(f"{vision}.vision")).read_text())
+    text_config = json.loads(Path(real_config_path(text)).read_text())
+    kwargs.setdefault("image_token_index", text_config["vocab_size"] - 1)
+    return PivotConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        tie_word_embeddings=text_config.get("tie_word_embeddings", False),
+        **kwargs,
+    )
+
+
+def qwen_tokenizer_path() -> str:
+    """The real Qwen2.5 tokenizer shipped with the package (byte-identical to the official files)."""
+    return str(resources.files("pivot_hf") / "resources" / "qwen2.5-tokenizer")
+
+
+def _vit_kwargs(hidden_size: int, num_layers: int) -> dict:
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 2,
+        "image_size": TINY_IMAGE_SIZE,
+        "patch_size": TINY_PATCH_SIZE,
+    }
+
+
+def _image_processor_kwargs() -> dict:
+    size = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    return {"size": size, "do_resize": True}
+
+
+def build_tiny_vision(
+    path: str | os.PathLike, family: str = "siglip", hidden_size: int = 32, num_layers: int = 3, seed: int = 0
+) -> str:
+    """Write a tiny random vision checkpoint of `family` (model + image processor) to `path`."""
+    torch.manual_seed(seed)
+    kw = _vit_kwargs(hidden_size, num_layers)
+    if family == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(**kw))
+        processor = SiglipImageProcessorPil(**_image_processor_kwargs())
+    elif family == "siglip_dual":  # a full dual encoder, as `google/siglip2-so400m-patch16-384` is on the Hub
+        text = {
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+            "max_position_embeddings": 16,
+        }
+        model = SiglipModel(SiglipConfig(vision_config=kw, text_config=text))
+        processor = SiglipImageProcessorPil(**_image_processor_kwargs())
+    elif family == "siglip2_naflex":
+        naflex = {k: v for k, v in kw.items() if k != "image_size"}
+        model = Siglip2VisionModel(Siglip2VisionConfig(num_patches=16, **naflex))
+        processor = Siglip2ImageProcessorPil(patch_size=TINY_PATCH_SIZE, max_num_patches=16)
+    elif family == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(**kw))
+        processor = CLIPImageProcessorPil(
+            size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+        )
+    elif family == "dinov2":
+        model = Dinov2Model(Dinov2Config(**kw))
+        processor = BitImageProcessorPil(
+            size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+        )
+    elif family == "dinov2_registers":
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
+        processor = BitImageProcessorPil(
+            size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+        )
+    elif family == "vit":
+        model = ViTModel(ViTConfig(**kw))
+        processor = ViTImageProcessorPil(**_image_processor_kwargs())
+    elif family == "vit_mae":
+        model = ViTMAEModel(ViTMAEConfig(mask_ratio=0.75, **kw))
+        processor = ViTImageProcessorPil(**_image_processor_kwargs())
+    else:
+        raise ValueError(f"Unknown tiny vision family {family!r}; choose from {VISION_FAMILIES}.")
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def build_tiny_llm(
+    path: str | os.PathLike, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0
+) -> str:
+    """Write a tiny random causal LM with the real Qwen2.5 tokenizer (and its chat template) to `path`."""
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_path())
+    common = {
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 2048,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
+    else:
+        raise ValueError(f"Unknown tiny LLM arch {arch!r}; choose 'qwen2' or 'llama'.")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def build_tiny_pivot(
+    path: str | os.PathLike,
+    family: str = "siglip",
+    arch: str = "qwen2",
+    vision_feature_layer: int = -2,
+    seed: int = 0,
+    **model_kwargs,
+) -> str:
+    """Compose a tiny Pivot MLLM (tiny `family` tower + tiny `arch` LLM) and save model + processor to `path`.
+
+    The sub-checkpoints are written to `<path>-parts/` first and composed with the public
+    `from_vision_text_pretrained`, the path real users take.
+    """
+    from .modeling_pivot import PivotForConditionalGeneration
+    from .processing_pivot import PivotProcessor
+
+    path = Path(path)
+    parts = path.with_name(path.name + "-parts")  # beside the checkpoint, so the checkpoint folder stays clean
+    vision = build_tiny_vision(parts / f"vision-{family}", family=family, seed=seed)
+    text = build_tiny_llm(parts / f"llm-{arch}", arch=arch, seed=seed)
+    processor = PivotProcessor.from_vision_text_pretrained(vision, text)
+    torch.manual_seed(seed)
+    model = PivotForConditionalGeneration.from_vision_text_pretrained(
+        vision, text, vision_feature_layer=vision_feature_layer, tokenizer=processor.tokenizer, **model_kwargs
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+__all__ = [
+    "real_config_path",
+    "real_shape_pivot_config",
+    "VISION_FAMILIES",
+    "build_tiny_vision",
+    "build_tiny_llm",
+    "build_tiny_pivot",
+    "qwen_tokenizer_path",
+]
