@@ -52,7 +52,7 @@ def find_encoder_layers(vision_tower: nn.Module) -> tuple[nn.Module, str, nn.Mod
     `num_hidden_layers` entries (SigLIP/CLIP: `vision_model.encoder.layers`, DINOv2/ViT/MAE: `encoder.layer`).
     """
     num_layers = getattr(vision_tower.config, "num_hidden_layers", None)
-    for name, module in vision_tower.named_modules():
+    for module in vision_tower.modules():
         for attr in ("layers", "layer"):
             layers = getattr(module, attr, None)
             if isinstance(layers, nn.ModuleList) and (num_layers is None or len(layers) == num_layers):
@@ -281,6 +281,21 @@ class PivotModel(LlavaModel):
         sequences (chosen and rejected answers of a preference pair)."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        pair_forward = getattr(self, "pair_forward", None)
+        if pair_forward is not None and self.training is not None and kwargs.pop("pair_batch", False):
+            # Installed at runtime by pivot_hf's DPO trainer (a plain attribute, so checkpoints never depend on it):
+            # chosen and rejected rows of a preference pair share their image and prompt, computed once.
+            return pair_forward(
+                self,
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                pixel_attention_mask=pixel_attention_mask,
+                spatial_shapes=spatial_shapes,
+                vision_feature_layer=vision_feature_layer,
+                **kwargs,
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
