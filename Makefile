@@ -14,7 +14,7 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || \
 		( if command -v nvidia-smi >/dev/null 2>&1; then $(PYTHON) -m pip install torch; \
 		  else $(PYTHON) -m pip install torch==2.13.0; fi )
-	@$(PYTHON) -c "import pivot_hf, pytest, hypothesis, ruff" 2>/dev/null || $(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev]"
 
 test: install
 	$(PYTHON) -m pytest tests -n 2 --dist loadfile -q

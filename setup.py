@@ -24,7 +24,7 @@ _deps = [
 ]
 
 extras = {
-    "tests": ["pytest>=8", "pytest-xdist", "hypothesis>=6"],
+    "tests": ["pytest>=8", "pytest-xdist", "hypothesis>=6", "scikit-image"],
     "quality": ["ruff>=0.6"],
     # Triton kernels: CUDA only. Installed on GPU machines; gated at runtime everywhere.
     "liger": ["liger-kernel>=0.5"],
@@ -43,9 +43,15 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"pivot_hf": ["py.typed", "resources/*", "resources/**/*"]},
+    package_data={
+        "pivot_hf": ["py.typed", "resources/*", "resources/**/*", "mllm_eval/*.json", "mllm_eval/README.md"],
+    },
     python_requires=">=3.10",
     install_requires=_deps,
     extras_require=extras,
-    entry_points={"console_scripts": ["pivot-hf=pivot_hf.cli:main"]},
+    entry_points={
+        "console_scripts": ["pivot-hf=pivot_hf.cli:main"],
+        # `lmms_eval --model pivot` finds the adapter without LMMS_EVAL_PLUGINS.
+        "lmms_eval.models": ["pivot = pivot_hf.mllm_eval.registration:lmms_eval_manifest"],
+    },
 )

@@ -50,12 +50,15 @@ from pivot_hf.mllm_eval.benchmarks import (
 @dataclass
 class EvalMLLMConfig:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Pivot checkpoint (folder or Hub id) to evaluate; any LLaVA-like checkpoint works."}
+        default=None,
+        metadata={"help": "Pivot checkpoint (folder or Hub id) to evaluate; any LLaVA-like checkpoint works."},
     )
     output_dir: str = field(default="eval_mllm_output", metadata={"help": "Where results.json / results.md go."})
     tasks: list[str] = field(
         default_factory=lambda: ["all"],
-        metadata={"help": "Benchmark keys (mme, mmbench, ..., see BENCHMARKS) or lmms-eval task names; 'all' = the 16."},
+        metadata={
+            "help": "Benchmark keys (mme, mmbench, ..., see BENCHMARKS) or lmms-eval task names; 'all' = the 16."
+        },
     )
     batch_size: int = field(default=1, metadata={"help": "Prompts per generate() call in the adapter."})
     device: str | None = field(default=None, metadata={"help": "cuda / cpu; default cuda when available."})
@@ -216,7 +219,9 @@ def parse_args(argv: list[str] | None = None) -> EvalMLLMConfig:
     if len(argv) >= 2 and argv[0] == "--config":
         # YAML = CLI: a recipe file first, CLI flags after it override its keys.
         (config,) = parser.parse_yaml_file(argv[1])
-        overrides = parser.parse_args_into_dataclasses(argv[2:], return_remaining_strings=False)[0] if argv[2:] else None
+        overrides = (
+            parser.parse_args_into_dataclasses(argv[2:], return_remaining_strings=False)[0] if argv[2:] else None
+        )
         if overrides is not None:
             defaults = EvalMLLMConfig()
             for key, value in asdict(overrides).items():

@@ -53,7 +53,9 @@ def _reference_answers(checkpoint, config, docs):
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = processor(images=images, text=[prompt], return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=config["generation_kwargs"]["max_new_tokens"])
+            out = model.generate(
+                **inputs, do_sample=False, max_new_tokens=config["generation_kwargs"]["max_new_tokens"]
+            )
         answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         answers.append(answer.split("\n\n")[0].strip())
     return answers
@@ -93,7 +95,9 @@ def test_local_runner_loglikelihood_multiple_choice(checkpoint):
     correct = 0
     for sample, doc in zip(samples, docs):
         images = config["doc_to_visual"](doc)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config["doc_to_text"](doc)}]}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config["doc_to_text"](doc)}]}
+        ]
         prompt = model.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = model.processor(images=images, text=[prompt], return_tensors="pt")
         expected = []
@@ -131,11 +135,13 @@ def test_lmms_eval_runs_the_pivot_adapter_on_a_local_task(checkpoint):
         bootstrap_iters=0,
     )
     local = run_task(PivotLMM(pretrained=checkpoint, device="cpu", batch_size=1), VQA)
-    harness_answers = {s["doc_id"]: s["filtered_resps"][0] for s in results["samples"]["pivot_tiny_vqa"]}
+    harness_answers = {s["doc_id"]: s["filtered_resps"][0].strip() for s in results["samples"]["pivot_tiny_vqa"]}
     local_answers = {s["doc_id"]: s["resps"][0] for s in local["samples"]["pivot_tiny_vqa"]}
     assert harness_answers == local_answers
     for metric in ("tiny_match,none", "tiny_contains,none"):
-        assert results["results"]["pivot_tiny_vqa"][metric] == pytest.approx(local["results"]["pivot_tiny_vqa"][metric])
+        assert results["results"]["pivot_tiny_vqa"][metric] == pytest.approx(
+            local["results"]["pivot_tiny_vqa"][metric]
+        )
 
 
 def test_recipe_offline_mode_writes_results(checkpoint, tmp_path):
@@ -164,4 +170,4 @@ def test_package_imports_and_adapter_works_without_lmms_eval():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert 'ERR Running the MLLM benchmarks needs lmms-eval' in proc.stdout and '.[eval]' in proc.stdout
+    assert "ERR Running the MLLM benchmarks needs lmms-eval" in proc.stdout and ".[eval]" in proc.stdout

@@ -77,6 +77,9 @@ def test_feature_cache_reuses_features_and_misses_on_new_weights(assets, tmp_pat
     extract_features(bb2, images, 2, "data-v2", cache=cache)  # different data -> miss
     extract_features(bb2, images, 2, "data-v1", pooling="none", cache=cache)  # different pooling -> miss
     assert (cache.hits, cache.misses) == (1, 4)
+    # DataLoader workers decode in parallel; rows stay in image order
+    f3 = extract_features(bb2, images[::-1] * 2, 4, "data-v3", cache=None, batch_size=3, num_workers=1)
+    np.testing.assert_allclose(np.asarray(f3), np.concatenate([f1[::-1], f1[::-1]]), rtol=1e-5, atol=1e-6)
     entries = [e for e in os.listdir(tmp_path / "cache") if not e.startswith(".")]
     assert len(entries) == 4  # no temporary folders left behind
     for e in entries:

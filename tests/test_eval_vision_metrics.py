@@ -71,9 +71,7 @@ def test_alignment_is_max_over_layer_pairs():
     vision = np.stack([rng.normal(size=(n, 8)), shared @ rng.normal(size=(8, 8)), rng.normal(size=(n, 8))])
     text = np.stack([rng.normal(size=(n, 6)), rng.normal(size=(n, 6)), shared @ rng.normal(size=(8, 6))])
     m = alignment_matrix(vision, text, k=5)
-    ref = np.array(
-        [[mutual_knn(preprocess_features(v), preprocess_features(t), 5) for t in text] for v in vision]
-    )
+    ref = np.array([[mutual_knn(preprocess_features(v), preprocess_features(t), 5) for t in text] for v in vision])
     np.testing.assert_allclose(m, ref)
     s = summarize_alignment(m)
     assert (s["best_vision_layer"], s["best_text_layer"]) == (1, 2)  # the pair that shares structure
@@ -117,12 +115,8 @@ def test_patch_multihot_crops_the_remainder():
 
 def test_macro_recall_on_hand_made_predictions():
     # 6 patches x 4 classes. Class 3 has no positive patch: excluded from the macro mean.
-    target = np.array(
-        [[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 1, 0]], dtype=bool
-    )
-    pred = np.array(
-        [[1, 0, 0, 1], [0, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 1, 0]], dtype=bool
-    )
+    target = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 1, 0]], dtype=bool)
+    pred = np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 1, 0]], dtype=bool)
     # by hand: class 0: positives rows 0,1,4 -> TP rows 0,4 = 2/3; class 1: rows 1,2,3 -> TP 1,2 = 2/3;
     # class 2: rows 0,3,5 -> TP 3,5 = 2/3; class 3: none.
     acc = RecallAccumulator(4)

@@ -1,4 +1,4 @@
-"""Smoke runs of `recipes/eval_vision.py` for every task on tiny offline data: results.json + summary.md + summary.png."""
+"""Smoke runs of `recipes/eval_vision.py` for each task on tiny offline data: results.json, summary.md, summary.png."""
 
 import importlib.util
 import json

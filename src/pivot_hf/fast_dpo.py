@@ -1,9 +1,509 @@
-"""Fast PIVOT DPO (work in progress by the performance track; see issue 8).
+"""Fast PIVOT DPO (issue 8): one image encoding and one prompt prefix per preference pair, cached reference log-probs.
 
-`FastDPOMixin` is mixed into `PivotDPOTrainer` before TRL's `DPOTrainer`. It will hold the shared-image,
-shared-prefix and cached-reference-log-prob paths.
+TRL's vision DPO collator repeats every prompt (and image) for the chosen and the rejected answer, so a stock step
+encodes each image four times (chosen/rejected x policy/reference) and runs the shared prefix (hundreds of image
+tokens + the question) four times through the LLM. Everything here works *below* TRL's loss code, which is untouched:
+
+- `pair_forward` is installed on the `PivotModel` of the policy and of the reference (the runtime hook of
+  `PivotModel.forward`). For a batch laid out `[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]` it encodes the
+  images of the first half only, and packs each pair into one sequence `[common prefix | chosen tail | rejected tail]`
+  with a block mask (both tails attend to the prefix, not to each other) and position ids restarting after the prefix.
+  The hidden states are scattered back into the collator's layout, so the fused LM head and the loss see exactly what
+  the unshared forward gives (causal attention makes prefix states identical in both rows). Rows that are not pairs
+  (odd batch, different prompts, custom position ids, ...) take the plain path.
+- `FastDPOMixin` (mixed into `PivotDPOTrainer` ahead of `trl.DPOTrainer`) installs the hook, scores only completion
+  positions in the LM head on every device (TRL does that on CUDA only), and makes `precompute_ref_log_probs=True`
+  work for vision datasets: one pass with a progress bar, stored with the run as safetensors + JSON keyed by the
+  dataset fingerprint and the reference weights' hash, reused on resume; the reference model is freed afterwards.
 """
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+# Bumped whenever the cached values could change meaning (keeps stale caches from being reused).
+REF_CACHE_VERSION = 1
+
+
+@dataclass
+class FastDPOArguments:
+    """Fields of the fast path. `PivotDPOConfig` inherits them (`class PivotDPOConfig(FastDPOArguments, DPOConfig)`);
+    the mixin reads them with `getattr` defaults, so a plain `DPOConfig` works too.
+
+    `precompute_ref_log_probs` itself is TRL's `DPOConfig` field: with the mixin it also works for vision datasets.
+    """
+
+    share_image_features: bool = field(
+        default=True, metadata={"help": "Encode each image once per preference pair (policy and reference)."}
+    )
+    share_prompt_prefix: bool = field(
+        default=True,
+        metadata={"help": "Run the image + prompt prefix once per pair (packed sequence with a block mask)."},
+    )
+    compact_lm_head: bool = field(
+        default=True,
+        metadata={"help": "Project only completion positions through the LM head on every device (TRL: CUDA only)."},
+    )
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where cached reference log-probs live (default: <output_dir>/ref_logps)."},
+    )
+
+
+# ------------------------------------------------------------------------------------------------- pair planning
+def _row_spans(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> tuple | None:
+    """Start and length of the valid tokens of each row, or None if some row's valid tokens are not contiguous."""
+    if attention_mask is None:
+        starts = torch.zeros(batch, dtype=torch.long, device=device)
+        return starts, torch.full((batch,), length, dtype=torch.long, device=device)
+    mask = attention_mask.to(torch.bool)
+    lengths = mask.sum(1)
+    starts = mask.to(torch.long).argmax(1)
+    columns = torch.arange(length, device=device)
+    contiguous = (columns >= starts[:, None]) & (columns < (starts + lengths)[:, None])
+    if not torch.equal(contiguous, mask):
+        return None
+    return starts, lengths
+
+
+def plan_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int | None):
+    """How a `[chosen..., rejected...]` batch shares prefixes, or None when its rows are not preference pairs.
+
+    Returns a dict with per-row `starts`/`lengths` of the valid tokens and per-pair `prefix` lengths (longest common
+    prefix of the two rows, which always contains every image token when it is returned).
+    """
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] % 2 or input_ids.shape[0] == 0:
+        return None
+    rows, length = input_ids.shape
+    pairs = rows // 2
+    device = input_ids.device
+    spans = _row_spans(attention_mask, rows, length, device)
+    if spans is None:
+        return None
+    starts, lengths = spans
+    # Align every row to start at its first valid token (covers left padding, right padding and flush_left).
+    offsets = torch.arange(length, device=device)
+    gather = (starts[:, None] + offsets).clamp(max=length - 1)
+    aligned = torch.gather(input_ids, 1, gather)
+    valid = offsets[None, :] < lengths[:, None]
+    aligned = aligned.masked_fill(~valid, -1)
+    same = (aligned[:pairs] == aligned[pairs:]) & valid[:pairs] & valid[pairs:]
+    prefix = same.to(torch.long).cumprod(1).sum(1)
+    if bool((prefix == 0).any()):
+        return None
+    if image_token_id is not None:
+        is_image = aligned == image_token_id
+        in_prefix = is_image & (offsets[None, :] < prefix.repeat(2)[:, None])
+        # Every image token must sit in the shared prefix, or the two rows do not share their images.
+        if not torch.equal(in_prefix.sum(1), is_image.sum(1)):
+            return None
+    return {"starts": starts, "lengths": lengths, "prefix": prefix, "pairs": pairs, "length": length}
+
+
+def pack_pairs(plan: dict, input_ids: torch.Tensor, pad_id: int = 0):
+    """One packed row per pair: `[prefix | chosen tail | rejected tail]`, position ids, block mask and the index that
+    maps every original (row, column) back to its packed position."""
+    starts, lengths, prefix, pairs = plan["starts"], plan["lengths"], plan["prefix"], plan["pairs"]
+    device = input_ids.device
+    tail_a = lengths[:pairs] - prefix
+    tail_b = lengths[pairs:] - prefix
+    packed_len = prefix + tail_a + tail_b
+    width = int(packed_len.max())
+    q = torch.arange(width, device=device)[None, :].expand(pairs, -1)
+    p, ta = prefix[:, None], tail_a[:, None]
+    segment = torch.full((pairs, width), -1, dtype=torch.long, device=device)
+    segment = torch.where(q < p, 0, segment)
+    segment = torch.where((q >= p) & (q < p + ta), 1, segment)
+    segment = torch.where((q >= p + ta) & (q < packed_len[:, None]), 2, segment)
+    # Source of each packed token: the chosen row for prefix + chosen tail, the rejected row for the rejected tail.
+    src_row = torch.where(
+        segment == 2, torch.arange(pairs, device=device)[:, None] + pairs, torch.arange(pairs, device=device)[:, None]
+    )
+    src_offset = torch.where(segment == 2, q - ta, q)
+    src_col = (starts[src_row] + src_offset).clamp(0, input_ids.shape[1] - 1)
+    packed_ids = input_ids[src_row, src_col].masked_fill(segment < 0, pad_id)
+    # Positions restart after the prefix for the rejected tail: it continues the prompt, not the chosen answer.
+    position_ids = torch.where(segment == 2, q - ta, q).masked_fill(segment < 0, 0)
+
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    causal = q[:, None, :] <= q[:, :, None]
+    allowed = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    # Padding queries attend to themselves only, so no softmax row is empty (an empty row gives NaN gradients).
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
+
+    # Back-mapping: original row r, aligned offset t -> packed index (pair * width + position).
+    rows, length = input_ids.shape
+    offsets = torch.arange(length, device=device)[None, :]
+    pair_of_row = torch.arange(rows, device=device) % pairs
+    row_prefix = prefix.repeat(2)[:, None]
+    is_rejected = (torch.arange(rows, device=device) >= pairs)[:, None]
+    t = offsets - starts[:, None]  # aligned offset of each original column
+    valid = (t >= 0) & (t < lengths[:, None])
+    packed_pos = torch.where(is_rejected & (t >= row_prefix), t + tail_a.repeat(2)[:, None], t)
+    flat_index = (pair_of_row[:, None] * width + packed_pos).masked_fill(~valid, 0)
+    return {
+        "input_ids": packed_ids,
+        "position_ids": position_ids,
+        "allowed": allowed,
+        "flat_index": flat_index,
+        "valid": valid,
+    }
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A float mask works with eager and sdpa attention alike (a bool mask means opposite things to the two).
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _split_images(pixel_values, pixel_attention_mask, spatial_shapes):
+    """The first half of the image inputs when the second half repeats it (TRL repeats images for rejected)."""
+    if pixel_values is None or pixel_values.shape[0] % 2:
+        return None
+    half = pixel_values.shape[0] // 2
+    out = []
+    for tensor in (pixel_values, pixel_attention_mask, spatial_shapes):
+        if tensor is None:
+            out.append(None)
+            continue
+        if tensor.shape[0] != 2 * half or not torch.equal(tensor[:half], tensor[half:]):
+            return None
+        out.append(tensor[:half])
+    return tuple(out)
+
+
+def _image_token_counts_match(input_ids, image_token_id, half_rows) -> bool:
+    # Images are ordered row by row, so the first half of the images belongs to the first half of the rows only if the
+    # rows carry the same image-token counts in both halves.
+    counts = (input_ids == image_token_id).sum(1)
+    return torch.equal(counts[:half_rows], counts[half_rows:])
+
+
+def pair_forward(
+    model,
+    input_ids=None,
+    pixel_values=None,
+    attention_mask=None,
+    position_ids=None,
+    pixel_attention_mask=None,
+    spatial_shapes=None,
+    vision_feature_layer=None,
+    share_prefix: bool = True,
+    **kwargs,
+):
+    """`PivotModel.forward` for preference pairs (see the module docstring). `model` is the PivotModel."""
+    image_token_id = getattr(model.config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = getattr(model.config, "image_token_index", None)
+    plain = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "vision_feature_layer": vision_feature_layer,
+        **kwargs,
+    }
+    shared = None
+    if pixel_values is not None and input_ids is not None and input_ids.shape[0] % 2 == 0:
+        split = _split_images(pixel_values, pixel_attention_mask, spatial_shapes)
+        if split is not None and _image_token_counts_match(input_ids, image_token_id, input_ids.shape[0] // 2):
+            shared = split
+    if pixel_values is not None and shared is None:
+        # Not pairs: the unshared forward (`image_features` is None there, so the hook is not re-entered... unless the
+        # model is called with pixels: pass the features explicitly to stay out of the hook).
+        features = model.get_image_features(
+            pixel_values,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            vision_feature_layer=vision_feature_layer,
+        ).pooler_output
+        return model(image_features=features, **plain)
+
+    features = None
+    if shared is not None:
+        pv, pam, ss = shared
+        half = model.get_image_features(
+            pv, pixel_attention_mask=pam, spatial_shapes=ss, vision_feature_layer=vision_feature_layer
+        ).pooler_output
+        features = list(half)
+
+    plan = None
+    attn_impl = getattr(model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
+    if share_prefix and position_ids is None and attn_impl in ("eager", "sdpa"):
+        plan = plan_pairs(input_ids, attention_mask, image_token_id)
+    if plan is None:
+        # Image sharing only: the same features serve the chosen and the rejected rows.
+        if features is not None:
+            return model(image_features=features + features, **plain)
+        return model(inputs_embeds=model.get_input_embeddings()(input_ids), **{**plain, "input_ids": None})
+
+    packed = pack_pairs(plan, input_ids)
+    dtype = model.get_input_embeddings().weight.dtype
+    mask = _additive_mask(packed["allowed"], dtype)
+    call = {**kwargs, "attention_mask": mask, "position_ids": packed["position_ids"]}
+    if features is not None:
+        out = model(
+            input_ids=packed["input_ids"], image_features=features, vision_feature_layer=vision_feature_layer, **call
+        )
+    else:
+        out = model(inputs_embeds=model.get_input_embeddings()(packed["input_ids"]), **call)
+    hidden = out.last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    rows, length = input_ids.shape
+    unpacked = flat.index_select(0, packed["flat_index"].reshape(-1)).view(rows, length, -1)
+    unpacked = unpacked * packed["valid"][..., None].to(unpacked.dtype)
+    return LlavaModelOutputWithPast(last_hidden_state=unpacked, image_hidden_states=out.image_hidden_states)
+
+
+def find_pivot_model(model) -> torch.nn.Module | None:
+    """The `PivotModel` inside a (possibly wrapped / remote-code) Pivot MLLM."""
+    if model is None:
+        return None
+    for module in model.modules():
+        if type(module).__name__ == "PivotModel":
+            return module
+    return None
+
+
+def install_pair_forward(model, share_image: bool = True, share_prefix: bool = True) -> bool:
+    """Install (or remove, when both flags are off) the pair path on a Pivot model. Returns whether it applied."""
+    inner = find_pivot_model(model)
+    if inner is None:
+        return False
+    if not (share_image or share_prefix):
+        inner.pair_forward = None
+        return True
+
+    def _hook(module, **kwargs):
+        return pair_forward(module, share_prefix=share_prefix, **kwargs)
+
+    inner.pair_forward = _hook
+    return True
+
+
+@contextlib.contextmanager
+def compact_lm_head_scoring(enabled: bool = True):
+    """Make TRL's fused LM head score only positions with a label (what it does on CUDA) on every device.
+
+    TRL scores every position off CUDA so that Neuron graphs keep static shapes; on CPU that projects hundreds of image
+    and prompt tokens through the vocabulary for nothing. The math is TRL's own, only the gather of positions changes.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if not enabled or original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+# ------------------------------------------------------------------------------------------ reference log-probs
+def _hash_state(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset) -> str:
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if fingerprint:
+        return str(fingerprint)
+    # Not a `datasets.Dataset`: hash what a row looks like and how many there are (best effort).
+    return hashlib.sha256(f"{type(dataset).__name__}:{len(dataset)}".encode()).hexdigest()
+
+
+class _RefLogpsCollator:
+    """Wraps the vision collator so cached reference log-probs ride along with their rows."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        cached = {name: [example.pop(name) for example in examples if name in example] for name in REF_COLUMNS}
+        batch = self.inner(examples)
+        for name, values in cached.items():
+            if values and len(values) == len(examples):
+                batch[name] = torch.tensor(values, dtype=torch.float32)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 class FastDPOMixin:
-    """Mixed into PivotDPOTrainer ahead of trl.DPOTrainer; overrides land here."""
+    """Mixed into `PivotDPOTrainer` ahead of `trl.DPOTrainer`: shared images, shared prefixes, cached references."""
+
+    def __init__(self, *args, **kwargs):
+        dpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        train_dataset = kwargs.get("train_dataset")
+        want_cache = bool(getattr(dpo_args, "precompute_ref_log_probs", False))
+        is_vision = False
+        if want_cache and train_dataset is not None:
+            sample = next(iter(train_dataset))
+            is_vision = "image" in sample or "images" in sample
+        # TRL refuses `precompute_ref_log_probs` for vision data: hide the flag from its constructor, which then keeps a
+        # reference model that this mixin uses once and frees.
+        if want_cache and is_vision:
+            dpo_args.precompute_ref_log_probs = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if want_cache and is_vision:
+                dpo_args.precompute_ref_log_probs = True
+        share_image = bool(getattr(self.args, "share_image_features", True))
+        share_prefix = bool(getattr(self.args, "share_prompt_prefix", True))
+        self._fast_pairs = install_pair_forward(self.model, share_image, share_prefix)
+        install_pair_forward(self.ref_model, share_image, share_prefix)
+        if want_cache and is_vision:
+            self._cache_reference_log_probs()
+
+    # ------------------------------------------------------------------------------------------ loss / head
+    def _compact_head(self):
+        return compact_lm_head_scoring(bool(getattr(self.args, "compact_lm_head", True)))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self._compact_head():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if getattr(self, "_ref_logps_cached", False) and self._signature_columns is not None:
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *REF_COLUMNS]))
+
+    # ------------------------------------------------------------------------------------------ reference cache
+    def ref_logps_cache_dir(self) -> Path:
+        folder = getattr(self.args, "ref_logps_cache_dir", None)
+        return Path(folder) if folder else Path(self.args.output_dir) / "ref_logps"
+
+    def _reference_identity(self) -> str:
+        model = self.ref_model if self.ref_model is not None else self.model
+        unwrapped = self.accelerator.unwrap_model(model)
+        return _hash_state(unwrapped)
+
+    def _cache_reference_log_probs(self):
+        identity = self._reference_identity()
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        self.train_dataset = self._cached_ref_logps(self.train_dataset, "train", batch_size, identity)
+        if self.eval_dataset is not None:
+            eval_bs = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    name: self._cached_ref_logps(ds, name, eval_bs, identity) for name, ds in self.eval_dataset.items()
+                }
+            else:
+                self.eval_dataset = self._cached_ref_logps(self.eval_dataset, "eval", eval_bs, identity)
+        self._ref_logps_cached = True
+        self.precompute_ref_logps = True
+        if not isinstance(self.data_collator, _RefLogpsCollator):
+            self.data_collator = _RefLogpsCollator(self.data_collator)
+        # The reference is never needed again: free it before the optimizer and activations take the memory.
+        self.ref_model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _cache_key(self, dataset, name: str, identity: str) -> str:
+        payload = {
+            "version": REF_CACHE_VERSION,
+            "dataset": dataset_fingerprint(dataset),
+            "rows": len(dataset),
+            "reference": identity,
+            "max_length": self.args.max_length,
+            "ld_alpha": getattr(self.args, "ld_alpha", None),
+            "split": name,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24], payload
+
+    def _cached_ref_logps(self, dataset, name: str, batch_size: int, identity: str):
+        from safetensors.torch import load_file, save_file
+
+        key, payload = self._cache_key(dataset, name, identity)
+        folder = self.ref_logps_cache_dir()
+        path = folder / f"{name}-{key}.safetensors"
+        if not path.exists():
+            chosen, rejected = self._run_reference_pass(dataset, name, batch_size)
+            if self.accelerator.is_main_process:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file(
+                    {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}, str(tmp), metadata={"key": key}
+                )
+                os.replace(tmp, path)  # atomic: a run killed mid-write never leaves a half cache behind
+                meta = {**payload, "key": key, "file": path.name, "num_rows": int(chosen.numel())}
+                path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            self.accelerator.wait_for_everyone()
+        tensors = load_file(str(path))
+        chosen, rejected = tensors["ref_chosen_logps"], tensors["ref_rejected_logps"]
+        if chosen.numel() != len(dataset):
+            raise ValueError(
+                f"Cached reference log-probs {path} hold {chosen.numel()} rows, dataset has {len(dataset)}."
+            )
+        for column in REF_COLUMNS:
+            if column in dataset.column_names:
+                dataset = dataset.remove_columns(column)
+        dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+        return dataset.add_column("ref_rejected_logps", rejected.tolist())
+
+    @torch.no_grad()
+    def _run_reference_pass(self, dataset, name: str, batch_size: int):
+        from accelerate.utils import tqdm
+        from torch.utils.data import DataLoader
+
+        collator = (
+            self.data_collator.inner if isinstance(self.data_collator, _RefLogpsCollator) else self.data_collator
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=collator,
+            shuffle=False,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        loader = self.accelerator.prepare(loader)
+        model = self.ref_model if self.ref_model is not None else self.model
+        was_training = model.training
+        model.eval()
+        chosen, rejected = [], []
+        try:
+            for batch in tqdm(
+                loader, desc=f"Reference log-probs ({name})", disable=bool(os.environ.get("TQDM_DISABLE", ""))
+            ):
+                with self._compact_head():
+                    c, r = self.compute_ref_log_probs(model, batch)
+                c, r = self.accelerator.gather_for_metrics((c, r))
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(chosen), torch.cat(rejected)
+
+
+__all__ = [
+    "FastDPOArguments",
+    "FastDPOMixin",
+    "compact_lm_head_scoring",
+    "install_pair_forward",
+    "pack_pairs",
+    "pair_forward",
+    "plan_pairs",
+]

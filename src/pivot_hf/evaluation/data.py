@@ -8,7 +8,7 @@ Sources (`dataset_name`):
 - a folder written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`load_from_disk`);
 - a Hub id (`datasets.load_dataset`; kept for online use, not exercised by the offline tests);
 - for segmentation, the ADE20K layout `images/{training,validation}/*.jpg` + `annotations/{training,validation}/*.png`;
-- for image-caption pairs, a folder with `metadata.jsonl` (`file_name` + `text`, the `datasets` imagefolder convention).
+- for image-caption pairs, a folder with `metadata.jsonl` (`file_name` + `text`; the `datasets` imagefolder way).
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def _file_listing_fingerprint(paths: Sequence[str], root: str) -> str:
     return _sha(rows)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Classification
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class ClassificationSplit:
     """A list-like split of (PIL image, int label). `fingerprint` identifies its exact content and order."""
@@ -91,7 +91,7 @@ class ClassificationSplit:
         return self.image(i), int(self.labels[i])
 
     def subset(self, indices: Sequence[int]) -> ClassificationSplit:
-        """Rows `indices` (e.g. the paper's 50K random subset of ImageNet train); the fingerprint covers the indices."""
+        """Rows `indices` (e.g. the paper's 50K random ImageNet-train subset); the fingerprint covers the indices."""
         idx = np.asarray(indices, dtype=np.int64)
         if isinstance(self.source, list):
             source = [self.source[i] for i in idx]
@@ -215,9 +215,9 @@ def load_classification_dataset(
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Segmentation (ADE20K layout)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class SegmentationSplit:
     """Pairs of (RGB image, integer mask) from the ADE20K folder layout; class 0 = unlabeled."""
@@ -246,7 +246,8 @@ class SegmentationSplit:
 
 
 def load_ade20k(root: str) -> dict[str, SegmentationSplit]:
-    """`root/images/{training,validation}/*.jpg` + `root/annotations/{training,validation}/*.png` (ADEChallengeData2016)."""
+    """ADEChallengeData2016 layout: `root/images/{training,validation}/*.jpg` +
+    `root/annotations/{training,validation}/*.png`."""
     out = {}
     for role, name in (("train", "training"), ("test", "validation")):
         img_dir, ann_dir = os.path.join(root, "images", name), os.path.join(root, "annotations", name)
@@ -268,9 +269,9 @@ def load_ade20k(root: str) -> dict[str, SegmentationSplit]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Image-caption pairs (alignment)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class CaptionPairs:
     images: object  # list of paths, or a `datasets.Dataset`
@@ -331,9 +332,9 @@ def load_caption_pairs(
     return CaptionPairs(ds, caps, _sha("hf-captions", getattr(ds, "_fingerprint", None), len(ds)), img_col)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Preference pairs (gradient maps)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def load_preference_pairs(path: str, image_root: str | None = None, max_samples: int | None = None) -> list[dict]:
     """Rows `{"image", "question", "chosen", "rejected"}` from an MMPR-style JSONL (images relative to `image_root`,
     default: the JSONL's folder), or from an MMPR folder with `meta.json` (first subset)."""

@@ -36,9 +36,9 @@ CACHE_STATS = {"hits": 0, "misses": 0}
 POOLINGS = ("mean", "none")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Identity
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def module_fingerprint(*modules: torch.nn.Module) -> str:
     """Content hash of the parameters and buffers of `modules` (names, dtypes, shapes and bytes)."""
     h = hashlib.blake2b(digest_size=16)
@@ -59,9 +59,9 @@ def _processor_fingerprint(image_processor) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Encoding backends
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def _num_prefix_tokens(vision_config) -> int | None:
     from pivot_hf.configuration_pivot import num_vision_prefix_tokens, vision_config_from_any
 
@@ -241,9 +241,9 @@ class VisionBackbone:
         return size, size
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Cache
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 class FeatureCache:
     """Folder of `<key>/{<array>.npy, meta.json}` entries. `hits` / `misses` count lookups (also in CACHE_STATS)."""
 
@@ -315,9 +315,9 @@ class _CacheWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Extraction
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, N, D) -> (B, D) for "mean" (mean over patch tokens; SigLIP has no CLS), unchanged for "none"."""
     if pooling == "mean":
@@ -325,6 +325,17 @@ def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
     if pooling == "none":
         return tokens
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+class _IndexDataset(torch.utils.data.Dataset):
+    def __init__(self, get: Callable[[int], Image.Image], n: int):
+        self.get, self.n = get, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Image.Image:
+        return self.get(i)
 
 
 def extract_features(
@@ -340,10 +351,11 @@ def extract_features(
     store_dtype: str = "float32",
     extra_key: dict | None = None,
     desc: str = "features",
+    num_workers: int = 0,
 ) -> np.ndarray:
     """Encode `num_images` images (index -> PIL image callable, or a sequence) into an array, through the cache.
 
-    Returns (N, D) for mean pooling, (N, P, D) for "none"; with `all_layers`, a leading layer axis (L, N, D) / (L, N, P, D).
+    Returns (N, D) for mean pooling, (N, P, D) for "none"; `all_layers` adds a leading layer axis.
     """
     get = images if callable(images) else images.__getitem__
     cache = cache or FeatureCache(None)
@@ -362,10 +374,20 @@ def extract_features(
         return hit["features"]
     writer = cache.writer(key, {"model": backbone.identity(), "dataset": dataset_fingerprint, "pooling": pooling})
     preprocess = preprocess or backbone.preprocess
+    # Decoding and resizing run in DataLoader workers (ImageNet decoding would otherwise bound the encoder); batches
+    # come back in order, so row i of the output is image i.
+    loader = torch.utils.data.DataLoader(
+        _IndexDataset(get, num_images),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=preprocess,
+    )
     try:
-        for start in tqdm(range(0, num_images, batch_size), desc=desc, unit="batch"):
+        for bi, inputs in enumerate(tqdm(loader, desc=desc, unit="batch")):
+            inputs = dict(inputs)
+            start = bi * batch_size
             idx = range(start, min(start + batch_size, num_images))
-            inputs = preprocess([get(i) for i in idx])
             pixel_values = inputs.pop("pixel_values")
             if all_layers:
                 layers = backbone.encode_all_layers(pixel_values, **inputs)

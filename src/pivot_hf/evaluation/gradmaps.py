@@ -4,8 +4,8 @@ For one (image, question, chosen, rejected) sample:
 - SFT loss = mean NLL of the chosen answer's tokens;
 - DPO loss = Eq. 1: -log sigmoid(beta * ((log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)))), sequence
   log-probs summed over response tokens, the reference a frozen copy (or log-probs precomputed from it).
-Each loss is back-propagated to the visual tokens (default: the projector output, i.e. the LLM's visual tokens, where the
-authors read it; `at="encoder"` reads the projector input, the encoder features). The image is encoded once and the
+Each loss is back-propagated to the visual tokens (default: the projector output, i.e. the LLM's visual tokens, where
+the authors read it; `at="encoder"` reads the projector input, the encoder features). The image is encoded once and the
 same leaf tensor feeds the chosen and the rejected forward, so the DPO gradient is the total one a training step sends
 into the encoder. Per token the gradient is reduced over channels (L1 norm; or classic Grad-CAM: ReLU of the
 gradient-weighted activations), reshaped to the patch grid and normalised to [0, 1] (divided by its maximum, so a token
@@ -35,9 +35,9 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Visual-token leaf
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def find_projector(model: torch.nn.Module) -> torch.nn.Module:
     for owner in (model, getattr(model, "model", None)):
         if owner is not None and hasattr(owner, "multi_modal_projector"):
@@ -91,9 +91,9 @@ def visual_token_leaf(model: torch.nn.Module, at: str = "projector"):
         handle.remove()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Losses
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def to_device(batch: dict, device, dtype) -> dict:
     """Move a processor batch; floating tensors (pixel values) also take the model's dtype."""
     return {k: v.to(device, dtype) if torch.is_floating_point(v) else v.to(device) for k, v in batch.items()}
@@ -132,12 +132,12 @@ def reference_logps(ref_model: torch.nn.Module, chosen: dict, rejected: dict) ->
         ref_model.train(was_training)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Maps
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def reduce_gradient(grad: torch.Tensor, activations: torch.Tensor | None = None, method: str = "l1") -> torch.Tensor:
     """(B, N, C) gradient -> (B, N) per-token map. "l1": L1 norm over channels (what the paper shows).
-    "gradcam": ReLU(sum_c alpha_c * A_c), alpha_c = gradient averaged over tokens (Selvaraju et al. on a token grid)."""
+    "gradcam": ReLU(sum_c alpha_c * A_c), alpha_c = gradient averaged over tokens (Selvaraju et al., token grid)."""
     if method == "l1":
         return grad.abs().sum(-1)
     if method == "gradcam":
@@ -223,9 +223,9 @@ def gradient_maps(
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Inputs from a processor
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def _image_token(processor) -> str:
     return getattr(processor, "image_token", None) or "<image>"
 
@@ -256,9 +256,9 @@ def build_pair_inputs(processor, image: Image.Image, question: str, chosen: str,
     return batches[0], batches[1]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Rendering
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def overlay(image: Image.Image, grid_map: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Heat map resized (bilinear) to the image and blended over it; (H, W, 3) uint8."""
     import matplotlib
@@ -288,7 +288,7 @@ def save_side_by_side(
     for ax in axes:
         ax.axis("off")
     if title:
-        fig.suptitle(title[:120], fontsize=9)
+        fig.suptitle(title.replace("<image>", "").strip()[:120], fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -308,16 +308,16 @@ def save_maps(out_dir: str, stem: str, image: Image.Image, maps: dict, title: st
     return {"png": png, "npz": os.path.join(out_dir, f"{stem}.npz")}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Training callback
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 class GradientMapCallback(TrainerCallback):
     """Saves SFT/DPO gradient maps of fixed samples every `every_n_steps` optimizer steps (and at step 0).
 
     `samples`: rows `{"image": PIL image or path, "question", "chosen", "rejected"}`. The reference log-probs come from
-    `ref_model` when given, else from the model at `on_train_begin`, i.e. the starting checkpoint, which is what PIVOT's
-    frozen reference is. Maps are computed on every process (ZeRO-3 needs all ranks in each forward) and written by the
-    main one to `<output_dir>/step-<N>/sample-<i>.{png,npz,json}`. Training gradients are not touched.
+    `ref_model` when given, else from the model at `on_train_begin`, i.e. the starting checkpoint, which is what
+    PIVOT's frozen reference is. Maps are computed on every process (ZeRO-3 needs all ranks in each forward) and
+    written by the main one to `<output_dir>/step-<N>/sample-<i>.{png,npz,json}`. Training gradients are not touched.
     """
 
     def __init__(

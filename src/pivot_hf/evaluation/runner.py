@@ -73,7 +73,7 @@ class EvalVisionArguments:
     source: str = field(
         default="encoder",
         metadata={
-            "help": "encoder: the tower at the trained feature layer; projector: the LLM's visual tokens (Pivot only).",
+            "help": "encoder: the tower at the trained feature layer; projector: the LLM's visual tokens (Pivot).",
             "choices": ("encoder", "projector"),
         },
     )
@@ -86,6 +86,9 @@ class EvalVisionArguments:
         metadata={"help": "Per-image pooling for the probes: mean over patch tokens.", "choices": ("mean",)},
     )
     batch_size: int = field(default=64, metadata={"help": "Images per encoder forward."})
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "Processes decoding/resizing images while the encoder runs (0: in the main one)."}
+    )
     device: str | None = field(default=None, metadata={"help": "cuda / cpu (default: cuda when available)."})
     dtype: str = field(
         default="float32", metadata={"help": "Encoder dtype.", "choices": ("float32", "bfloat16", "float16")}
@@ -172,7 +175,7 @@ class EvalVisionArguments:
         return self.model_labels or [os.path.basename(os.path.normpath(m)) or m for m in self.model_name_or_path]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def _cache(args: EvalVisionArguments):
     from .features import FeatureCache
 
@@ -232,7 +235,7 @@ def _run_classification(args: EvalVisionArguments, backbones=None) -> dict:
         for split_name, split in (("train", train), ("test", test)):
             feats[split_name] = extract_features(
                 bb, split.image, len(split), split.fingerprint, args.pooling, args.batch_size, cache,
-                store_dtype=args.cache_dtype, desc=f"{label} {split_name}",
+                store_dtype=args.cache_dtype, num_workers=args.dataloader_num_workers, desc=f"{label} {split_name}",
             )  # fmt: skip
         per_seed = []
         for seed in args.seeds:
@@ -318,8 +321,9 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
         for split_name, split in (("train", train), ("test", test)):
             feats[split_name] = extract_features(
                 bb, lambda j, s=split: s[j][0], len(split), split.fingerprint, "none", args.batch_size, cache,
-                preprocess=prep, store_dtype=args.cache_dtype,
-                extra_key={"crop": "center-square", "size": size, "resample": "bilinear"}, desc=f"{label} {split_name}",
+                preprocess=prep, store_dtype=args.cache_dtype, num_workers=args.dataloader_num_workers,
+                extra_key={"crop": "center-square", "size": size, "resample": "bilinear"},
+                desc=f"{label} {split_name}",
             )  # fmt: skip
             lkey = FeatureCache.make_key(
                 kind="seg-labels", data=split.fingerprint, size=size, patch=patch, c=cfg.num_classes
@@ -401,7 +405,7 @@ def _run_alignment(args: EvalVisionArguments, backbones=None) -> dict:
         bb = backbones[i] if backbones else _backbone(args, name)
         vis = extract_features(
             bb, pairs.image, len(pairs), pairs.fingerprint, "mean", args.batch_size, cache, all_layers=True,
-            store_dtype=args.cache_dtype, desc=f"{label} layers",
+            store_dtype=args.cache_dtype, num_workers=args.dataloader_num_workers, desc=f"{label} layers",
         )  # fmt: skip
         model, tok, tname, device = _text_model(args, bb)
         if tname not in text_cache:  # one reference LLM serves every compared encoder
@@ -496,8 +500,8 @@ def _run_gradcam(args: EvalVisionArguments, models=None) -> dict:
                     "png": os.path.relpath(paths["png"], args.output_dir),
                 }
             )
-        metrics = {k: float(np.mean([s[k] for s in per_sample])) for k in ("sft_top10_mass", "dpo_top10_mass",
-                                                                          "sft_dpo_correlation", "sft_loss", "dpo_loss")}  # fmt: skip
+        keys = ("sft_top10_mass", "dpo_top10_mass", "sft_dpo_correlation", "sft_loss", "dpo_loss")
+        metrics = {k: float(np.mean([s[k] for s in per_sample])) for k in keys}
         runs.append({"label": label, "model": {"name": name}, "metrics": metrics, "details": {"samples": per_sample}})
     settings = _settings(
         args, ["ref_model_name_or_path", "beta", "gradcam_at", "gradcam_method", "fix_border", "dtype"]

@@ -57,7 +57,7 @@ def preprocess_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def patch_multihot(mask: np.ndarray, patch: int, num_classes: int = ADE20K_NUM_CLASSES) -> np.ndarray:
     """(H, W) integer mask -> (gh * gw, C) bool: class c present anywhere in the patch; class 0 cleared where any other
-    class is present. Pixels with ids >= num_classes are ignored. Rows are in raster order (row-major over the grid)."""
+    class is present. Pixels with ids >= num_classes are ignored. Rows are in raster order over the grid."""
     gh, gw = mask.shape[0] // patch, mask.shape[1] // patch
     m = mask[: gh * patch, : gw * patch].reshape(gh, patch, gw, patch).transpose(0, 2, 1, 3).reshape(gh * gw, -1)
     out = np.zeros((gh * gw, num_classes), dtype=bool)

@@ -173,8 +173,12 @@ class PivotLMM(lmms_base()):
         gen_kwargs = dict(chunk[0].args[1] or {})
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        if not self._warned_sampling and (float(gen_kwargs.get("temperature", 0) or 0) > 0 or gen_kwargs.get("do_sample")):
-            logger.warning("PivotLMM decodes greedily (the paper's protocol); the task's sampling settings are ignored.")
+        if not self._warned_sampling and (
+            float(gen_kwargs.get("temperature", 0) or 0) > 0 or gen_kwargs.get("do_sample")
+        ):
+            logger.warning(
+                "PivotLMM decodes greedily (the paper's protocol); the task's sampling settings are ignored."
+            )
             self._warned_sampling = True
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", 128))
         if self.max_new_tokens is not None:
@@ -183,7 +187,9 @@ class PivotLMM(lmms_base()):
         prompts = [self.build_prompt(request.args[0], len(imgs)) for request, imgs in zip(chunk, images)]
         batch = self._encode(prompts, images, padding_side="left")
         extra = {k: v for k, v in gen_kwargs.items() if k not in _IGNORED_GEN_KWARGS and k != "max_new_tokens"}
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         generated = self.model.generate(
             **batch,
             do_sample=False,

@@ -65,7 +65,9 @@ def load_task_config(yaml_path: str) -> dict:
     class _Loader(yaml.SafeLoader):
         pass
 
-    _Loader.add_constructor("!function", lambda loader, node: _import_function(yaml_dir, loader.construct_scalar(node)))
+    _Loader.add_constructor(
+        "!function", lambda loader, node: _import_function(yaml_dir, loader.construct_scalar(node))
+    )
     with open(yaml_path, encoding="utf-8") as f:
         config = yaml.load(f, Loader=_Loader)
     if "include" in config:
@@ -89,7 +91,9 @@ def _load_split(config: dict):
             files = kwargs["data_files"]
             resolve = lambda p: p if os.path.isabs(p) else os.path.join(yaml_dir, p)  # noqa: E731
             if isinstance(files, dict):
-                kwargs["data_files"] = {k: resolve(v) if isinstance(v, str) else [resolve(x) for x in v] for k, v in files.items()}
+                kwargs["data_files"] = {
+                    k: resolve(v) if isinstance(v, str) else [resolve(x) for x in v] for k, v in files.items()
+                }
             else:
                 kwargs["data_files"] = resolve(files) if isinstance(files, str) else [resolve(x) for x in files]
         dataset = datasets.load_dataset(path, config.get("dataset_name"), **kwargs)
@@ -212,7 +216,11 @@ def run_task(model, yaml_path: str, limit: int | None = None) -> dict:
         aggregation = aggregations.get(name, "mean")
         value = aggregation(items) if callable(aggregation) else sum(items) / len(items)
         scores[f"{name},none"] = value
-    return {"results": {task: scores}, "samples": {task: samples}, "config": {"task": task, "split": split, "n": len(docs)}}
+    return {
+        "results": {task: scores},
+        "samples": {task: samples},
+        "config": {"task": task, "split": split, "n": len(docs)},
+    }
 
 
 __all__ = ["Instance", "load_task_config", "run_task"]

@@ -72,7 +72,9 @@ def register_with_lmms_eval(name: str = MODEL_NAME) -> str:
     from lmms_eval.models import MODEL_REGISTRY_V2
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    MODEL_REGISTRY_V2.register_manifest(ModelManifest(model_id=name, simple_class_path=ADAPTER_CLASS_PATH), overwrite=True)
+    MODEL_REGISTRY_V2.register_manifest(
+        ModelManifest(model_id=name, simple_class_path=ADAPTER_CLASS_PATH), overwrite=True
+    )
     return name
 
 

@@ -1,0 +1,71 @@
+"""PIVOT Stage 2: DPO post-training of a Pivot MLLM with the vision tower training (and the other preference losses).
+
+    accelerate launch [--config_file accelerate_configs/zero3.yaml] recipes/dpo.py --config recipes/so400m.yaml \
+        [--key value ...]
+
+Recipe keys = CLI flags = the fields of `PivotScriptArguments` (data), `PivotModelConfig` (model) and
+`PivotDPOConfig` (TRL's DPOConfig + tunable_parts, vision_tower_lr, projector_lr); `--help` lists them.
+`loss_type: sigmoid` with `beta: 0.1` is PIVOT (Eq. 1); `loss_type: [sigmoid, bco_pair, sft]` with
+`loss_weights: [0.8, 0.2, 1.0]` is MPO. The reference model is a separately loaded frozen copy of the starting
+checkpoint (or `ref_model_name_or_path`). `output_dir` receives a Pivot checkpoint, the processor and the logs.
+"""
+
+import logging
+import os
+import sys
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import set_seed  # noqa: E402
+
+from pivot_hf.configs import PivotDPOConfig, PivotModelConfig, PivotScriptArguments, parse_recipe_args  # noqa: E402
+from pivot_hf.trainer import (  # noqa: E402
+    PivotDPOTrainer,
+    apply_projector_init,
+    load_model,
+    load_processor,
+    load_reference_model,
+    preflight_model,
+)
+from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
+from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
+
+
+logger = logging.getLogger("pivot_hf.recipes.dpo")
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    script_args, model_args, training_args = parse_recipe_args(
+        [PivotScriptArguments, PivotModelConfig, PivotDPOConfig], argv
+    )
+    set_seed(training_args.seed)
+
+    # Everything that can be checked from configs is checked before a weight or an image is loaded.
+    preflight_model(model_args)
+    processor = load_processor(model_args)
+    train_dataset, eval_dataset, _ = load_training_data(script_args, training_args, processor, "preference")
+
+    model = load_model(model_args, processor)
+    # A frozen copy of the starting checkpoint, loaded before the policy is touched (with Stage-3 projector reuse
+    # applied to it as well, so both start from the same network).
+    ref_model = load_reference_model(model_args, model)
+
+    trainer = PivotDPOTrainer(
+        model,
+        ref_model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        after_tunable_parts=(lambda m: apply_projector_init(m, model_args)) if model_args.projector_init_from else None,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    save_run_summary(trainer, result, processor, script_args, model_args)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,60 @@
+"""Supervised training of a Pivot MLLM: Stage 1a (projector pretraining), 1b (full finetuning), the Stage-2 SFT
+control and Stage 3 (evaluation training of a fresh LLM on a frozen PIVOT encoder).
+
+    accelerate launch [--config_file accelerate_configs/zero2.yaml] recipes/sft.py --config recipes/stage1a_projector.yaml \
+        [--key value ...]
+
+Recipe keys = CLI flags = the fields of `PivotScriptArguments` (data), `PivotModelConfig` (model) and
+`PivotSFTConfig` (TRL's SFTConfig + tunable_parts, vision_tower_lr, projector_lr); `--help` lists them.
+MMPR data gives the chosen answers of the same rows the DPO run uses (the SFT control). `output_dir` receives a
+Pivot checkpoint, the processor and the logs.
+"""
+
+import logging
+import os
+import sys
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import set_seed  # noqa: E402
+
+from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, parse_recipe_args  # noqa: E402
+from pivot_hf.trainer import PivotSFTTrainer, apply_projector_init, load_model, load_processor, preflight_model  # noqa: E402
+from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
+from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
+
+
+logger = logging.getLogger("pivot_hf.recipes.sft")
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    script_args, model_args, training_args = parse_recipe_args(
+        [PivotScriptArguments, PivotModelConfig, PivotSFTConfig], argv
+    )
+    set_seed(training_args.seed)
+
+    # Everything that can be checked from configs is checked before a weight or an image is loaded.
+    preflight_model(model_args)
+    processor = load_processor(model_args)
+    train_dataset, eval_dataset, _ = load_training_data(script_args, training_args, processor, "sft")
+
+    model = load_model(model_args, processor)
+    trainer = PivotSFTTrainer(
+        model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        # Stage 3: reused projector layers are loaded (and frozen) after the tunable parts are set.
+        after_tunable_parts=(lambda m: apply_projector_init(m, model_args)) if model_args.projector_init_from else None,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    save_run_summary(trainer, result, processor, script_args, model_args)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

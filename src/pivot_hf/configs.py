@@ -1,0 +1,315 @@
+"""Recipe arguments of `recipes/sft.py` and `recipes/dpo.py`: YAML keys = CLI flags = the fields below.
+
+Three dataclasses are parsed together (TRL style):
+- `PivotScriptArguments` (dataset and data options, mirroring `pivot_hf.data.load_pivot_dataset`),
+- `PivotModelConfig` (TRL's `ModelConfig` + how the MLLM is built: a Pivot checkpoint or an encoder + LLM composition),
+- `PivotSFTConfig` / `PivotDPOConfig` (TRL's configs + the tunable parts and their learning rates).
+
+`parse_recipe_args` wraps `TrlParser` so that a misspelled recipe key fails before anything is loaded, with the
+closest valid key named.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+
+from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+
+TUNABLE_PARTS = ("vision_tower", "projector", "language_model")
+
+
+class RecipeConfigError(ValueError):
+    """A recipe (YAML or CLI) that cannot run; raised before any model or data is loaded."""
+
+
+# --------------------------------------------------------------------------------------------------------- data
+@dataclass
+class PivotScriptArguments(ScriptArguments):
+    """Dataset options. `dataset_name` is an MMPR folder, a LLaVA JSON/JSONL/parquet/mixture YAML, a dataset saved by
+    `datasets` (or by `pivot-hf data`), or a Hub id with TRL columns."""
+
+    num_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows to keep. None: MMPR keeps the recipe's 20,000-row subset, other sources keep everything; "
+            "<= 0: keep all rows."
+        },
+    )
+    dataset_seed: int = field(
+        default=777,
+        metadata={"help": "Sampling seed of the data subset (777 in the authors' scripts); `seed` is the training one."},
+    )
+    template: str = field(
+        default="chat",
+        metadata={
+            "help": "LLaVA rows: `chat` (conversation) or `plain` (image + caption, Stage-1a projector pretraining).",
+            "choices": ["chat", "plain"],
+        },
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Image root of LLaVA data / MMPR-style JSONL (default: the data file's folder)."}
+    )
+    variant: str = field(
+        default="none",
+        metadata={
+            "help": "Paper data variants (Table F): `under30` (chosen < 30 words), `nothink` (no <think>/<review>, "
+            "chosen < 60 words), `none`.",
+            "choices": ["none", "under30", "nothink"],
+        },
+    )
+    new_distribution_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Fig. B: fraction of rows with > 100 words or special tokens (None: the natural mix)."},
+    )
+    max_text_tokens: int | None = field(
+        default=1500,
+        metadata={"help": "Drop MMPR rows whose prompt + chosen exceed this many text tokens (authors: 1500)."},
+    )
+    sft_loss_on: str = field(
+        default="last_assistant_turn",
+        metadata={
+            "help": "SFT rows given as `messages`: `last_assistant_turn` turns each row into prompt (every turn before "
+            "the last assistant answer) + completion, so the loss covers the answer only (the official recipe: loss "
+            "on assistant tokens; exact for single-turn data such as MMPR and the SFT control); `all_tokens` keeps "
+            "`messages` and TRL's full-sequence loss.",
+            "choices": ["last_assistant_turn", "all_tokens"],
+        },
+    )
+    eval_num_samples: int = field(
+        default=0,
+        metadata={"help": "Hold out this many training rows (after sampling) as an eval set; 0: no evaluation."},
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- model
+@dataclass
+class PivotModelConfig(ModelConfig):
+    """How the Pivot MLLM is built: continue from `model_name_or_path` (a Pivot checkpoint), or compose a new one from
+    `vision_model_name_or_path` + `text_model_name_or_path` (the projector is then freshly initialised)."""
+
+    vision_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Vision encoder (Hub id or folder; a dual encoder such as google/siglip2-so400m-patch16-384 gives "
+            "its vision half) to compose a new MLLM with `text_model_name_or_path`."
+        },
+    )
+    text_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Causal LLM (Hub id or folder) to compose a new MLLM with the vision encoder."}
+    )
+    vision_feature_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Encoder layer whose patch tokens feed the projector. None: -2 (the penultimate layer, as in the "
+            "paper) when composing, the checkpoint's own value when continuing from `model_name_or_path`."
+        },
+    )
+    projector_type: str = field(
+        default="mlp2x_gelu",
+        metadata={"help": "Projector of a newly composed MLLM.", "choices": ["mlp2x_gelu", "linear"]},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "DPO reference model (a Pivot checkpoint). None: a frozen copy of the starting checkpoint, "
+            "loaded separately (the paper's setting). Must have the policy's architecture."
+        },
+    )
+    projector_init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Stage 3: a Pivot checkpoint (or projector file) whose projector layers initialise this model's "
+            "projector (Table I reuses the first layer of the PIVOT-trained projector)."
+        },
+    )
+    projector_reuse_layers: int = field(
+        default=2,
+        metadata={
+            "help": "Linear layers of the projector taken from `projector_init_from` (1: the first, '1+1' of Table "
+            "I; 2: both).",
+            "choices": [0, 1, 2],
+        },
+    )
+    freeze_reused_projector: bool = field(
+        default=False, metadata={"help": "Keep the reused projector layers frozen (Table I's best: True with 1 layer)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        has_ckpt = bool(self.model_name_or_path)
+        has_pair = bool(self.vision_model_name_or_path) or bool(self.text_model_name_or_path)
+        if has_ckpt and has_pair:
+            raise RecipeConfigError(
+                "Both `model_name_or_path` and `vision_model_name_or_path`/`text_model_name_or_path` are set. Fix: set "
+                "`model_name_or_path` to continue from a Pivot checkpoint, or the two others to compose a new MLLM."
+            )
+        if has_pair and not (self.vision_model_name_or_path and self.text_model_name_or_path):
+            raise RecipeConfigError(
+                "Composing a new MLLM needs both `vision_model_name_or_path` and `text_model_name_or_path`."
+            )
+        if self.projector_init_from and self.projector_reuse_layers == 0:
+            raise RecipeConfigError(
+                "`projector_init_from` is set but `projector_reuse_layers` is 0: set it to 1 or 2, or drop "
+                "`projector_init_from`."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def _normalize_parts(parts) -> list[str]:
+    if parts is None:
+        return []
+    if isinstance(parts, str):
+        parts = [parts]
+    out = []
+    for item in parts:  # `--tunable_parts projector,language_model` works as well as a YAML list
+        out.extend(p.strip() for p in str(item).split(",") if p.strip())
+    return out
+
+
+@dataclass
+class PivotTrainingFields:
+    """Fields shared by `PivotSFTConfig` and `PivotDPOConfig` (kept on the training config because they shape the
+    optimizer, and so travel with `training_args.bin` into checkpoints and resumes)."""
+
+    tunable_parts: list[str] = field(
+        default_factory=lambda: list(TUNABLE_PARTS),
+        metadata={
+            "help": "Parts that train: any of vision_tower, projector, language_model (`lm_head` belongs to "
+            "language_model). Vision-tower weights no gradient can reach from the feature layer stay frozen."
+        },
+    )
+    vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision tower (None: `learning_rate`)."}
+    )
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector (None: `learning_rate`)."}
+    )
+    check_tunable_parts_changed: bool = field(
+        default=True,
+        metadata={
+            "help": "At the end of training, check that every tunable part changed; a vision tower meant to train "
+            "that did not change is an error (the most common silent failure of MLLM encoder training)."
+        },
+    )
+
+    def _pivot_post_init(self):
+        import torch
+
+        self.tunable_parts = _normalize_parts(self.tunable_parts)
+        unknown = [p for p in self.tunable_parts if p not in TUNABLE_PARTS]
+        if unknown:
+            raise RecipeConfigError(
+                f"Unknown tunable_parts {unknown}. Fix: choose from {list(TUNABLE_PARTS)}, e.g. "
+                "`tunable_parts: [vision_tower, projector, language_model]`."
+            )
+        if not self.tunable_parts:
+            raise RecipeConfigError(
+                "`tunable_parts` is empty: nothing would train. Fix: list at least one of "
+                f"{list(TUNABLE_PARTS)} (PIVOT trains all three)."
+            )
+        for name in ("vision_tower_lr", "projector_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise RecipeConfigError(f"`{name}` must be >= 0, got {value}.")
+        if self.bf16 is None and not torch.cuda.is_available():
+            # TRL defaults bf16 to True, which transformers refuses on a CPU-only machine; recipes that want bf16 say so.
+            self.bf16 = False
+        if getattr(self, "use_liger_kernel", False) and not torch.cuda.is_available():
+            raise RecipeConfigError(
+                "`use_liger_kernel: true` needs a CUDA GPU (Liger's kernels are Triton), and none is visible on this "
+                "machine. Fix: set `use_liger_kernel: false` (or pass `--use_liger_kernel false`) for CPU runs."
+            )
+
+
+@dataclass
+class PivotSFTConfig(PivotTrainingFields, SFTConfig):
+    """TRL's `SFTConfig` + tunable parts and per-part learning rates."""
+
+    def __post_init__(self):
+        self._pivot_post_init()
+        super().__post_init__()
+
+
+@dataclass
+class PivotDPOConfig(PivotTrainingFields, DPOConfig):
+    """TRL's `DPOConfig` + tunable parts and per-part learning rates. `loss_type` / `loss_weights` pass through
+    (sigmoid = PIVOT; `[sigmoid, bco_pair, sft]` with `[0.8, 0.2, 1.0]` = MPO)."""
+
+    def __post_init__(self):
+        self._pivot_post_init()
+        super().__post_init__()
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+def recipe_keys(dataclass_types) -> set[str]:
+    parser = TrlParser(list(dataclass_types))
+    return {action.dest for action in parser._actions if action.dest != "help"}
+
+
+def parse_recipe_args(dataclass_types, argv=None):
+    """Parse `--config recipe.yaml` + CLI overrides into `dataclass_types`; unknown keys are a `RecipeConfigError`
+    naming the closest valid keys (TRL only lists them as 'unknown arguments')."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser(list(dataclass_types))
+    known = recipe_keys(dataclass_types)
+    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    try:
+        *parsed, from_config, from_cli = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except FileNotFoundError as err:
+        raise RecipeConfigError(f"Recipe file not found: {err.filename}") from err
+    unknown_config = from_config[0::2]
+    unknown_cli = [s for s in from_cli if s.startswith("--")]
+    if unknown_config or unknown_cli or [s for s in from_cli if not s.startswith("--")]:
+        lines = []
+        for key in [k.lstrip("-") for k in unknown_config + unknown_cli]:
+            where = f"in {config_path}" if f"--{key}" in unknown_config else "on the command line"
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            lines.append(f"  - `{key}` ({where}).{hint}")
+        stray = [s for s in from_cli if not s.startswith("--")]
+        if stray and not unknown_cli:
+            lines.append(f"  - stray values on the command line: {stray}")
+        raise RecipeConfigError(
+            "Unknown recipe keys:\n"
+            + "\n".join(lines)
+            + "\nFix: correct or remove them; valid keys are the fields of PivotScriptArguments, PivotModelConfig and "
+            "the training config (`python recipes/<script>.py --help` lists them)."
+        )
+    return tuple(parsed)
+
+
+def check_model_source(model_args: PivotModelConfig) -> None:
+    if not model_args.model_name_or_path and not model_args.vision_model_name_or_path:
+        raise RecipeConfigError(
+            "No model given. Fix: set `model_name_or_path` (a Pivot checkpoint to continue from) or "
+            "`vision_model_name_or_path` + `text_model_name_or_path` (compose a new MLLM)."
+        )
+    for key in ("model_name_or_path", "vision_model_name_or_path", "text_model_name_or_path", "projector_init_from"):
+        value = getattr(model_args, key)
+        if value and "<" in value and ">" in value:
+            raise RecipeConfigError(
+                f"`{key}: {value}` is a placeholder. Fix: pass the real path, e.g. `--{key} /path/to/checkpoint`."
+            )
+        if value and (value.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(value))):
+            raise RecipeConfigError(f"`{key}: {value}` does not exist. Fix: point it at an existing folder.")
+
+
+__all__ = [
+    "TUNABLE_PARTS",
+    "PivotDPOConfig",
+    "PivotModelConfig",
+    "PivotSFTConfig",
+    "PivotScriptArguments",
+    "PivotTrainingFields",
+    "RecipeConfigError",
+    "check_model_source",
+    "parse_recipe_args",
+    "recipe_keys",
+]

@@ -1,0 +1,195 @@
+"""Build the Pivot MLLM, its processor and the DPO reference model from recipe arguments.
+
+Every configuration error that can be detected from configs alone (feature layer out of reach, reference model of
+another architecture, max_length that cannot hold the image tokens) is raised here, before weights are loaded or any
+compute is spent.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from transformers import AutoConfig
+
+from ..configs import PivotModelConfig, RecipeConfigError, check_model_source
+from ..configuration_pivot import vision_config_from_any
+from ..modeling_pivot import PivotForConditionalGeneration, resolve_feature_layer
+from ..processing_pivot import PivotProcessor
+
+
+logger = logging.getLogger(__name__)
+
+
+def _dtype(model_args: PivotModelConfig):
+    dtype = getattr(model_args, "dtype", None)
+    if dtype in (None, "auto"):
+        return dtype
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def check_feature_layer(vision_config, feature_layer, source: str) -> None:
+    """A feature layer the tower cannot produce is a configuration error, named with its fix."""
+    num_layers = vision_config.num_hidden_layers
+    for layer in feature_layer if isinstance(feature_layer, list) else [feature_layer]:
+        try:
+            resolve_feature_layer(int(layer), num_layers)
+        except ValueError as err:
+            raise RecipeConfigError(
+                f"vision_feature_layer={layer} cannot be reached by the vision tower of {source}, which has "
+                f"{num_layers} layers. Fix: set `vision_feature_layer` between -{num_layers + 1} and {num_layers} "
+                "(the paper uses -2, the penultimate layer)."
+            ) from err
+
+
+def check_max_length(max_length: int | None, num_image_tokens: int, what: str = "max_length") -> None:
+    if max_length is not None and max_length <= num_image_tokens:
+        raise RecipeConfigError(
+            f"{what}={max_length} is not larger than the {num_image_tokens} image tokens each image becomes, so no "
+            f"row can fit. Fix: set `{what}` to at least {num_image_tokens} + the text length (the paper uses 2048 "
+            "with 576 image tokens), or use a smaller image resolution."
+        )
+
+
+def load_processor(model_args: PivotModelConfig) -> PivotProcessor:
+    check_model_source(model_args)
+    if model_args.model_name_or_path:
+        return PivotProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    return PivotProcessor.from_vision_text_pretrained(
+        model_args.vision_model_name_or_path, model_args.text_model_name_or_path
+    )
+
+
+def preflight_model(model_args: PivotModelConfig):
+    """Config-only checks (no weights): returns the effective `vision_feature_layer`."""
+    check_model_source(model_args)
+    if model_args.model_name_or_path:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        if getattr(config, "model_type", None) != "pivot":
+            raise RecipeConfigError(
+                f"`model_name_or_path: {model_args.model_name_or_path}` is a {config.model_type!r} checkpoint, not a "
+                "Pivot MLLM. Fix: to start from an encoder and an LLM, set `vision_model_name_or_path` and "
+                "`text_model_name_or_path` instead."
+            )
+        layer = config.vision_feature_layer if model_args.vision_feature_layer is None else model_args.vision_feature_layer
+        check_feature_layer(config.vision_config, layer, model_args.model_name_or_path)
+        return layer
+    layer = -2 if model_args.vision_feature_layer is None else model_args.vision_feature_layer
+    vision_config = vision_config_from_any(AutoConfig.from_pretrained(model_args.vision_model_name_or_path))
+    check_feature_layer(vision_config, layer, model_args.vision_model_name_or_path)
+    return layer
+
+
+def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = None, path: str | None = None):
+    """The policy (or, with `path`, another Pivot checkpoint such as the reference model)."""
+    layer = preflight_model(model_args)
+    kwargs = {}
+    if _dtype(model_args) is not None:
+        kwargs["dtype"] = _dtype(model_args)
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if path is not None or model_args.model_name_or_path:
+        model = PivotForConditionalGeneration.from_pretrained(
+            path or model_args.model_name_or_path, revision=model_args.model_revision, **kwargs
+        )
+        if model_args.vision_feature_layer is not None:
+            model.config.vision_feature_layer = model_args.vision_feature_layer
+    else:
+        processor = processor or load_processor(model_args)
+        model = PivotForConditionalGeneration.from_vision_text_pretrained(
+            model_args.vision_model_name_or_path,
+            model_args.text_model_name_or_path,
+            vision_feature_layer=layer,
+            projector_type=model_args.projector_type,
+            tokenizer=processor.tokenizer,
+            torch_dtype=kwargs.get("dtype"),
+            attn_implementation=kwargs.get("attn_implementation"),
+        )
+    return model
+
+
+def apply_projector_init(model, model_args: PivotModelConfig) -> None:
+    """Stage 3: reuse projector layers of a PIVOT checkpoint. Called after the tunable parts are applied, so that
+    `freeze_reused_projector` has the last word on those layers."""
+    if not model_args.projector_init_from:
+        return
+    from ..export import apply_projector_reuse  # export track; imported lazily so training never depends on it
+
+    apply_projector_reuse(
+        model,
+        model_args.projector_init_from,
+        model_args.projector_reuse_layers,
+        model_args.freeze_reused_projector,
+    )
+
+
+def _architecture(model) -> dict:
+    config = model.config
+    vision, text = config.vision_config, config.text_config
+    summary = {
+        "model_type": config.model_type,
+        "vision.model_type": vision.model_type,
+        "vision.hidden_size": vision.hidden_size,
+        "vision.num_hidden_layers": vision.num_hidden_layers,
+        "vision_feature_layer": config.vision_feature_layer,
+        "projector_type": getattr(config, "projector_type", None),
+        "image_token_id": config.image_token_id,
+        "text.model_type": text.model_type,
+        "text.hidden_size": text.hidden_size,
+        "text.num_hidden_layers": text.num_hidden_layers,
+        "text.vocab_size": text.vocab_size,
+    }
+    for name, p in model.named_parameters():
+        summary[f"param:{name}"] = tuple(getattr(p, "ds_shape", p.shape))
+    return summary
+
+
+def check_reference_model(policy, ref_model, ref_source: str) -> None:
+    """The reference must be the same network as the policy (only its weights may differ)."""
+    a, b = _architecture(policy), _architecture(ref_model)
+    diffs = [f"{k}: policy {a.get(k)!r} vs reference {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        shown = "\n  ".join(diffs[:8]) + (f"\n  ... and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise RecipeConfigError(
+            f"The reference model ({ref_source}) has a different architecture from the policy:\n  {shown}\n"
+            "Fix: set `ref_model_name_or_path` to a checkpoint of the same MLLM (PIVOT uses the Stage-1b checkpoint "
+            "the policy starts from), or leave it unset to use a frozen copy of the starting checkpoint."
+        )
+
+
+def load_reference_model(model_args: PivotModelConfig, policy) -> PivotForConditionalGeneration:
+    """An explicit frozen copy of the starting checkpoint, vision tower included (loaded separately, not PEFT).
+
+    Built before the policy trains. From a checkpoint it is loaded again from disk (this also works under ZeRO-3, where
+    parameters are partitioned at load); a freshly composed MLLM (random projector) is deep-copied instead.
+    """
+    source = model_args.ref_model_name_or_path or model_args.model_name_or_path
+    if source:
+        ref_model = load_model(model_args, path=source)
+        if model_args.ref_model_name_or_path is None:
+            apply_projector_init(ref_model, model_args)
+    else:
+        if any(hasattr(p, "ds_id") for p in policy.parameters()):
+            raise RecipeConfigError(
+                "Under DeepSpeed ZeRO-3 the reference of a freshly composed MLLM cannot be copied in memory. Fix: "
+                "save the composed (Stage-1) model and set `model_name_or_path` to it."
+            )
+        source = "a copy of the composed policy"
+        ref_model = copy.deepcopy(policy)
+    check_reference_model(policy, ref_model, source)
+    ref_model.requires_grad_(False)
+    ref_model.eval()
+    return ref_model
+
+
+__all__ = [
+    "apply_projector_init",
+    "check_feature_layer",
+    "check_max_length",
+    "check_reference_model",
+    "load_model",
+    "load_processor",
+    "load_reference_model",
+    "preflight_model",
+]

@@ -1,0 +1,40 @@
+"""What a recipe run leaves in `output_dir` beside the checkpoint: metrics, trainer state and `pivot_run.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def save_run_summary(trainer, train_output, processor, script_args, model_args) -> dict:
+    """Save metrics, state, the processor and a `pivot_run.json` summary (last logged metrics, tunable-part check)."""
+    metrics = dict(train_output.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    summary = {}
+    if trainer.is_world_process_zero():
+        output_dir = trainer.args.output_dir
+        processor.save_pretrained(output_dir)
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+        report = getattr(trainer, "tunable_parts_report", None) or {}
+        summary = {
+            "dataset_name": script_args.dataset_name,
+            "model_name_or_path": model_args.model_name_or_path
+            or f"{model_args.vision_model_name_or_path} + {model_args.text_model_name_or_path}",
+            "tunable_parts": list(trainer.args.tunable_parts),
+            "learning_rates": {
+                group.get("name", str(i)): group.get("initial_lr", group["lr"])
+                for i, group in enumerate(trainer.optimizer.param_groups)
+            }
+            if trainer.optimizer is not None
+            else {},
+            "global_step": trainer.state.global_step,
+            "train_metrics": metrics,
+            "first_log": logged[0] if logged else {},
+            "last_log": logged[-1] if logged else {},
+            "tensors_changed": {part: [e["changed"], e["total"]] for part, e in report.items()},
+        }
+        with open(os.path.join(output_dir, "pivot_run.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary

@@ -1,0 +1,29 @@
+"""`PivotSFTTrainer`: TRL's SFTTrainer with tunable parts, per-part learning rates and atomic checkpoints.
+
+Used for Stage 1a (projector pretraining, `plain` captions), Stage 1b (full finetuning), the Stage-2 SFT control and
+Stage 3 (evaluation training). TRL's vision collator does the tokenisation and image processing on the fly.
+"""
+
+from __future__ import annotations
+
+from trl import SFTTrainer
+
+from ..checkpointing import AtomicCheckpointMixin
+from .tunable import TunablePartsMixin
+
+
+class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, SFTTrainer):
+    """`PivotSFTTrainer(model, args=PivotSFTConfig(...), train_dataset=..., processing_class=processor)`."""
+
+    _tag_names = ["trl", "sft", "pivot"]
+
+    def __init__(self, model, args=None, *trainer_args, after_tunable_parts=None, **kwargs):
+        if args is None:
+            from ..configs import PivotSFTConfig
+
+            args = PivotSFTConfig(output_dir="pivot-sft")
+        self._setup_tunable_parts(model, args, after_tunable_parts)
+        super().__init__(model, args, *trainer_args, **kwargs)
+
+
+__all__ = ["PivotSFTTrainer"]

@@ -1,0 +1,248 @@
+"""Tunable parts of the Pivot MLLM: which weights train, at which learning rate, and proof that they changed.
+
+`TunablePartsMixin` is mixed into both pivot trainers ahead of TRL's trainer:
+- at construction, `args.tunable_parts` becomes `requires_grad` (vision-tower weights that no gradient can reach from
+  the feature layer stay frozen, or DDP would wait for their gradients forever) and the trainable split is logged;
+- `create_optimizer` builds one parameter group per part with its own learning rate. The optimizer is always built by
+  the Trainer (never by DeepSpeed from its JSON), so the groups survive DDP, ZeRO-2/3 and FSDP2; the LR scheduler
+  scales each group's own initial LR. This is where LLaVA-NeXT's separate vision LR was silently lost;
+- after `train`, a checksum per trainable tensor is compared with the one taken before training: a vision tower that
+  was meant to train and did not change is an error, any other unchanged part a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+
+from ..configs import TUNABLE_PARTS, RecipeConfigError
+
+
+logger = logging.getLogger(__name__)
+
+_PART_PATTERNS = {
+    "vision_tower": re.compile(r"(^|\.)vision_tower\."),
+    "projector": re.compile(r"(^|\.)multi_modal_projector\."),
+    "language_model": re.compile(r"(^|\.)(language_model|lm_head)\."),
+}
+
+
+def part_of(name: str) -> str | None:
+    """`vision_tower`, `projector` or `language_model` for a parameter name (wrapper prefixes allowed)."""
+    for part, pattern in _PART_PATTERNS.items():
+        if pattern.search(name):
+            return part
+    return None
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions leave p.numel() == 0
+
+
+def apply_tunable_parts(model, tunable_parts: list[str]) -> dict[str, dict[str, int]]:
+    """Set `requires_grad` from `tunable_parts`; returns `{part: {"total", "trainable"}}`."""
+    unknown = [p for p in tunable_parts if p not in TUNABLE_PARTS]
+    if unknown:
+        raise RecipeConfigError(f"Unknown tunable_parts {unknown}. Fix: choose from {list(TUNABLE_PARTS)}.")
+    unreached = set(model.unreached_vision_parameter_names()) if "vision_tower" in tunable_parts else set()
+    for name, param in model.named_parameters():
+        part = part_of(name)
+        param.requires_grad_(part in tunable_parts and name not in unreached)
+    return trainable_split(model)
+
+
+def trainable_split(model) -> dict[str, dict[str, int]]:
+    split = {part: {"total": 0, "trainable": 0} for part in TUNABLE_PARTS}
+    for name, param in model.named_parameters():
+        part = part_of(name)
+        if part is None:
+            continue
+        split[part]["total"] += _numel(param)
+        if param.requires_grad:
+            split[part]["trainable"] += _numel(param)
+    return split
+
+
+def _local(param: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The locally held values of a parameter and whether they are a shard (ZeRO-3 partition / FSDP2 DTensor)."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor, True
+    if hasattr(param, "to_local"):
+        return param.to_local(), True
+    return param, False
+
+
+@torch.no_grad()
+def checksums(named_params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`(sum, sum of squares, sum of |x|)` in float64 per tensor; shards are summed across ranks (padding is zero).
+
+    One tiny vector per tensor instead of a copy of the weights: a whole 1.5B-parameter model costs kilobytes.
+    """
+    stats, sharded = {}, []
+    for name, param in named_params:
+        local, is_shard = _local(param)
+        x = local.detach().to(torch.float64)
+        stats[name] = torch.stack([x.sum(), (x * x).sum(), x.abs().sum()])
+        if is_shard:
+            sharded.append(name)
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        packed = torch.stack([stats[n] for n in sharded])
+        torch.distributed.all_reduce(packed)
+        for n, row in zip(sharded, packed):
+            stats[n] = row
+    return {n: s.cpu() for n, s in stats.items()}
+
+
+class TunablePartsMixin:
+    """Tunable parts, per-part LR groups and the did-it-train check, for `PivotSFTTrainer` and `PivotDPOTrainer`."""
+
+    def _setup_tunable_parts(self, model, args, after_tunable_parts=None):
+        if isinstance(model, str):
+            raise TypeError("Pivot trainers take an instantiated model; build it with pivot_hf.trainer.load_model.")
+        apply_tunable_parts(model, args.tunable_parts)
+        if after_tunable_parts is not None:
+            # e.g. Stage 3's projector reuse, whose freeze must win over `tunable_parts`
+            after_tunable_parts(model)
+        split = trainable_split(model)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise RecipeConfigError(
+                f"tunable_parts={args.tunable_parts} leaves no trainable weight in the model. Fix: add a part that has "
+                f"weights (one of {list(TUNABLE_PARTS)})."
+            )
+        self._log_split(split, args)
+        if args.use_liger_kernel:
+            _apply_liger_to_language_model(model)
+        self._deepspeed_optimizer_check(args)
+
+    @staticmethod
+    def _log_split(split, args):
+        lrs = _part_lrs(args)
+        lines = ["Trainable parameters per part:"]
+        for part, counts in split.items():
+            frac = counts["trainable"] / counts["total"] if counts["total"] else 0.0
+            lr = f"lr {lrs[part]:g}" if part in args.tunable_parts else "frozen"
+            lines.append(
+                f"  {part:<15} {counts['trainable'] / 1e6:10.3f}M / {counts['total'] / 1e6:10.3f}M ({frac:6.1%}) {lr}"
+            )
+        if int(os.environ.get("RANK", "0")) == 0:
+            logger.info("\n".join(lines))
+
+    @staticmethod
+    def _deepspeed_optimizer_check(args):
+        plugin = getattr(args, "deepspeed_plugin", None)
+        ds_config = getattr(plugin, "deepspeed_config", None) or {}
+        if "optimizer" in ds_config:
+            raise RecipeConfigError(
+                "The DeepSpeed config defines an `optimizer`, so DeepSpeed would build it and drop the per-part "
+                "parameter groups (vision_tower_lr, projector_lr). Fix: remove the `optimizer` block from the "
+                "DeepSpeed JSON (accelerate_configs/ never set one); the Trainer then builds it from the recipe."
+            )
+
+    def create_optimizer(self, model=None):
+        """One parameter group per (part, weight decay) with the part's LR; the rest is HF's default optimizer."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None:
+            return self.optimizer
+        lrs = _part_lrs(self.args)
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[str, bool], dict] = {}
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = part_of(name) or "language_model"
+            with_decay = name in decay and self.args.weight_decay > 0
+            group = groups.setdefault(
+                (part, with_decay),
+                {
+                    "params": [],
+                    "lr": lrs[part],
+                    "initial_lr": lrs[part],
+                    "weight_decay": self.args.weight_decay if with_decay else 0.0,
+                    "name": f"{part}{'' if with_decay else '_no_decay'}",
+                },
+            )
+            group["params"].append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        # The language model's group first: the Trainer logs the LR of group 0 as `learning_rate`.
+        order = {part: i for i, part in enumerate(("language_model", "projector", "vision_tower"))}
+        param_groups = [groups[key] for key in sorted(groups, key=lambda k: (order[k[0]], not k[1]))]
+        for group in param_groups:
+            group.pop("initial_lr")  # set by the LR scheduler itself
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------------------------------- did-it-train check
+    def _tunable_named_params(self):
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def train(self, *args, **kwargs):
+        check = self.args.check_tunable_parts_changed
+        before = checksums(self._tunable_named_params()) if check else None
+        output = super().train(*args, **kwargs)
+        if check:
+            self.tunable_parts_report = self._check_changed(before, checksums(self._tunable_named_params()))
+        return output
+
+    def _check_changed(self, before, after) -> dict[str, dict]:
+        report = {}
+        for name, stats in before.items():
+            part = part_of(name) or "language_model"
+            entry = report.setdefault(part, {"changed": 0, "total": 0, "unchanged": []})
+            entry["total"] += 1
+            # A tolerance instead of equality: before training a tensor may be whole and after it sharded (FSDP2), and
+            # a sum over shards rounds differently in the last float64 bits. Real updates move it by far more.
+            if name in after and not torch.allclose(stats, after[name], rtol=1e-12, atol=0.0):
+                entry["changed"] += 1
+            else:
+                entry["unchanged"].append(name)
+        lines = ["Tunable parts after training (tensors changed / trainable tensors):"]
+        for part, entry in report.items():
+            lines.append(f"  {part:<15} {entry['changed']}/{entry['total']}")
+        if self.is_world_process_zero():
+            logger.info("\n".join(lines))
+        trained_steps = self.state.global_step
+        vision = report.get("vision_tower")
+        if "vision_tower" in self.args.tunable_parts and trained_steps > 0 and (vision is None or vision["changed"] == 0):
+            raise RuntimeError(
+                f"The vision tower was meant to train (tunable_parts={self.args.tunable_parts}) but none of its "
+                f"weights changed in {trained_steps} steps. Check vision_tower_lr (is it 0?), that gradients reach "
+                "the tower (vision_feature_layer, frozen parameters), and the mixed-precision setup (weights stored "
+                "in bf16 can round small updates away). Disable the check with `check_tunable_parts_changed: false`."
+            )
+        for part, entry in report.items():
+            if trained_steps > 0 and entry["changed"] == 0:
+                logger.warning("Tunable part %s did not change in %d steps.", part, trained_steps)
+            elif entry["unchanged"]:
+                logger.warning("%s: %d trainable tensors unchanged, e.g. %s", part, len(entry["unchanged"]), entry["unchanged"][:3])
+        return report
+
+
+def _part_lrs(args) -> dict[str, float]:
+    return {
+        "vision_tower": args.learning_rate if args.vision_tower_lr is None else args.vision_tower_lr,
+        "projector": args.learning_rate if args.projector_lr is None else args.projector_lr,
+        "language_model": args.learning_rate,
+    }
+
+
+def _apply_liger_to_language_model(model) -> None:
+    """Liger's layer kernels (RMSNorm, RoPE, SwiGLU) on the LLM backbone, which transformers' own Liger hook skips
+    (it does not know the `pivot` model type). The fused linear cross-entropy stays off: TRL patches the LM head."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as err:
+        raise RecipeConfigError(
+            "`use_liger_kernel: true` but liger-kernel is not installed. Fix: `pip install -e .[liger]`, or set "
+            "`use_liger_kernel: false`."
+        ) from err
+    _apply_liger_kernel_to_instance(
+        model=model.model.language_model, fused_linear_cross_entropy=False, cross_entropy=False
+    )
+    logger.info("Liger kernels applied to the language model (%s).", model.config.text_config.model_type)
+
+
+__all__ = ["TunablePartsMixin", "apply_tunable_parts", "checksums", "part_of", "trainable_split"]

@@ -1,0 +1,210 @@
+"""Fast PIVOT DPO (issue 8): shared images / shared prefixes are exact, cached reference log-probs give the same loss."""
+
+import copy
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+from trl.trainer.utils import add_fused_lm_head
+
+from pivot_hf import PivotForConditionalGeneration, PivotProcessor
+from pivot_hf.fast_dpo import FastDPOMixin, compact_lm_head_scoring, install_pair_forward, plan_pairs
+
+
+def _trainer_class():
+    # The project's trainer once it exists (it must carry the mixin); until then a minimal stand-in.
+    if importlib.util.find_spec("pivot_hf.trainer") is not None:
+        try:
+            from pivot_hf.trainer.dpo import PivotDPOTrainer
+
+            assert issubclass(PivotDPOTrainer, FastDPOMixin)
+            return PivotDPOTrainer
+        except ImportError:
+            pass
+
+    class _T(FastDPOMixin, DPOTrainer):
+        pass
+
+    return _T
+
+
+def _image(rng, size=32):
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def _rows(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    questions = ["What is in the picture?", "Describe it", "Count the objects please", "Color?"]
+    answers = [
+        ("A cat sitting.", "A dog running on grass quickly."),
+        ("Blue sky with clouds and a long description of it.", "Red."),
+        ("Three apples", "Three pears"),  # common start beyond the prompt
+        ("Green", "Yellow and a bit of green"),
+    ]
+    rows = []
+    for i in range(n):
+        chosen, rejected = answers[i % len(answers)]
+        rows.append(
+            {
+                "images": [_image(rng)],
+                "prompt": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[i % 4]}]}
+                ],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pivot_factory):
+    path = tiny_pivot_factory("siglip", "qwen2")
+    return path, PivotProcessor.from_pretrained(path)
+
+
+def _model(path, attn="sdpa"):
+    torch.manual_seed(0)
+    model = PivotForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    return model
+
+
+def _left_padded(batch, pad_id):
+    """The same rows, left padded instead of flush-left (a layout other collators produce)."""
+    ids, mask, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    out = {k: v.clone() for k, v in batch.items()}
+    for r in range(ids.shape[0]):
+        n = int(mask[r].sum())
+        for name, src, fill in (("input_ids", ids, pad_id), ("attention_mask", mask, 0), ("completion_mask", comp, 0)):
+            row = torch.full_like(src[r], fill)
+            row[-n:] = src[r, :n]
+            out[name][r] = row
+    return out
+
+
+def _logps_and_grads(model, batch, position_ids=None):
+    model.zero_grad(set_to_none=True)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    kwargs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = model(**kwargs, labels=labels, fused_lm_head=True, use_cache=False)
+    logps = out.log_probs.sum(1)
+    # Distinct weights per sequence so that a chosen/rejected mix-up cannot cancel out.
+    (logps * torch.linspace(1.0, 2.0, logps.numel())).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logps.detach(), grads
+
+
+def _assert_close(reference, candidate):
+    (lp0, g0), (lp1, g1) = reference, candidate
+    assert torch.allclose(lp0, lp1, rtol=1e-5, atol=0)
+    assert g0.keys() == g1.keys()
+    scale = max(g.norm().item() for g in g0.values())
+    for name in g0:
+        # Per-tensor relative error, floored by the largest gradient: tensors whose exact gradient is zero (key biases
+        # under softmax) only carry round-off.
+        err = (g0[name] - g1[name]).norm().item()
+        assert err <= 1e-5 * max(g0[name].norm().item(), 1e-3 * scale), name
+
+
+@pytest.mark.parametrize("layout", ["flush_left", "left_padded"])
+def test_shared_image_and_prefix_match_plain(tiny, layout):
+    path, processor = tiny
+    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(4)))
+    if layout == "left_padded":
+        batch = _left_padded(batch, processor.tokenizer.pad_token_id)
+    model = _model(path)
+    # The plain computation with positions counted from each row's first token (RoPE makes this equal to the
+    # collator's default positions for right padding, and is the correct one for left padding).
+    start = batch["attention_mask"].argmax(1, keepdim=True)
+    positions = (torch.arange(batch["input_ids"].shape[1])[None] - start).clamp(min=0)
+    plain = _logps_and_grads(model, batch, position_ids=positions)
+
+    plan = plan_pairs(batch["input_ids"], batch["attention_mask"], model.config.image_token_id)
+    assert plan is not None and bool((plan["prefix"] > 16).all())  # 16 image tokens + prompt are shared
+    for share_prefix in (False, True):  # image sharing alone, then image + prefix sharing
+        install_pair_forward(model, share_image=True, share_prefix=share_prefix)
+        _assert_close(plain, _logps_and_grads(model, batch))
+        with compact_lm_head_scoring():
+            _assert_close(plain, _logps_and_grads(model, batch))
+        install_pair_forward(model, share_image=False, share_prefix=False)
+
+
+def test_not_pairs_fall_back_to_plain(tiny):
+    path, processor = tiny
+    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(3)))
+    # Swap two rejected rows: prompts and images no longer line up with their chosen rows.
+    order = torch.tensor([0, 1, 2, 4, 3, 5])
+    swapped = {k: v[order] for k, v in batch.items()}
+    model = _model(path)
+    plain = _logps_and_grads(model, swapped)
+    # Token-wise the rows still share system prompt and image tokens, but the pixels differ: only image-level checks
+    # in the pair forward can tell, and they must send the batch down the plain path.
+    install_pair_forward(model)
+    _assert_close(plain, _logps_and_grads(model, swapped))
+    odd = {k: v[:3] for k, v in batch.items()}
+    install_pair_forward(model, False, False)
+    plain_odd = _logps_and_grads(model, odd)
+    install_pair_forward(model)
+    _assert_close(plain_odd, _logps_and_grads(model, odd))
+
+
+def _config(tmp_path, **kwargs):
+    return DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        learning_rate=1e-3,
+        beta=0.1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        **kwargs,
+    )
+
+
+def _train_one_step(path, processor, dataset, config, cls):
+    model = PivotForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    trainer = cls(model=model, args=config, train_dataset=dataset, processing_class=processor)
+    result = trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return trainer, result, losses
+
+
+def test_cached_reference_logps_give_the_live_reference_loss(tiny, tmp_path, monkeypatch):
+    path, processor = tiny
+    dataset = Dataset.from_list(_rows(4))
+    cls = _trainer_class()
+    _, _, live = _train_one_step(path, processor, dataset, _config(tmp_path / "live"), DPOTrainer)
+    _, _, ours_live = _train_one_step(path, processor, dataset, _config(tmp_path / "ours_live"), cls)
+    config = _config(tmp_path / "cached", precompute_ref_log_probs=True)
+    trainer, _, cached = _train_one_step(path, processor, dataset, config, cls)
+    assert trainer.ref_model is None  # freed after caching
+    assert live[0] == pytest.approx(ours_live[0], rel=1e-5) and live[0] == pytest.approx(cached[0], rel=1e-5)
+
+    files = sorted((tmp_path / "cached" / "out" / "ref_logps").iterdir())
+    assert [f.suffix for f in files] == [".json", ".safetensors"]
+    meta = json.loads(files[0].read_text())
+    assert meta["num_rows"] == 4 and meta["reference"]
+
+    # Resuming (a new trainer on the same data and reference) reuses the file instead of running the reference.
+    stamp = files[1].stat().st_mtime_ns
+
+    def _no_reference_pass(*args, **kwargs):
+        raise AssertionError("the cached reference log-probs were not reused")
+
+    monkeypatch.setattr(cls, "_run_reference_pass", _no_reference_pass)
+    _, _, again = _train_one_step(path, processor, dataset, config, cls)
+    assert files[1].stat().st_mtime_ns == stamp and again[0] == pytest.approx(cached[0], rel=1e-6)
