@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard, ModelCardData
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoImageProcessor, AutoModel
 
 import pivot_hf.export as export_mod

@@ -158,6 +158,44 @@ def test_composed_weights_are_the_pretrained_ones(tmp_path):
         torch.testing.assert_close(mine[:vocab] if name == "embed_tokens.weight" else mine, tensor, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("family", "dual_class"), [("siglip_dual", "SiglipModel"), ("clip_dual", "CLIPModel")])
+def test_dual_encoder_checkpoints_give_their_vision_half(family, dual_class, tmp_path):
+    import transformers
+
+    vision = build_tiny_vision(tmp_path / "vision", family)
+    text = build_tiny_llm(tmp_path / "llm")
+    model = PivotForConditionalGeneration.from_vision_text_pretrained(vision, text)
+    dual = getattr(transformers, dual_class).from_pretrained(vision)
+    tower = model.model.vision_tower
+    # transformers 5 flattened SigLIP's vision model but not CLIP's: compare the transformer bodies themselves.
+    tower = getattr(tower, "vision_model", tower).state_dict()
+    reference = dual.vision_model
+    reference = getattr(reference, "vision_model", reference).state_dict()
+    assert tower.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(tower[name], tensor, rtol=0, atol=0)
+
+
+def test_base_llm_without_chat_template_gets_chatml(tmp_path, sample_images):
+    vision = build_tiny_vision(tmp_path / "vision", "siglip")
+    text = build_tiny_llm(tmp_path / "llm", "llama")
+    config_file = tmp_path / "llm" / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config.pop("chat_template", None)
+    config_file.write_text(json.dumps(tokenizer_config))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (tmp_path / "llm" / extra).unlink(missing_ok=True)
+    processor = PivotProcessor.from_vision_text_pretrained(vision, text)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
+    ]
+    assert processor.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n"
+    )
+
+
 def test_auto_classes_and_remote_code_without_pivot_hf(tiny_pivot_factory, sample_images, tmp_path):
     path = tiny_pivot_factory("siglip")
     assert isinstance(AutoModelForImageTextToText.from_pretrained(path), PivotForConditionalGeneration)

@@ -1,6 +1,6 @@
 """The paper's recipe matrix, written from one table of facts: `python recipes/paper/generate.py [--check]`.
 
-Every YAML under `recipes/paper/` (except this script's own folder README) is generated here, so that the ~150 recipes
+Every YAML and run.sh under `recipes/paper/` is generated here, so that the ~150 recipes
 of Table 1, Fig. 2/3, Fig. 4/5 + Table M, Tables E/F/J/K and Fig. B cannot drift apart: a hyperparameter is changed
 once, below, and the files are rewritten. `--check` exits non-zero when a file on disk differs from what this script
 would write (the test suite runs it). Values are the official recipe's (`official_recipe.md`: global batch 256 on 8

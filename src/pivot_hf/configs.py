@@ -297,8 +297,13 @@ def check_model_source(model_args: PivotModelConfig) -> None:
             raise RecipeConfigError(
                 f"`{key}: {value}` is a placeholder. Fix: pass the real path, e.g. `--{key} /path/to/checkpoint`."
             )
-        if value and (value.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(value))):
-            raise RecipeConfigError(f"`{key}: {value}` does not exist. Fix: point it at an existing folder.")
+        # Hub ids are `name` or `owner/name`; anything else (absolute, ./, or a deeper relative path) is a folder.
+        looks_local = value and (value.startswith(("/", "./", "../", "~")) or value.count("/") > 1)
+        if looks_local and not os.path.exists(os.path.expanduser(value)):
+            raise RecipeConfigError(
+                f"`{key}: {value}` does not exist. Fix: point it at an existing folder (e.g. the output_dir of the "
+                "previous stage), or pass a Hub id."
+            )
 
 
 __all__ = [

@@ -222,7 +222,13 @@ def extract_encoder(model: nn.Module, truncate_to_feature_layer: bool = False, b
     feature_layer = config.vision_feature_layer
     indices = _feature_indices(feature_layer, num_layers)
 
-    new_config = copy.deepcopy(tower.config)
+    config_dict = tower.config.to_dict()
+    if truncate_to_feature_layer:
+        config_dict["num_hidden_layers"] = max(indices)
+        # Backbone configs (DINOv2, ViT) derive their stage names from the depth; re-derive the default outputs.
+        for key in ("out_features", "out_indices", "stage_names"):
+            config_dict.pop(key, None)
+    new_config = type(tower.config).from_dict(config_dict)
     new_config.architectures = [type(tower).__name__]
     new_config.dtype = next(tower.parameters()).dtype
     setattr(new_config, PREFIX_TOKENS_KEY, int(config.vision_num_prefix_tokens))
@@ -234,7 +240,6 @@ def extract_encoder(model: nn.Module, truncate_to_feature_layer: bool = False, b
             raise ValueError(
                 "The feature layer is the embedding output: there is no block to keep; export untruncated."
             )
-        new_config.num_hidden_layers = depth
         if getattr(new_config, "vision_use_head", False):
             # The pooling head reads the final norm of the last block, which the MLLM never used (SigLIP/SigLIP2).
             new_config.vision_use_head = False

@@ -20,6 +20,7 @@ tokens + the question) four times through the LLM. Everything here works *below*
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import hashlib
 import json
@@ -365,6 +366,20 @@ class FastDPOMixin:
         # reference model that this mixin uses once and frees.
         if want_cache and is_vision:
             dpo_args.precompute_ref_log_probs = False
+            args = list(args)
+            ref_model = (
+                kwargs.pop("ref_model", None) if "ref_model" in kwargs else (args[1] if len(args) > 1 else None)
+            )
+            model = kwargs.get("model", args[0] if args else None)
+            if ref_model is None and isinstance(model, torch.nn.Module):
+                # No reference given: the policy before its first step is the reference. A private copy (instead of
+                # TRL reloading `name_or_path`, which a freshly composed model may not have) lives only until the
+                # cache is written.
+                ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+            if len(args) > 1:
+                args[1] = ref_model
+            else:
+                kwargs["ref_model"] = ref_model
         try:
             super().__init__(*args, **kwargs)
         finally:

@@ -12,7 +12,13 @@ DEFAULT_IMAGE_TOKEN = "<image>"
 # The official PIVOT recipe (LLaVA-NeXT's qwen_1_5 conversation) uses this system prompt.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-_PATCH_SIZE_KEYS = ("patch_size",)
+# For base LLMs that ship no chat template: ChatML, the format of the official recipe (LLaVA-NeXT's qwen_1_5).
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 
 
 def multimodal_chat_template(text_template: str, image_token: str, system_prompt: str | None) -> str:
@@ -154,7 +160,14 @@ class PivotProcessor(ProcessorMixin):
         text_template = tokenizer.chat_template
         if isinstance(text_template, dict):
             text_template = text_template.get("default")
-        chat_template = multimodal_chat_template(text_template, image_token, system_prompt) if text_template else None
+        if not text_template:
+            # A base LLM without a template: ChatML, with its markers added as special tokens so they stay atomic.
+            text_template = CHATML_TEMPLATE
+            missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+            if missing:
+                tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+            tokenizer.chat_template = text_template
+        chat_template = multimodal_chat_template(text_template, image_token, system_prompt)
         return cls(
             image_processor, tokenizer, patch_size=patch_size, image_token=image_token, chat_template=chat_template
         )

@@ -30,6 +30,7 @@ def save_run_summary(trainer, train_output, processor, script_args, model_args) 
             if trainer.optimizer is not None
             else {},
             "global_step": trainer.state.global_step,
+            "world_size": trainer.args.world_size,
             "train_metrics": metrics,
             "first_log": logged[0] if logged else {},
             "last_log": logged[-1] if logged else {},

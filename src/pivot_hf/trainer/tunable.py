@@ -113,6 +113,17 @@ class TunablePartsMixin:
                 f"weights (one of {list(TUNABLE_PARTS)})."
             )
         self._log_split(split, args)
+        half = {p.dtype for p in model.parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)}
+        plugin = getattr(args, "deepspeed_plugin", None)
+        if half and plugin is None and int(os.environ.get("RANK", "0")) == 0:
+            # Without DeepSpeed's fp32 master weights, AdamW steps of ~lr (1e-6 in Stage 2) are below the resolution
+            # of bf16 weights (~1e-4 at magnitude 0.02) and vanish: the run "trains" while the weights never move.
+            logger.warning(
+                "Trainable weights are stored in %s without DeepSpeed: small updates (lr %g) can round away. Load in "
+                "float32 (`dtype: float32`) and keep `bf16: true` for autocast, or use a ZeRO config.",
+                sorted(str(d) for d in half),
+                args.learning_rate,
+            )
         if args.use_liger_kernel:
             _apply_liger_to_language_model(model)
         self._deepspeed_optimizer_check(args)
