@@ -329,6 +329,19 @@ def test_push_without_token_fails_before_any_call(trained, tmp_path, monkeypatch
     assert FakeHfApi.calls == []
 
 
+def test_in_memory_bf16_export_and_multi_layer_features(trained, tmp_path):
+    model = PivotForConditionalGeneration.from_pretrained(trained("clip")).to(torch.bfloat16).eval()
+    model.config.vision_feature_layer = [-3, -2]  # LLaVA's multi-layer option: concatenated along channels
+    processor = AutoImageProcessor.from_pretrained(trained("clip"))
+    folder = export_encoder(model, tmp_path / "bf16", image_processor=processor, truncate_to_feature_layer=True)
+    encoder = AutoModel.from_pretrained(folder, dtype="auto")
+    assert encoder.dtype == torch.bfloat16 and encoder.config.pivot_vision_feature_layer == [1, -1]
+    tower = model.model.vision_tower.state_dict()
+    assert all(torch.equal(v, tower[k]) for k, v in encoder.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="export_projector"):
+        load_projector(folder)  # exported without --export_projector
+
+
 def test_export_is_atomic(trained, tmp_path, monkeypatch):
     checkpoint = trained("siglip")
     target = tmp_path / "enc"
@@ -418,3 +431,21 @@ def test_stage3_from_export_with_real_sft_script(exports, tiny_pivot_factory, tm
     wrong = PivotForConditionalGeneration.from_vision_text_pretrained(export, llm, vision_feature_layer=-2)
     with pytest.raises(ValueError, match="pivot_vision_feature_layer"):
         apply_projector_reuse(wrong, export, 1, freeze=True)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes" / "stage3").glob("*.yaml")))
+def test_stage3_recipes_parse_with_the_sft_parser(recipe):
+    from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, parse_recipe_args
+
+    argv = ["--config", str(REPO / "recipes" / "stage3" / recipe), "--bf16", "false"]  # bf16 needs a GPU to parse
+    _, model_args, training_args = parse_recipe_args([PivotScriptArguments, PivotModelConfig, PivotSFTConfig], argv)
+    assert "vision_tower" not in training_args.tunable_parts  # Stage 3 never trains the published encoder
+    if recipe.startswith("3a"):
+        assert training_args.tunable_parts == ["projector"] and training_args.learning_rate == 1e-3
+        assert model_args.vision_model_name_or_path and model_args.vision_feature_layer == -2
+    else:
+        assert training_args.tunable_parts == ["projector", "language_model"] and training_args.learning_rate == 1e-5
+    reuse = 1 if "reuse1" in recipe else 2 if "reuse2" in recipe else 0
+    assert (model_args.projector_init_from is not None) == bool(reuse)
+    if reuse:
+        assert model_args.projector_reuse_layers == reuse and model_args.freeze_reused_projector == (reuse == 1)

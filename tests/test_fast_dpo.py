@@ -160,7 +160,7 @@ def _config(tmp_path, config_class=DPOConfig, **kwargs):
     return config_class(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=2,
-        max_steps=1,
+        max_steps=2,  # step 2 runs a moved policy against the reference: the cached values really matter
         learning_rate=1e-3,
         beta=0.1,
         use_cpu=True,
@@ -192,7 +192,8 @@ def test_cached_reference_logps_give_the_live_reference_loss(tiny, tmp_path, mon
     config = _config(tmp_path / "cached", config_class, precompute_ref_log_probs=True)
     trainer, _, cached = _train_one_step(path, processor, dataset, config, cls, live_reference=False)
     assert trainer.ref_model is None  # freed after caching
-    assert live[0] == pytest.approx(ours_live[0], rel=1e-5) and live[0] == pytest.approx(cached[0], rel=1e-5)
+    assert len(live) == 2 and live[1] != pytest.approx(live[0], rel=1e-4)
+    assert live == pytest.approx(ours_live, rel=1e-5) and live == pytest.approx(cached, rel=1e-5)
 
     files = sorted((tmp_path / "cached" / "out" / "ref_logps").iterdir())
     assert [f.suffix for f in files] == [".json", ".safetensors"]
@@ -207,4 +208,4 @@ def test_cached_reference_logps_give_the_live_reference_loss(tiny, tmp_path, mon
 
     monkeypatch.setattr(cls, "_run_reference_pass", _no_reference_pass)
     _, _, again = _train_one_step(path, processor, dataset, config, cls, live_reference=False)
-    assert files[1].stat().st_mtime_ns == stamp and again[0] == pytest.approx(cached[0], rel=1e-6)
+    assert files[1].stat().st_mtime_ns == stamp and again == pytest.approx(cached, rel=1e-6)

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 
-MAX_EXAMPLES_MMPR = 40
-MAX_EXAMPLES_LLAVA = 25
+MAX_EXAMPLES_MMPR = 100
+MAX_EXAMPLES_LLAVA = 60
 NUM_IMAGE_TOKENS = 16  # the tiny SigLIP tower: 32 px images, patch 8
 FUZZ_SETTINGS = settings(
     max_examples=MAX_EXAMPLES_MMPR,
@@ -139,6 +139,12 @@ def _image_field():
     )
 
 
+def _mostly(good, hostile):
+    """About 60% good rows, the rest hostile: a plain `one_of` flattens the nested choices, and the many hostile
+    branches then drown the good one, leaving the collators with almost nothing to collate."""
+    return st.integers(0, 9).flatmap(lambda i: good if i < 6 else hostile)
+
+
 # Rows that should mostly survive conversion (good text, one real image of any mode), so that the collators see many
 # rows too; the other strategies below are the hostile ones.
 GOOD_TEXT = st.sampled_from(["What is shown?", "<image>\nDescribe it.", "Count the objects.", "Is it red? <image>"])
@@ -148,14 +154,15 @@ GOOD_IMAGE = st.one_of(
     st.sampled_from([f"file:{k}" for k in VALID_IMAGE_KINDS]),
     st.sampled_from([["file:rgb_jpeg"], "sub/../file_ok.jpg"]),
 )
-GOOD_MMPR_ROW = st.fixed_dictionaries(
-    {"question": GOOD_TEXT, "chosen": GOOD_ANSWER, "rejected": GOOD_ANSWER, "image": GOOD_IMAGE}
-).map(json.dumps)
+GOOD_MMPR_ROW = st.builds(
+    lambda q, cr, image: json.dumps({"question": q, "chosen": cr[0], "rejected": cr[1] + " (no)", "image": image}),
+    GOOD_TEXT,
+    st.tuples(GOOD_ANSWER, GOOD_ANSWER),
+    GOOD_IMAGE,
+)
 
-MMPR_ROW = st.one_of(
-    GOOD_MMPR_ROW,
-    GOOD_MMPR_ROW,
-    # Well-formed-ish rows, the common case, with every field possibly wrong.
+HOSTILE_MMPR_ROW = st.one_of(
+    # Every field possibly wrong.
     st.fixed_dictionaries(
         {"question": TEXT, "chosen": TEXT, "rejected": TEXT, "image": _image_field()},
         optional={"extra": JSON_SCALARS},
@@ -167,6 +174,7 @@ MMPR_ROW = st.one_of(
     # Not JSON at all (kept on one non-blank line so that it is a row).
     st.text(min_size=1, max_size=30).map(lambda s: "{" + s.replace("\n", " ").replace("\r", " ")),
 )
+MMPR_ROW = _mostly(GOOD_MMPR_ROW, HOSTILE_MMPR_ROW)
 
 LLAVA_TURN = st.fixed_dictionaries(
     {"from": st.sampled_from(["human", "gpt", "system", "user", "assistant", "bot", ""]), "value": JSON_SCALARS}
@@ -179,9 +187,7 @@ GOOD_LLAVA_ROW = st.fixed_dictionaries(
     },
     optional={"id": st.text(max_size=6), "image": GOOD_IMAGE},
 )
-LLAVA_ROW = st.one_of(
-    GOOD_LLAVA_ROW,
-    GOOD_LLAVA_ROW,
+HOSTILE_LLAVA_ROW = st.one_of(
     st.fixed_dictionaries(
         {"conversations": st.lists(LLAVA_TURN, min_size=0, max_size=4)},
         optional={"id": st.one_of(st.text(max_size=6), st.integers()), "image": _image_field()},
@@ -189,6 +195,7 @@ LLAVA_ROW = st.one_of(
     st.fixed_dictionaries({"conversations": JSON_SCALARS}),
     JSON_SCALARS,
 )
+LLAVA_ROW = _mostly(GOOD_LLAVA_ROW, HOSTILE_LLAVA_ROW)
 
 
 def _materialize_images(root: Path, rows_text: str) -> None:
@@ -257,7 +264,16 @@ def test_fuzz_mmpr_loader_and_preference_collator(processor, record_property, tm
 
     pref_collator = DataCollatorForVisionPreference(processor)
     sft_collator = DataCollatorForVisionLanguageModeling(processor)
-    stats = {"cases_tried": 0, "rows": 0, "kept": 0, "skipped": 0, "collated_batches": 0, "failures": []}
+    stats = {
+        "cases_tried": 0,
+        "rows": 0,
+        "kept": 0,
+        "skipped": 0,
+        "collated_batches": 0,
+        "skip_reasons": {},
+        "failures": [],
+        "pref_sft_divergent_rows": 0,
+    }
 
     @FUZZ_SETTINGS
     @given(
@@ -287,13 +303,21 @@ def test_fuzz_mmpr_loader_and_preference_collator(processor, record_property, tm
             _check_report(report, pref, total)
             sft, sft_report = load_pivot_dataset(str(root), "sft", **kwargs)
             _check_report(sft_report, sft, total)
-            assert pref["id"] == sft["id"]  # the SFT control uses the very same rows, in the same order
+            if max_length is None:
+                assert pref["id"] == sft["id"]  # the SFT control uses the very same rows, in the same order
+            else:
+                # `drop_overlong` measures a pair by its longer answer, an SFT row by the chosen one only: the
+                # preference rows are a subset (counted, reported to the lead as a pairing divergence).
+                assert set(pref["id"]) <= set(sft["id"])
+                stats["pref_sft_divergent_rows"] += len(set(sft["id"]) - set(pref["id"]))
             real_images = os.path.realpath(root / "images")
             for paths in pref.with_format(None)["images"]:
                 assert all(os.path.realpath(p).startswith(real_images + os.sep) for p in paths)
             stats["rows"] += total
             stats["kept"] += report.kept
             stats["skipped"] += report.num_skipped
+            for reason, n in report.skipped.items():
+                stats["skip_reasons"][reason] = stats["skip_reasons"].get(reason, 0) + n
             stats["collated_batches"] += _collate_all(pref_collator, pref) + _collate_all(sft_collator, sft)
         except Exception as exc:
             stats["failures"].append(f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -314,7 +338,15 @@ def test_fuzz_llava_loader_and_sft_collator(processor, record_property, tmp_path
     from pivot_hf.data import load_pivot_dataset
 
     collator = DataCollatorForVisionLanguageModeling(processor)
-    stats = {"cases_tried": 0, "rows": 0, "kept": 0, "skipped": 0, "collated_batches": 0, "failures": []}
+    stats = {
+        "cases_tried": 0,
+        "rows": 0,
+        "kept": 0,
+        "skipped": 0,
+        "collated_batches": 0,
+        "skip_reasons": {},
+        "failures": [],
+    }
 
     @settings(FUZZ_SETTINGS, max_examples=MAX_EXAMPLES_LLAVA)
     @given(rows=st.lists(LLAVA_ROW, min_size=1, max_size=5), template=st.sampled_from(["chat", "plain"]))
@@ -333,6 +365,8 @@ def test_fuzz_llava_loader_and_sft_collator(processor, record_property, tmp_path
             stats["rows"] += len(rows)
             stats["kept"] += report.kept
             stats["skipped"] += report.num_skipped
+            for reason, n in report.skipped.items():
+                stats["skip_reasons"][reason] = stats["skip_reasons"].get(reason, 0) + n
             stats["collated_batches"] += _collate_all(collator, dataset)
         except Exception as exc:
             stats["failures"].append(f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -345,3 +379,25 @@ def test_fuzz_llava_loader_and_sft_collator(processor, record_property, tmp_path
     finally:
         _record(record_property, tmp_path, "llava", stats)
     assert stats["skipped"] > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="data/loader.py: with max_length, drop_overlong measures a preference pair by its longer answer and an SFT "
+    "row by the chosen one, so the SFT control can keep rows the DPO run drops (found by the fuzz test above)",
+)
+def test_sft_and_preference_keep_the_same_rows_under_max_length(processor, tmp_path):
+    from pivot_hf.data import load_pivot_dataset
+
+    (tmp_path / "images").mkdir()
+    _write_image(tmp_path / "images" / "a.jpg", "rgb_jpeg")
+    rows = [
+        {"image": "a.jpg", "question": "What is it?", "chosen": "A box.", "rejected": "word " * 300},
+        {"image": "a.jpg", "question": "Color?", "chosen": "Red.", "rejected": "Blue."},
+    ]
+    (tmp_path / "ann.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"s": {"root": "images", "annotation": "ann.jsonl"}}))
+    kwargs = {"tokenizer": processor, "num_samples": 0, "max_length": 128, "num_image_tokens": NUM_IMAGE_TOKENS}
+    pref, _ = load_pivot_dataset(str(tmp_path), "preference", **kwargs)
+    sft, _ = load_pivot_dataset(str(tmp_path), "sft", **kwargs)
+    assert pref["id"] == sft["id"]

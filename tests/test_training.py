@@ -186,7 +186,9 @@ def test_mpo_loss_mix_trains_vision_tower(tiny, tmp_path):
     args = PivotDPOConfig(
         **_config_kwargs(tmp_path, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
     )
-    trainer = PivotDPOTrainer(model, ref, args=args, train_dataset=_preference_data(processor), processing_class=processor)
+    trainer = PivotDPOTrainer(
+        model, ref, args=args, train_dataset=_preference_data(processor), processing_class=processor
+    )
     trainer.train()
     assert trainer.loss_types == ["sigmoid", "bco_pair", "sft"] and trainer.loss_weights == [0.8, 0.2, 1.0]
     _assert_vision_trained(before, model)

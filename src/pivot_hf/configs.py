@@ -40,7 +40,9 @@ class PivotScriptArguments(ScriptArguments):
     )
     dataset_seed: int = field(
         default=777,
-        metadata={"help": "Sampling seed of the data subset (777 in the authors' scripts); `seed` is the training one."},
+        metadata={
+            "help": "Sampling seed of the data subset (777 in the authors' scripts); `seed` is the training one."
+        },
     )
     template: str = field(
         default="chat",
@@ -50,7 +52,8 @@ class PivotScriptArguments(ScriptArguments):
         },
     )
     image_folder: str | None = field(
-        default=None, metadata={"help": "Image root of LLaVA data / MMPR-style JSONL (default: the data file's folder)."}
+        default=None,
+        metadata={"help": "Image root of LLaVA data / MMPR-style JSONL (default: the data file's folder)."},
     )
     variant: str = field(
         default="none",
@@ -134,7 +137,8 @@ class PivotModelConfig(ModelConfig):
         },
     )
     freeze_reused_projector: bool = field(
-        default=False, metadata={"help": "Keep the reused projector layers frozen (Table I's best: True with 1 layer)."}
+        default=False,
+        metadata={"help": "Keep the reused projector layers frozen (Table I's best: True with 1 layer)."},
     )
 
     def __post_init__(self):

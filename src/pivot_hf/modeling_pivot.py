@@ -473,6 +473,10 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         vision_tower = vision_class.from_pretrained(
             vision_model_name_or_path, config=vision_config, **vision_kwargs, **common
         )
+        # Recorded for the exported encoder's model card (`base_model`); an encoder that is itself a PIVOT export
+        # keeps the id of the encoder it came from.
+        if not getattr(vision_tower.config, "pivot_base_vision_model", None):
+            vision_tower.config.pivot_base_vision_model = str(vision_model_name_or_path)
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **text_kwargs, **common)
         return cls.from_vision_text_models(
             vision_tower,

@@ -25,7 +25,9 @@ def _split_last_assistant_turn(example: dict) -> dict:
 def load_training_data(script_args: PivotScriptArguments, training_args, processor, kind: str):
     """`(train_dataset, eval_dataset | None, report)` for `kind` `"preference"` (DPO) or `"sft"`."""
     if not script_args.dataset_name:
-        raise RecipeConfigError("No `dataset_name` given. Fix: set it to an MMPR folder, LLaVA JSON, saved dataset or Hub id.")
+        raise RecipeConfigError(
+            "No `dataset_name` given. Fix: set it to an MMPR folder, LLaVA JSON, saved dataset or Hub id."
+        )
     num_image_tokens = processor.num_image_tokens()
     check_max_length(training_args.max_length, num_image_tokens)
     dataset, report = load_pivot_dataset(
@@ -60,7 +62,13 @@ def load_training_data(script_args: PivotScriptArguments, training_args, process
     if lazy:
         raw = raw.with_transform(LazyImages())
         eval_dataset = eval_dataset.with_transform(LazyImages()) if eval_dataset is not None else None
-    logger.info("Training rows: %d (report: kept %d of %d, skipped %s)", len(raw), report.kept, report.total, dict(report.skipped))
+    logger.info(
+        "Training rows: %d (report: kept %d of %d, skipped %s)",
+        len(raw),
+        report.kept,
+        report.total,
+        dict(report.skipped),
+    )
     if getattr(training_args, "output_dir", None) and _is_main_process():
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "data_report.json"), "w", encoding="utf-8") as f:

@@ -72,7 +72,9 @@ def preflight_model(model_args: PivotModelConfig):
                 "Pivot MLLM. Fix: to start from an encoder and an LLM, set `vision_model_name_or_path` and "
                 "`text_model_name_or_path` instead."
             )
-        layer = config.vision_feature_layer if model_args.vision_feature_layer is None else model_args.vision_feature_layer
+        layer = (
+            config.vision_feature_layer if model_args.vision_feature_layer is None else model_args.vision_feature_layer
+        )
         check_feature_layer(config.vision_config, layer, model_args.model_name_or_path)
         return layer
     layer = -2 if model_args.vision_feature_layer is None else model_args.vision_feature_layer
@@ -148,7 +150,10 @@ def _architecture(model) -> dict:
 def check_reference_model(policy, ref_model, ref_source: str) -> None:
     """The reference must be the same network as the policy (only its weights may differ)."""
     a, b = _architecture(policy), _architecture(ref_model)
-    diffs = [f"{k}: policy {a.get(k)!r} vs reference {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    keys = sorted(set(a) | set(b), key=lambda k: (k.startswith("param:"), k))  # config differences first
+    diffs = [f"{k}: policy {a.get(k)!r} vs reference {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+        f"{k}: policy {a.get(k)!r} vs reference {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    ]
     if diffs:
         shown = "\n  ".join(diffs[:8]) + (f"\n  ... and {len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise RecipeConfigError(

@@ -217,7 +217,11 @@ class TunablePartsMixin:
             logger.info("\n".join(lines))
         trained_steps = self.state.global_step
         vision = report.get("vision_tower")
-        if "vision_tower" in self.args.tunable_parts and trained_steps > 0 and (vision is None or vision["changed"] == 0):
+        if (
+            "vision_tower" in self.args.tunable_parts
+            and trained_steps > 0
+            and (vision is None or vision["changed"] == 0)
+        ):
             raise RuntimeError(
                 f"The vision tower was meant to train (tunable_parts={self.args.tunable_parts}) but none of its "
                 f"weights changed in {trained_steps} steps. Check vision_tower_lr (is it 0?), that gradients reach "
@@ -228,7 +232,12 @@ class TunablePartsMixin:
             if trained_steps > 0 and entry["changed"] == 0:
                 logger.warning("Tunable part %s did not change in %d steps.", part, trained_steps)
             elif entry["unchanged"]:
-                logger.warning("%s: %d trainable tensors unchanged, e.g. %s", part, len(entry["unchanged"]), entry["unchanged"][:3])
+                logger.warning(
+                    "%s: %d trainable tensors unchanged, e.g. %s",
+                    part,
+                    len(entry["unchanged"]),
+                    entry["unchanged"][:3],
+                )
         return report
 
 
