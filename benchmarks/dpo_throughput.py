@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -63,7 +64,7 @@ SETTINGS = {
         "vocab": "bpe4k",
         "num_pairs": 16,
         "batch_size": 2,
-        "max_steps": 6,
+        "max_steps": 8,
         "dtype": "float32",
         "gradient_checkpointing": False,
         "attn_implementation": "sdpa",
@@ -323,6 +324,9 @@ def worker(args) -> None:
         "use_liger_kernel": bool(args.liger and on_gpu),
     }
     ref_seconds = {"value": 0.0}
+    # A previous run's cached reference log-probs would be reused (that is the resume path): start clean so the
+    # reference pass is timed.
+    shutil.rmtree(Path(common["output_dir"]) / "ref_logps", ignore_errors=True)
     if args.worker == "stock":
         model = LlavaForConditionalGeneration.from_pretrained(paths["llava"], dtype=dtype, attn_implementation=attn)
         ref = LlavaForConditionalGeneration.from_pretrained(paths["llava"], dtype=dtype, attn_implementation=attn)
@@ -380,15 +384,19 @@ def worker(args) -> None:
     trainer.train()
     shapes = _batch_shapes(trainer, dataset, setting["batch_size"])
     steps = len(step_times)
-    # Steady state: from the end of the warm-up step to the end of the last one.
-    timed_steps = steps - 1
-    seconds = step_times[-1] - step_times[0]
+    # Steady state: the steps after the warm-up one. The median step time is reported, since the machines these run on
+    # may be shared and a neighbour's burst would otherwise land in one path's mean only; the mean is kept as well.
+    durations = sorted(b - a for a, b in zip(step_times, step_times[1:]))
+    mid = len(durations) // 2
+    median = durations[mid] if len(durations) % 2 else (durations[mid - 1] + durations[mid]) / 2
+    mean = (step_times[-1] - step_times[0]) / len(durations)
     pairs_per_step = setting["batch_size"]
     result = {
         "worker": args.worker,
         "steps": steps,
         "pairs_per_step": pairs_per_step,
-        "step_seconds": seconds / timed_steps,
+        "step_seconds": median,
+        "step_seconds_mean": mean,
         "first_step_seconds": step_times[0] - t_train,
         "init_seconds": init_seconds,
         "reference_pass_seconds": ref_seconds["value"],

@@ -230,3 +230,20 @@ def test_resume_with_explicit_incomplete_path_fails_before_training(reference, t
     with pytest.raises(ValueError, match="checkpoint-1.*not a complete checkpoint"):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-1"))
     assert trainer.state.global_step == 0
+
+
+def test_stale_staging_is_recovered_when_complete_else_removed(reference, tmp_path):
+    """A crash between the completion marker and the rename (or while an older folder was moved aside) leaves a
+    complete checkpoint under a hidden name: it is moved back into place; half-written ones are deleted."""
+    from pivot_hf.checkpointing import remove_stale_staging
+
+    src, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(src / "checkpoint-2", out / ".tmp-checkpoint-2" / "checkpoint-2")  # complete, not renamed yet
+    shutil.copytree(src / "checkpoint-1", out / ".trash-checkpoint-1")  # moved aside, replacement never arrived
+    shutil.copytree(src / "checkpoint-3", out / ".tmp-checkpoint-3" / "checkpoint-3")
+    os.remove(out / ".tmp-checkpoint-3" / "checkpoint-3" / CHECKPOINT_MARKER)  # the save was cut short
+    removed = remove_stale_staging(str(out))
+    assert sorted(os.path.basename(p) for p in removed) == [".tmp-checkpoint-2", ".tmp-checkpoint-3"]
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2"]
+    assert get_last_complete_checkpoint(str(out)) == str(out / "checkpoint-2")

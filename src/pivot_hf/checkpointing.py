@@ -47,6 +47,7 @@ TRASH_PREFIX = ".trash-"
 TRAINING_ARGS_BIN = "training_args.bin"
 TRAINING_ARGS_JSON = "training_args.json"
 MARKER_FORMAT = 1
+_VOCAB_FILES = {"tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model"}
 
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _TRUE = {"true", "yes", "y", "1", "last", "latest"}
@@ -283,15 +284,35 @@ def resolve_resume_checkpoint(value: Any, output_dir: str | None) -> str | None:
 
 
 def remove_stale_staging(folder: str) -> list[str]:
-    """Delete staging / trash folders left by a crash during a save; return what was removed."""
+    """Clean up after a crash during a save or a rotation; return the folders deleted.
+
+    A staging folder whose checkpoint is complete (the crash hit between the completion marker and the rename) and a
+    `.trash-` folder that still holds a complete checkpoint (the crash hit while replacing it) are moved back into
+    place when no `checkpoint-N` of that step exists: they may be the newest good state. Everything else is deleted.
+    """
     removed = []
     if not os.path.isdir(folder):
         return removed
-    for name in os.listdir(folder):
+    for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if name.startswith(
-            (STAGING_PREFIX + PREFIX_CHECKPOINT_DIR, TRASH_PREFIX + PREFIX_CHECKPOINT_DIR)
-        ) and os.path.isdir(path):
+        if not os.path.isdir(path):
+            continue
+        if name.startswith(STAGING_PREFIX + PREFIX_CHECKPOINT_DIR):
+            final_name = name[len(STAGING_PREFIX) :]
+            candidate = os.path.join(path, final_name)
+        elif name.startswith(TRASH_PREFIX + PREFIX_CHECKPOINT_DIR):
+            final_name = name[len(TRASH_PREFIX) :]
+            candidate = path
+        else:
+            continue
+        final = os.path.join(folder, final_name)
+        if checkpoint_step(final) is not None and not os.path.lexists(final) and is_complete_checkpoint(candidate):
+            os.rename(candidate, final)
+            _fsync_path(folder, directory=True)
+            logger.warning(
+                "Recovered the complete checkpoint %s from %s (a crash hit the end of its save)", final, path
+            )
+        if os.path.lexists(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -441,10 +462,17 @@ class AtomicCheckpointMixin:
             os.remove(pickled)
         with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
             f.write(redact_secrets(self.args.to_json_string()))
-        # Configs and cards are small: scrub them so that a token that slipped into a path or a name never ships.
+        # Scrub configs and cards so that a token that slipped into a path or a name never ships. Vocabulary files
+        # are large and hold no user strings: leave them byte-identical.
         for name in os.listdir(output_dir):
-            if name.endswith((".json", ".md", ".jinja", ".txt")) and os.path.isfile(os.path.join(output_dir, name)):
-                redact_file(os.path.join(output_dir, name))
+            path = os.path.join(output_dir, name)
+            if (
+                name in _VOCAB_FILES
+                or not name.endswith((".json", ".md", ".jinja", ".txt"))
+                or not os.path.isfile(path)
+            ):
+                continue
+            redact_file(path)
 
 
 __all__ = [

@@ -259,7 +259,8 @@ def parse_recipe_args(dataclass_types, argv=None):
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser(list(dataclass_types))
+    # No prefix matching: `--learning_rat` must be an error, not silently `--learning_rate`.
+    parser = TrlParser(list(dataclass_types), allow_abbrev=False)
     known = recipe_keys(dataclass_types)
     config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
     try:

@@ -152,8 +152,6 @@ def check_reference_model(policy, ref_model, ref_source: str) -> None:
     a, b = _architecture(policy), _architecture(ref_model)
     keys = sorted(set(a) | set(b), key=lambda k: (k.startswith("param:"), k))  # config differences first
     diffs = [f"{k}: policy {a.get(k)!r} vs reference {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-        f"{k}: policy {a.get(k)!r} vs reference {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-    ]
     if diffs:
         shown = "\n  ".join(diffs[:8]) + (f"\n  ... and {len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise RecipeConfigError(
