@@ -442,7 +442,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         cls,
         vision_model_name_or_path: str,
         text_model_name_or_path: str,
-        vision_feature_layer: int | list[int] = -2,
+        vision_feature_layer: int | list[int] | None = None,
         projector_type: str = "mlp2x_gelu",
         image_token_index: int | None = None,
         tokenizer=None,
@@ -456,7 +456,8 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
 
         The vision checkpoint may be a vision model (`SiglipVisionModel`, `Dinov2Model`, ...) or a dual encoder
         (`google/siglip2-so400m-patch16-384`, `openai/clip-vit-large-patch14-336`), whose vision half is taken. The
-        projector is freshly initialised. Pass the `tokenizer` the processor uses (`PivotProcessor`, with `<image>`
+        projector is freshly initialised. `vision_feature_layer` defaults to the layer an exported PIVOT encoder
+        records (`pivot_vision_feature_layer`), else -2 (the penultimate block, as in the paper). Pass the `tokenizer` the processor uses (`PivotProcessor`, with `<image>`
         added) so the embeddings are resized to it and the image token id is right; without it, the id of `<image>` is
         appended after the LLM's vocabulary.
         """
@@ -493,13 +494,17 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         cls,
         vision_tower: nn.Module,
         language_model: nn.Module,
-        vision_feature_layer: int | list[int] = -2,
+        vision_feature_layer: int | list[int] | None = None,
         projector_type: str = "mlp2x_gelu",
         image_token_index: int | None = None,
         tokenizer=None,
         **config_kwargs,
     ) -> "PivotForConditionalGeneration":
         """Compose from already-instantiated models (weights are moved, not copied)."""
+        if vision_feature_layer is None:
+            # An exported PIVOT encoder records the layer it was trained at (-1 once truncated to it); else -2.
+            vision_feature_layer = getattr(vision_tower.config, "pivot_vision_feature_layer", None)
+            vision_feature_layer = -2 if vision_feature_layer is None else vision_feature_layer
         text_config = copy.deepcopy(language_model.config)
         if tokenizer is not None:
             image_token = getattr(tokenizer, "image_token", None) or "<image>"

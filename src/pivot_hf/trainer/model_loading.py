@@ -77,8 +77,12 @@ def preflight_model(model_args: PivotModelConfig):
         )
         check_feature_layer(config.vision_config, layer, model_args.model_name_or_path)
         return layer
-    layer = -2 if model_args.vision_feature_layer is None else model_args.vision_feature_layer
     vision_config = vision_config_from_any(AutoConfig.from_pretrained(model_args.vision_model_name_or_path))
+    layer = model_args.vision_feature_layer
+    if layer is None:
+        # An exported PIVOT encoder records the layer it was trained at (-1 once truncated to it); else the paper's -2.
+        layer = getattr(vision_config, "pivot_vision_feature_layer", None)
+        layer = -2 if layer is None else layer
     check_feature_layer(vision_config, layer, model_args.vision_model_name_or_path)
     return layer
 
