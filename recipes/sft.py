@@ -21,6 +21,7 @@ from transformers import set_seed  # noqa: E402
 
 from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, parse_recipe_args  # noqa: E402
 from pivot_hf.trainer import PivotSFTTrainer, apply_projector_init, load_model, load_processor, preflight_model  # noqa: E402
+from pivot_hf.trainer.collators import AssistantTurnsVisionCollator  # noqa: E402
 from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
@@ -41,9 +42,13 @@ def main(argv=None):
     train_dataset, eval_dataset, _ = load_training_data(script_args, training_args, processor, "sft")
 
     model = load_model(model_args, processor)
+    collator = None
+    if script_args.sft_loss_on == "assistant_turns" and {"messages", "images"} <= set(train_dataset.column_names):
+        collator = AssistantTurnsVisionCollator(processor)
     trainer = PivotSFTTrainer(
         model,
         args=training_args,
+        data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,

@@ -141,13 +141,30 @@ def test_sft_script_trains_on_answers_with_vision_tower(tiny, mmpr, tmp_path):
     trainer = sft_main(["--model_name_or_path", tiny, "--dataset_name", mmpr] + _flags(tmp_path / "out"))
     _assert_vision_trained(before, trainer.accelerator.unwrap_model(trainer.model))
     assert _group_lrs(trainer.optimizer) == LRS
-    # MMPR SFT rows become prompt/completion: the loss covers the chosen answer only (official recipe).
-    row = trainer.train_dataset[0]
-    assert row["completion"][0]["role"] == "assistant" and row["prompt"][-1]["role"] == "user"
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    labelled = batch["labels"] != -100
-    assert 0 < labelled.sum() < batch["attention_mask"].sum() / 2
-    assert not (batch["input_ids"][labelled] == trainer.processing_class.image_token_id).any()
+    # The loss covers the chosen answer (+ end of turn) only, as in the official recipe.
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    batch = trainer.data_collator(rows)
+    tokenizer = trainer.processing_class.tokenizer
+    for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"]):
+        answer = row["messages"][-1]["content"]
+        answer = answer if isinstance(answer, str) else "".join(p.get("text", "") for p in answer)
+        assert tokenizer.decode(ids[labels != -100]) == answer + "<|im_end|>"
+
+
+def test_sft_loss_on_every_assistant_turn_of_multi_turn_rows(tiny, fixtures_dir, tmp_path):
+    from sft import main as sft_main
+
+    instruct = str(fixtures_dir / "llava-mini" / "instruct.json")
+    flags = _flags(tmp_path / "out") + ["--image_folder", str(fixtures_dir / "llava-mini" / "images")]
+    trainer = sft_main(["--model_name_or_path", tiny, "--dataset_name", instruct] + flags)
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(rows)
+    tokenizer = trainer.processing_class.tokenizer
+    for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"]):
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        answers = [a if isinstance(a, str) else "".join(p.get("text", "") for p in a) for a in answers]
+        assert tokenizer.decode(ids[labels != -100]) == "".join(a + "<|im_end|>" for a in answers)
+    assert any(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in rows)  # a multi-turn row was seen
 
 
 def test_projector_pretraining_plain_template(tiny, fixtures_dir, tmp_path):

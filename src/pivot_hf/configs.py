@@ -72,13 +72,14 @@ class PivotScriptArguments(ScriptArguments):
         metadata={"help": "Drop MMPR rows whose prompt + chosen exceed this many text tokens (authors: 1500)."},
     )
     sft_loss_on: str = field(
-        default="last_assistant_turn",
+        default="assistant_turns",
         metadata={
-            "help": "SFT rows given as `messages`: `last_assistant_turn` turns each row into prompt (every turn before "
-            "the last assistant answer) + completion, so the loss covers the answer only (the official recipe: loss "
-            "on assistant tokens; exact for single-turn data such as MMPR and the SFT control); `all_tokens` keeps "
-            "`messages` and TRL's full-sequence loss.",
-            "choices": ["last_assistant_turn", "all_tokens"],
+            "help": "SFT rows given as `messages`: `assistant_turns` puts the loss on every assistant turn (content + "
+            "end-of-turn token) and nothing else, whatever the LLM's chat template (the official recipe: loss on "
+            "assistant tokens; multi-turn LLaVA/OneVision rows train every answer); `last_assistant_turn` turns each "
+            "row into prompt + last answer (TRL's prompt/completion path); `all_tokens` keeps TRL's full-sequence "
+            "loss.",
+            "choices": ["assistant_turns", "last_assistant_turn", "all_tokens"],
         },
     )
     eval_num_samples: int = field(
