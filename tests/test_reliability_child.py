@@ -1,7 +1,7 @@
 """Child process of the kill-and-resume tests (tests/test_reliability_resume.py); it defines no tests.
 
-`python tests/test_reliability_child.py launch <script.py> [args...]` runs a training script (a recipe) as `__main__` after
-installing fault hooks chosen by environment variables, so that the recipe itself needs no test-only code:
+`python tests/test_reliability_child.py launch <script.py> [args...]` runs a training script (a recipe) as `__main__`
+after installing fault hooks chosen by environment variables, so that the recipe itself needs no test-only code:
 
 - `PIVOT_TEST_KILL_BEFORE_OPTIMIZER_STEP=K`: SIGKILL the process during optimizer step K+1, after its backward pass
   (gradients computed, weights not yet updated): the middle of training, after checkpoint-K was written.
@@ -9,8 +9,8 @@ installing fault hooks chosen by environment variables, so that the recipe itsel
   written and before the optimizer / scheduler / RNG / trainer state.
 - `PIVOT_TEST_DUMP_BATCHES=path`: append the ids of every batch the trainer consumes (the data order) to `path`.
 
-`python tests/test_reliability_child.py tiny --kind sft|dpo --model M --data D --output_dir O [...]` is a minimal stand-in
-for `recipes/sft.py` / `recipes/dpo.py` (the same TRL trainer class with `AtomicCheckpointMixin` in front).
+`python tests/test_reliability_child.py tiny --kind sft|dpo --model M --data D --output_dir O [...]` is a minimal
+stand-in for `recipes/sft.py` / `recipes/dpo.py` (the same TRL trainer class with `AtomicCheckpointMixin` in front).
 """
 
 import json

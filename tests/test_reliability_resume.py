@@ -78,14 +78,13 @@ def _weights(folder: Path) -> dict:
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
-    import torch
-
+    """Tensor by tensor: identical, or within 1e-6 (the issue's tolerance); prints which."""
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     worst = {k: (wa[k].float() - wb[k].float()).abs().max().item() for k in wa}
     bad = {k: v for k, v in worst.items() if v > 1e-6}
     assert not bad, f"tensors differ after resume (max abs diff): {bad}"
-    assert all(torch.equal(wa[k], wb[k]) for k in wa) or max(worst.values()) <= 1e-6
+    print(f"{len(wa)} tensors compared, max abs diff {max(worst.values()):.3g}")
 
 
 def _batches(path: Path) -> dict[int, list]:

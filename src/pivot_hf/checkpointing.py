@@ -2,9 +2,9 @@
 
 A PIVOT run is hours on many GPUs; a preemption during a save must cost one checkpoint interval, not the run.
 `transformers.Trainer` writes `checkpoint-N` in place, file by file, and `get_last_checkpoint` returns the highest
-`checkpoint-N` folder whatever it contains: a SIGKILL after `model.safetensors` but before `trainer_state.json` leaves a
-"latest" checkpoint that `--resume_from_checkpoint true` picks and then cannot load. Rotation (`save_total_limit`) may
-meanwhile have deleted the last good one.
+`checkpoint-N` folder whatever it contains: a SIGKILL after `model.safetensors` but before `trainer_state.json`
+leaves a "latest" checkpoint that `--resume_from_checkpoint true` picks and then cannot load. Rotation
+(`save_total_limit`) may meanwhile have deleted the last good one.
 
 `AtomicCheckpointMixin` (mixed in ahead of the TRL trainer class) changes three things, narrowly:
 
@@ -375,7 +375,7 @@ def _publish(staged: str, final: str) -> None:
 
 
 class AtomicCheckpointMixin:
-    """Mixed into PivotSFTTrainer / PivotDPOTrainer ahead of the TRL trainer: atomic saves, safe resume and rotation."""
+    """Mixed into PivotSFTTrainer / PivotDPOTrainer ahead of the TRL trainer: atomic saves, safe resume, rotation."""
 
     _pivot_staging_run_dir: str | None = None
 

@@ -2,8 +2,8 @@
 
 - `redact_secrets(text)` removes Hugging Face tokens (`hf_` followed by 20+ letters/digits) and the current values of
   the token environment variables (`HF_TOKEN`, ...), whatever their shape.
-- `SecretRedactingFilter` / `install_secret_redaction()` apply it to every log record handled by the root logger and the
-  transformers / TRL / accelerate / datasets loggers (a filter on a logger does not see records propagated from its
+- `SecretRedactingFilter` / `install_secret_redaction()` apply it to every log record handled by the root logger and
+  the transformers / TRL / accelerate / datasets loggers (a filter on a logger does not see records propagated from its
   children, so it is attached to the handlers too).
 - `confine_path(root, rel)` resolves a relative path inside `root` or raises (the data layer uses its own
   `pivot_hf.data.images.resolve_image_path`, which returns a skip reason instead).
