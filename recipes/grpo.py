@@ -28,6 +28,7 @@ from pivot_hf.grpo import (  # noqa: E402
     build_reward_funcs,
     load_grpo_dataset,
 )
+from pivot_hf.safety import install_secret_redaction  # noqa: E402
 from pivot_hf.trainer import load_model, load_processor, preflight_model  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
@@ -37,6 +38,7 @@ logger = logging.getLogger("pivot_hf.recipes.grpo")
 
 def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    install_secret_redaction()  # before anything is logged: a Hub token never reaches a log
     script_args, model_args, training_args = parse_recipe_args(
         [PivotGRPOScriptArguments, PivotModelConfig, PivotGRPOConfig], argv
     )

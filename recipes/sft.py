@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import set_seed  # noqa: E402
 
 from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, parse_recipe_args  # noqa: E402
+from pivot_hf.safety import install_secret_redaction  # noqa: E402
 from pivot_hf.trainer import PivotSFTTrainer, apply_projector_init, load_model, load_processor, preflight_model  # noqa: E402
 from pivot_hf.trainer.collators import AssistantTurnsVisionCollator  # noqa: E402
 from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
@@ -31,6 +32,7 @@ logger = logging.getLogger("pivot_hf.recipes.sft")
 
 def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    install_secret_redaction()  # before anything is logged: a Hub token never reaches a log
     script_args, model_args, training_args = parse_recipe_args(
         [PivotScriptArguments, PivotModelConfig, PivotSFTConfig], argv
     )

@@ -177,7 +177,7 @@ def _normalize_parts(parts) -> list[str]:
 @dataclass
 class PivotTrainingFields:
     """Fields shared by `PivotSFTConfig` and `PivotDPOConfig` (kept on the training config because they shape the
-    optimizer, and so travel with `training_args.bin` into checkpoints and resumes)."""
+    optimizer, and so travel with `training_args.json` into checkpoints and resumes)."""
 
     tunable_parts: list[str] = field(
         default_factory=lambda: list(TUNABLE_PARTS),

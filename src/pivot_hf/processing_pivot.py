@@ -165,7 +165,9 @@ class PivotProcessor(ProcessorMixin):
             text_template = CHATML_TEMPLATE
             missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
             if missing:
-                tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+                tokenizer.add_special_tokens(
+                    {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+                )
             tokenizer.chat_template = text_template
         chat_template = multimodal_chat_template(text_template, image_token, system_prompt)
         return cls(

@@ -129,8 +129,14 @@ def build_tiny_vision(
         model = Siglip2VisionModel(Siglip2VisionConfig(num_patches=16, **naflex))
         processor = Siglip2ImageProcessorPil(patch_size=TINY_PATCH_SIZE, max_num_patches=16)
     elif family == "clip_dual":  # a full CLIP, as `openai/clip-vit-large-patch14-336` is on the Hub
-        text = {"hidden_size": hidden_size, "intermediate_size": hidden_size * 2, "num_hidden_layers": 1,
-                "num_attention_heads": 2, "vocab_size": 64, "max_position_embeddings": 16}
+        text = {
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+            "max_position_embeddings": 16,
+        }
         model = CLIPModel(CLIPConfig(vision_config=kw, text_config=text, projection_dim=hidden_size))
         processor = CLIPImageProcessorPil(
             size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}

@@ -188,6 +188,7 @@ def load_pivot_dataset(
         show_progress=show_progress,
     )
     saved = _saved_dataset_path(path, kind) if os.path.isdir(path) else None
+    mmpr = None  # an MMPR conversion, whose SFT rows must stay the same rows as its preference pairs
     if saved is not None:
         dataset = datasets.load_from_disk(saved)
         if isinstance(dataset, datasets.DatasetDict):
@@ -200,13 +201,13 @@ def load_pivot_dataset(
             report.move_kept_to_skipped("not_sampled", n=len(dataset) - num_samples)
             dataset = dataset.shuffle(seed=seed).select(range(num_samples))
     elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):
-        result = convert_mmpr(path, mmpr_config, tok)
-        dataset, report = (result.preference if kind == "preference" else result.sft), result.report
+        mmpr = convert_mmpr(path, mmpr_config, tok)
+        dataset, report = (mmpr.preference if kind == "preference" else mmpr.sft), mmpr.report
     elif os.path.isfile(path) and _is_mmpr_jsonl(path):
         root = image_folder or os.path.dirname(os.path.abspath(path))
         name = os.path.splitext(os.path.basename(path))[0]
-        result = convert_mmpr_files([(name, path, root)], mmpr_config, tok)
-        dataset, report = (result.preference if kind == "preference" else result.sft), result.report
+        mmpr = convert_mmpr_files([(name, path, root)], mmpr_config, tok)
+        dataset, report = (mmpr.preference if kind == "preference" else mmpr.sft), mmpr.report
     elif os.path.exists(path):
         if kind == "preference":
             raise ValueError(f"{dataset_name}: LLaVA conversation data has no preference pairs; use kind='sft'")
@@ -230,6 +231,16 @@ def load_pivot_dataset(
     if max_length is not None and num_image_tokens is not None:
         if tok is None:
             report.notes.append("max_length given without a tokenizer: overlong rows were not checked")
+        elif mmpr is not None:
+            # A pair is measured by its longer answer; the SFT control keeps exactly the pairs that fit, so that SFT
+            # and DPO train on the same rows (the paper's controlled comparison).
+            preference = drop_overlong(mmpr.preference, tok, max_length, num_image_tokens, report)
+            if kind == "preference":
+                dataset = preference
+            else:
+                kept = set(preference.with_format(None)["id"])
+                sft_ids = mmpr.sft.with_format(None)["id"]
+                dataset = mmpr.sft.select([i for i, row_id in enumerate(sft_ids) if row_id in kept])
         else:
             dataset = drop_overlong(dataset, tok, max_length, num_image_tokens, report)
     if lazy_images:
