@@ -161,7 +161,10 @@ def _config(tmp_path, config_class=DPOConfig, **kwargs):
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=2,
         max_steps=2,  # step 2 runs a moved policy against the reference: the cached values really matter
-        learning_rate=1e-3,
+        # Plain SGD: Adam would turn round-off-level gradients (key biases, whose exact gradient is 0) into full-size
+        # steps, so two exact computations could differ after one step.
+        optim="sgd",
+        learning_rate=1.0,
         beta=0.1,
         use_cpu=True,
         report_to="none",
@@ -193,7 +196,11 @@ def test_cached_reference_logps_give_the_live_reference_loss(tiny, tmp_path, mon
     trainer, _, cached = _train_one_step(path, processor, dataset, config, cls, live_reference=False)
     assert trainer.ref_model is None  # freed after caching
     assert len(live) == 2 and live[1] != pytest.approx(live[0], rel=1e-4)
-    assert live == pytest.approx(ours_live, rel=1e-5) and live == pytest.approx(cached, rel=1e-5)
+    # The acceptance check: same trainer, cached reference == live reference.
+    assert cached == pytest.approx(ours_live, rel=1e-6)
+    # Cross-check against stock TRL: step 1 exactly; step 2 follows an SGD step with lr 1.0, which turns fp32 round-off
+    # differences of the shared-prefix forward into ~1e-4 loss differences, hence the looser bound there.
+    assert live[0] == pytest.approx(ours_live[0], rel=1e-6) and live[1] == pytest.approx(ours_live[1], rel=1e-3)
 
     files = sorted((tmp_path / "cached" / "out" / "ref_logps").iterdir())
     assert [f.suffix for f in files] == [".json", ".safetensors"]

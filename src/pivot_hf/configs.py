@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
+from .fast_dpo import FastDPOArguments
+
 
 TUNABLE_PARTS = ("vision_tower", "projector", "language_model")
 
@@ -239,8 +241,9 @@ class PivotSFTConfig(PivotTrainingFields, SFTConfig):
 
 
 @dataclass
-class PivotDPOConfig(PivotTrainingFields, DPOConfig):
-    """TRL's `DPOConfig` + tunable parts and per-part learning rates. `loss_type` / `loss_weights` pass through
+class PivotDPOConfig(FastDPOArguments, PivotTrainingFields, DPOConfig):
+    """TRL's `DPOConfig` + tunable parts, per-part learning rates and the fast path's switches (shared image features,
+    shared prompt prefix, cached reference log-probs for vision data). `loss_type` / `loss_weights` pass through
     (sigmoid = PIVOT; `[sigmoid, bco_pair, sft]` with `[0.8, 0.2, 1.0]` = MPO)."""
 
     def __post_init__(self):

@@ -8,6 +8,8 @@
    with the same number of steps: DPO = PIVOT (`recipes/dpo.py`) and the SFT control (`recipes/sft.py`).
 4. A results table: training loss, DPO reward accuracy / margin, held-out choice accuracy (log p(chosen) >
    log p(rejected)), implicit-reward accuracy against the Stage-1 reference, and whether the vision weights changed.
+5. The deliverable: each encoder (Stage 1 = base, SFT, PIVOT) exported with `recipes/export_encoder.py` and probed
+   with `recipes/eval_vision.py --task prototype` on the held-out shapes (class = colour), vision-only.
 
 The recipes are `recipes/demo/*.yaml`; this module only prepares inputs, launches the scripts and reads their outputs.
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -177,6 +180,31 @@ def vision_change(before: str, after: str) -> tuple[int, int]:
     return changed, len(names)
 
 
+def _run_script(script: str, args: list[str], log_path: Path) -> None:
+    """A recipe script that takes plain flags (export, evaluation)."""
+    cmd = [sys.executable, str(REPO / "recipes" / script), *args]
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"{script} failed (log: {log_path}):\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def _colour_image_folder(images: Path, target: Path) -> Path:
+    """ImageFolder layout (`<colour>/<file>.png`) of the held-out shapes; the colour is in each file name."""
+    for path in sorted(images.glob("*.png")):
+        colour = path.stem.split("_")[1]
+        (target / colour).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / colour / path.name)
+    return target
+
+
+def _probe_lines(probe: dict) -> str:
+    metric = probe["primary_metric"]
+    return "\n".join(f"  {run['label']:<8}{metric}: {run['metrics'][metric]:.3f}" for run in probe["runs"])
+
+
 def _run_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "pivot_run.json").read_text())
 
@@ -210,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = make_shapes_data(out / "data" / "shapes_eval", args.eval_rows, seed=1)
 
     stage1, dpo, sft = out / "stage1", out / "dpo", out / "sft"
+    for previous in (stage1, dpo, sft, out / "encoders", out / "probe"):
+        # A re-run starts from scratch (the trainers would otherwise resume from an earlier run's checkpoints).
+        shutil.rmtree(previous, ignore_errors=True)
     timings = {}
     print("== Stage 1: projector pretraining (plain captions), composing encoder + LLM", flush=True)
     timings["stage1"] = _run(
@@ -251,6 +282,24 @@ def main(argv: list[str] | None = None) -> dict:
         entry["vision_changed"] = f"{changed}/{total}" if name != "stage1" else "frozen"
         results[name] = entry
 
+    print("== export the encoders (base = Stage 1, SFT, PIVOT) and probe them on held-out shapes", flush=True)
+    encoders = {}
+    for name, folder in (("base", stage1), ("sft", sft), ("pivot", dpo)):
+        encoders[name] = out / "encoders" / name
+        _run_script(
+            "export_encoder.py",
+            ["--model_name_or_path", str(folder), "--output_dir", str(encoders[name])],
+            logs / f"export_{name}.log",
+        )
+    by_colour = _colour_image_folder(Path(held_out["images"]), out / "data" / "shapes_eval_by_colour")
+    _run_script(
+        "eval_vision.py",
+        ["--task", "prototype", "--model_name_or_path", *map(str, encoders.values())]
+        + ["--model_labels", *encoders, "--dataset_name", str(by_colour), "--output_dir", str(out / "probe")],
+        logs / "probe.log",
+    )
+    probe = json.loads((out / "probe" / "results.json").read_text())
+
     def fmt(value, spec=".3f"):
         return "-" if value is None else format(value, spec)
 
@@ -266,6 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{fmt(r['train_reward_margin']):>13}{fmt(r['choice_accuracy'], '.2f'):>13}"
             f"{fmt(r.get('reward_accuracy_vs_ref'), '.2f'):>15}{r['vision_changed']:>16}"
         )
+    lines.append("")
+    lines.append("vision-only prototype probe of the exported encoders (held-out shapes, class = colour):")
+    lines.append(_probe_lines(probe))
     table = "\n".join(lines)
     total_time = time.time() - start
     print(
@@ -276,9 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
         "held-out acc: share of held-out questions where the model gives the right colour a higher log-probability "
         "than the wrong one (chance 0.5).\nrew.acc vs ref: DPO's implicit reward accuracy against the Stage-1 model."
     )
-    summary = {"results": results, "seconds": total_time, "table": table}
+    summary = {"results": results, "probe": probe, "seconds": total_time, "table": table}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"outputs: {out} (checkpoints stage1/ dpo/ sft/, logs/, results.json)")
+    print(f"outputs: {out} (checkpoints stage1/ dpo/ sft/, encoders/, probe/, logs/, results.json)")
     return summary
 
 

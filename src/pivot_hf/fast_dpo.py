@@ -221,8 +221,8 @@ def pair_forward(
         if split is not None and _image_token_counts_match(input_ids, image_token_id, input_ids.shape[0] // 2):
             shared = split
     if pixel_values is not None and shared is None:
-        # Not pairs: the unshared forward (`image_features` is None there, so the hook is not re-entered... unless the
-        # model is called with pixels: pass the features explicitly to stay out of the hook).
+        # Not pairs: the unshared forward. The features are computed here and passed in, which also keeps the call
+        # from re-entering this hook (the hook only fires when `image_features` is None).
         features = model.get_image_features(
             pixel_values,
             pixel_attention_mask=pixel_attention_mask,
