@@ -104,6 +104,26 @@ def _image_processor_kwargs() -> dict:
     return {"size": size, "do_resize": True}
 
 
+def _crop_processor_kwargs() -> dict:
+    """Resize the short side, then centre-crop: CLIP's and DINOv2's preprocessing."""
+    return {
+        "size": {"shortest_edge": TINY_IMAGE_SIZE},
+        "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+    }
+
+
+def _dual_text_kwargs(hidden_size: int) -> dict:
+    """The (unused) text half of a tiny dual encoder: what PIVOT composition must skip."""
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": 64,
+        "max_position_embeddings": 16,
+    }
+
+
 def build_tiny_vision(
     path: str | os.PathLike, family: str = "siglip", hidden_size: int = 32, num_layers: int = 3, seed: int = 0
 ) -> str:
@@ -114,48 +134,25 @@ def build_tiny_vision(
         model = SiglipVisionModel(SiglipVisionConfig(**kw))
         processor = SiglipImageProcessorPil(**_image_processor_kwargs())
     elif family == "siglip_dual":  # a full dual encoder, as `google/siglip2-so400m-patch16-384` is on the Hub
-        text = {
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "vocab_size": 64,
-            "max_position_embeddings": 16,
-        }
-        model = SiglipModel(SiglipConfig(vision_config=kw, text_config=text))
+        model = SiglipModel(SiglipConfig(vision_config=kw, text_config=_dual_text_kwargs(hidden_size)))
         processor = SiglipImageProcessorPil(**_image_processor_kwargs())
     elif family == "siglip2_naflex":
         naflex = {k: v for k, v in kw.items() if k != "image_size"}
         model = Siglip2VisionModel(Siglip2VisionConfig(num_patches=16, **naflex))
         processor = Siglip2ImageProcessorPil(patch_size=TINY_PATCH_SIZE, max_num_patches=16)
     elif family == "clip_dual":  # a full CLIP, as `openai/clip-vit-large-patch14-336` is on the Hub
-        text = {
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "vocab_size": 64,
-            "max_position_embeddings": 16,
-        }
+        text = _dual_text_kwargs(hidden_size)
         model = CLIPModel(CLIPConfig(vision_config=kw, text_config=text, projection_dim=hidden_size))
-        processor = CLIPImageProcessorPil(
-            size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-        )
+        processor = CLIPImageProcessorPil(**_crop_processor_kwargs())
     elif family == "clip":
         model = CLIPVisionModel(CLIPVisionConfig(**kw))
-        processor = CLIPImageProcessorPil(
-            size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-        )
+        processor = CLIPImageProcessorPil(**_crop_processor_kwargs())
     elif family == "dinov2":
         model = Dinov2Model(Dinov2Config(**kw))
-        processor = BitImageProcessorPil(
-            size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-        )
+        processor = BitImageProcessorPil(**_crop_processor_kwargs())
     elif family == "dinov2_registers":
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
-        processor = BitImageProcessorPil(
-            size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-        )
+        processor = BitImageProcessorPil(**_crop_processor_kwargs())
     elif family == "vit":
         model = ViTModel(ViTConfig(**kw))
         processor = ViTImageProcessorPil(**_image_processor_kwargs())
