@@ -346,7 +346,12 @@ def worker(args) -> None:
             from pivot_hf.configs import PivotDPOConfig
             from pivot_hf.trainer.dpo import PivotDPOTrainer as base_cls
 
-            config = PivotDPOConfig(**common, precompute_ref_log_probs=True, check_tunable_parts_changed=False)
+            config = PivotDPOConfig(
+                **common,
+                precompute_ref_log_probs=True,
+                check_tunable_parts_changed=False,
+                compact_lm_head=not args.plain_lm_head,
+            )
         except ImportError:  # the project trainer is optional for this harness
             base_cls = type("_FastDPOTrainer", (FastDPOMixin, trl.DPOTrainer), {})
             config = trl.DPOConfig(**common, precompute_ref_log_probs=True)
@@ -427,7 +432,16 @@ def worker(args) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def _run_worker(name: str, setting_key: str, paths: dict, data: str, workdir: Path, liger: bool, force_cpu: bool):
+def _run_worker(
+    name: str,
+    setting_key: str,
+    paths: dict,
+    data: str,
+    workdir: Path,
+    liger: bool,
+    force_cpu: bool,
+    plain_lm_head: bool = False,
+):
     out = workdir / f"result-{name}.json"
     cmd = [
         sys.executable,
@@ -449,6 +463,8 @@ def _run_worker(name: str, setting_key: str, paths: dict, data: str, workdir: Pa
         cmd.append("--liger")
     if force_cpu:
         cmd.append("--force-cpu")
+    if plain_lm_head:
+        cmd.append("--plain-lm-head")
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     result = json.loads(out.read_text())
@@ -456,7 +472,7 @@ def _run_worker(name: str, setting_key: str, paths: dict, data: str, workdir: Pa
     return result
 
 
-def summarize(stock: dict, ours: dict, config, epochs: int, compact_stock: bool) -> dict:
+def summarize(stock: dict, ours: dict, config, epochs: int, compact_stock: bool, compact_ours: bool = True) -> dict:
     from flops import dpo_step_flops, peak_flops
 
     shapes = stock["shapes"]
@@ -468,7 +484,7 @@ def summarize(stock: dict, ours: dict, config, epochs: int, compact_stock: bool)
     ref_per_pair = ours["reference_pass_seconds"] / ours["dataset_pairs"]
     ours_pps = 1.0 / (1.0 / ours_train_pps + ref_per_pair / epochs)
     flops_stock = dpo_step_flops(config, shapes, "stock", compact_head=compact_stock, epochs=epochs)["total"] / n
-    flops_ours = dpo_step_flops(config, shapes, "ours", compact_head=True, epochs=epochs)["total"] / n
+    flops_ours = dpo_step_flops(config, shapes, "ours", compact_head=compact_ours, epochs=epochs)["total"] / n
     peak = peak_flops(stock["device"])
     rows = {}
     for name, res, pps, fl in (("stock", stock, stock_pps, flops_stock), ("ours", ours, ours_pps, flops_ours)):
@@ -505,6 +521,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per path; the best is kept")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the summary here")
+    parser.add_argument(
+        "--plain-lm-head",
+        action="store_true",
+        help="ablation: ours scores every position in the LM head like TRL does off CUDA (compact_lm_head=False), "
+        "so the CPU ratio shows the shared image/prefix and cached reference alone, as on a GPU",
+    )
     # Internal: worker mode.
     parser.add_argument("--worker", choices=["stock", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--setting-key", help=argparse.SUPPRESS)
@@ -541,7 +563,7 @@ def main(argv=None) -> None:
     # memory reported is the largest over the repeats.
     for repeat in range(args.repeats):
         for name in ("stock", "ours"):
-            res = _run_worker(name, key, paths, data, workdir, args.liger, force_cpu)
+            res = _run_worker(name, key, paths, data, workdir, args.liger, force_cpu, args.plain_lm_head)
             print(
                 f"[{name} #{repeat}] {res['wall_seconds']:.0f}s wall, {res['step_seconds']:.2f}s/step, losses "
                 f"{res['losses']}",
@@ -557,7 +579,14 @@ def main(argv=None) -> None:
                 res["reference_pass_seconds"] = min(best["reference_pass_seconds"], res["reference_pass_seconds"])
             results[name] = res
     # TRL scores every position in the LM head off CUDA, only completion positions on CUDA.
-    summary = summarize(results["stock"], results["ours"], config, args.epochs, compact_stock=on_gpu)
+    summary = summarize(
+        results["stock"],
+        results["ours"],
+        config,
+        args.epochs,
+        compact_stock=on_gpu,
+        compact_ours=not args.plain_lm_head,
+    )
     summary.update(
         {
             "setting": key,
