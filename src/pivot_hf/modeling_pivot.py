@@ -40,9 +40,14 @@ from .configuration_pivot import PivotConfig, num_vision_prefix_tokens, vision_c
 # Inputs a vision tower may take besides `pixel_values`; they must not reach the language model.
 VISION_INPUT_NAMES = ("pixel_attention_mask", "spatial_shapes", "image_sizes")
 
-# Sub-modules that come after the encoder blocks in transformers' vision models: final norms and pooling heads.
-# They are never reached from a feature layer below the top (and PIVOT's default -2 is below the top).
-_POST_ENCODER_MODULES = ("post_layernorm", "layernorm", "norm", "head", "pooler", "fc_norm")
+# Sub-modules that come after the encoder blocks in transformers' vision models: pooling heads, and final norms
+# (`post_layernorm`, `layernorm`, `norm`, `rms_norm`, `fc_norm`, ...; a norm applied before the blocks is named
+# `pre_*`, as CLIP's `pre_layrnorm`). They are never reached from a feature layer below the top (PIVOT's -2).
+_POST_ENCODER_HEADS = ("head", "pooler")
+
+
+def _is_post_encoder_module(name: str) -> bool:
+    return name in _POST_ENCODER_HEADS or ("norm" in name and not name.startswith("pre"))
 
 
 def find_encoder_layers(vision_tower: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -431,7 +436,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
             outer = parent_prefix.rsplit(".", 1)[0] if "." in parent_prefix else ""
             for depth in range(len(parts) - 1):
                 owner = ".".join(parts[:depth])
-                if parts[depth] in _POST_ENCODER_MODULES and owner in (outer, parent_prefix, ""):
+                if _is_post_encoder_module(parts[depth]) and owner in (outer, parent_prefix, ""):
                     unreached.append(name)
                     break
         return [f"model.vision_tower.{n}" for n in unreached]
