@@ -295,3 +295,33 @@ def test_package_registers_auto_classes():
 
     assert AutoConfig.for_model("pivot").__class__ is PivotConfig
     assert pivot_hf.__version__
+
+
+@pytest.mark.parametrize(
+    ("model_type", "prefix"),
+    [("deit", 2), ("dinov3_vit", 5), ("ijepa", 0), ("aimv2_vision_model", 0), ("beit", 1)],
+)
+def test_other_vit_families_compose_train_and_generate(model_type, prefix):
+    """Families outside the table: prefix tokens are probed, final norms / heads found, and gradients reach the rest."""
+    from transformers import AutoConfig
+
+    small = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64}
+    extra = {"num_register_tokens": 4} if model_type == "dinov3_vit" else {}
+    tower = AutoModel.from_config(AutoConfig.for_model(model_type, image_size=32, patch_size=8, **small, **extra))
+    llm = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            "llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=300
+        )
+    )
+    model = PivotForConditionalGeneration.from_vision_text_models(tower, llm)
+    assert model.config.vision_num_prefix_tokens == prefix
+    pixel_values = torch.randn(2, 3, 32, 32)
+    assert model.get_vision_features(pixel_values).shape[1] == 16  # a 4x4 patch grid, prefix tokens dropped
+    input_ids = torch.tensor([[1, 2] + [model.config.image_token_id] * 16 + [3, 4]] * 2)
+    model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids).loss.backward()
+    unreached = set(model.unreached_vision_parameter_names())
+    for name, param in model.named_parameters():
+        if name.startswith("model.vision_tower.") and ".layer" in name and name not in unreached:
+            assert param.grad is not None and param.grad.any(), name
+    assert all(model.get_parameter(n).grad is None for n in unreached)
+    assert model.generate(input_ids=input_ids[:1], pixel_values=pixel_values[:1], max_new_tokens=2).shape[1] == 22
