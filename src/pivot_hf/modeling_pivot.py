@@ -46,6 +46,10 @@ VISION_INPUT_NAMES = ("pixel_attention_mask", "spatial_shapes", "image_sizes")
 _POST_ENCODER_HEADS = ("head", "pooler")
 
 
+# Weights a family keeps fixed by design (MAE's sin-cos position table is created with requires_grad=False).
+_FIXED_BY_DESIGN = {"vit_mae": ("embeddings.position_embeddings",)}
+
+
 def _is_post_encoder_module(name: str) -> bool:
     return name in _POST_ENCODER_HEADS or ("norm" in name and not name.startswith("pre"))
 
@@ -412,7 +416,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
 
     def unreached_vision_parameter_names(self) -> list[str]:
         """Vision-tower parameters that no gradient can reach from the feature layer (blocks above it, final norms,
-        pooling heads). They are frozen when the tower trains: DDP would otherwise wait forever for their gradients,
+        pooling heads), and those a family keeps fixed by design. They are frozen when the tower trains: DDP would otherwise wait forever for their gradients,
         and checks that "every trainable weight changed" would fail on them."""
         tower = self.model.vision_tower
         parent, attr, layers = find_encoder_layers(tower)
@@ -422,7 +426,11 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         layers_prefix = next(name for name, module in tower.named_modules() if module is layers)
         parent_prefix = next(name for name, module in tower.named_modules() if module is parent)
         unreached = []
+        fixed = _FIXED_BY_DESIGN.get(tower.config.model_type, ())
         for name, _ in tower.named_parameters():
+            if name in fixed:
+                unreached.append(name)
+                continue
             if name.split(".")[-1] == "mask_token":  # only used for masked-image-modeling inputs, never here
                 unreached.append(name)
                 continue
