@@ -85,7 +85,9 @@ def test_family_forward_generate_save_load_and_gradients(family, tiny_pivot_fact
         for n, p in model.named_parameters()
         if n.startswith("model.vision_tower.") and (p.grad is None or not p.grad.any())
     }
-    assert unreached == no_grad
+    # MAE's sin-cos position table is fixed by design: frozen although a gradient reaches it.
+    fixed = {"model.vision_tower.embeddings.position_embeddings"} if family == "vit_mae" else set()
+    assert unreached == no_grad | fixed
 
 
 @pytest.mark.parametrize("family", ["siglip", "clip"])
