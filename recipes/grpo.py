@@ -18,9 +18,8 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import set_seed  # noqa: E402
 
-from pivot_hf.configs import PivotModelConfig, parse_recipe_args  # noqa: E402
+from pivot_hf.configs import PivotModelConfig, start_recipe  # noqa: E402
 from pivot_hf.grpo import (  # noqa: E402
     PivotGRPOConfig,
     PivotGRPOScriptArguments,
@@ -28,7 +27,6 @@ from pivot_hf.grpo import (  # noqa: E402
     build_reward_funcs,
     load_grpo_dataset,
 )
-from pivot_hf.safety import install_secret_redaction  # noqa: E402
 from pivot_hf.trainer import load_model, load_processor, preflight_model  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
@@ -37,12 +35,9 @@ logger = logging.getLogger("pivot_hf.recipes.grpo")
 
 
 def main(argv=None):
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    install_secret_redaction()  # before anything is logged: a Hub token never reaches a log
-    script_args, model_args, training_args = parse_recipe_args(
+    script_args, model_args, training_args = start_recipe(
         [PivotGRPOScriptArguments, PivotModelConfig, PivotGRPOConfig], argv
     )
-    set_seed(training_args.seed)
 
     # Config-only checks first, then the data (cheap), then the weights.
     preflight_model(model_args)

@@ -17,10 +17,8 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import set_seed  # noqa: E402
 
-from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, parse_recipe_args  # noqa: E402
-from pivot_hf.safety import install_secret_redaction  # noqa: E402
+from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, start_recipe  # noqa: E402
 from pivot_hf.trainer import PivotSFTTrainer, apply_projector_init, load_model, load_processor, preflight_model  # noqa: E402
 from pivot_hf.trainer.collators import AssistantTurnsVisionCollator  # noqa: E402
 from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
@@ -31,12 +29,9 @@ logger = logging.getLogger("pivot_hf.recipes.sft")
 
 
 def main(argv=None):
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    install_secret_redaction()  # before anything is logged: a Hub token never reaches a log
-    script_args, model_args, training_args = parse_recipe_args(
+    script_args, model_args, training_args = start_recipe(
         [PivotScriptArguments, PivotModelConfig, PivotSFTConfig], argv
     )
-    set_seed(training_args.seed)
 
     # Everything that can be checked from configs is checked before a weight or an image is loaded.
     preflight_model(model_args)

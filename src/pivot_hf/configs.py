@@ -257,6 +257,22 @@ def recipe_keys(dataclass_types) -> set[str]:
     return {action.dest for action in parser._actions if action.dest != "help"}
 
 
+def start_recipe(dataclass_types, argv=None):
+    """What every training script does first: logging with Hub tokens redacted (before anything is logged), the
+    recipe parsed (`parse_recipe_args`), and the seed set from the training arguments (the last dataclass)."""
+    import logging
+
+    from transformers import set_seed
+
+    from .safety import install_secret_redaction
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    install_secret_redaction()
+    parsed = parse_recipe_args(dataclass_types, argv)
+    set_seed(parsed[-1].seed)
+    return parsed
+
+
 def parse_recipe_args(dataclass_types, argv=None):
     """Parse `--config recipe.yaml` + CLI overrides into `dataclass_types`; unknown keys are a `RecipeConfigError`
     naming the closest valid keys (TRL only lists them as 'unknown arguments')."""
