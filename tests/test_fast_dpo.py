@@ -216,3 +216,26 @@ def test_cached_reference_logps_give_the_live_reference_loss(tiny, tmp_path, mon
     monkeypatch.setattr(cls, "_run_reference_pass", _no_reference_pass)
     _, _, again = _train_one_step(path, processor, dataset, config, cls, live_reference=False)
     assert files[1].stat().st_mtime_ns == stamp and again == pytest.approx(cached, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_code_path_runs_on_cpu_with_a_tiny_config(tmp_path):
+    """`benchmarks/dpo_throughput.py --setting gpu` stays exercised without a GPU: its tiny config, both paths, one run.
+
+    Only the agreement of the two paths' losses and the report's shape are asserted; speed lives in BENCHMARKS.md.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_throughput.py"
+    summary = tmp_path / "summary.json"
+    cmd = [sys.executable, str(script), "--setting", "gpu", "--tiny", "--repeats", "1", "--workdir", str(tmp_path)]
+    result = subprocess.run(cmd + ["--json", str(summary)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("ratio ours/stock pairs/s: ") and "peak RSS stock" in last_line
+    report = json.loads(summary.read_text())
+    assert report["loss_max_rel_diff"] < 1e-5
+    assert set(report["rows"]) == {"stock", "ours"}
+    assert report["rows"]["stock"]["losses"] == pytest.approx(report["rows"]["ours"]["losses"], rel=1e-5)
