@@ -400,9 +400,8 @@ def test_stage3_from_export_with_real_sft_script(exports, tiny_pivot_factory, tm
     llm = _tiny_llm(tiny_pivot_factory)
     out = tmp_path / "stage3"
     argv = [
-        "--config", str(REPO / "recipes/stage3/3a_projector_reuse1.yaml"),
+        "--config", str(REPO / "recipes/paper/stage3/3a_reuse1.yaml"),
         "--vision_model_name_or_path", export, "--projector_init_from", export, "--text_model_name_or_path", llm,
-        "--vision_feature_layer", str(feature_layer_of(export)),
         "--dataset_name", str(REPO / "tests/fixtures/llava-mini/pretrain.json"),
         "--image_folder", str(REPO / "tests/fixtures/llava-mini/images"),
         "--tunable_parts", "projector,language_model", "--learning_rate", "1e-2",
@@ -433,19 +432,28 @@ def test_stage3_from_export_with_real_sft_script(exports, tiny_pivot_factory, tm
         apply_projector_reuse(wrong, export, 1, freeze=True)
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes" / "stage3").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes" / "paper" / "stage3").glob("*.yaml")))
 def test_stage3_recipes_parse_with_the_sft_parser(recipe):
     from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, parse_recipe_args
 
-    argv = ["--config", str(REPO / "recipes" / "stage3" / recipe), "--bf16", "false"]  # bf16 needs a GPU to parse
+    argv = [
+        "--config",
+        str(REPO / "recipes" / "paper" / "stage3" / recipe),
+        "--bf16",
+        "false",
+    ]  # bf16 needs a GPU to parse
     _, model_args, training_args = parse_recipe_args([PivotScriptArguments, PivotModelConfig, PivotSFTConfig], argv)
     assert "vision_tower" not in training_args.tunable_parts  # Stage 3 never trains the published encoder
     if recipe.startswith("3a"):
         assert training_args.tunable_parts == ["projector"] and training_args.learning_rate == 1e-3
-        assert model_args.vision_model_name_or_path and model_args.vision_feature_layer == -2
+        # The feature layer comes from the exported encoder (-1 once truncated), so the recipe must not pin it.
+        assert model_args.vision_model_name_or_path and model_args.vision_feature_layer is None
     else:
         assert training_args.tunable_parts == ["projector", "language_model"] and training_args.learning_rate == 1e-5
     reuse = 1 if "reuse1" in recipe else 2 if "reuse2" in recipe else 0
-    assert (model_args.projector_init_from is not None) == bool(reuse)
-    if reuse:
+    # 3a loads the reused layers; 3b continues from 3a's checkpoint and only needs the export again to keep a frozen
+    # reused layer frozen ("1+1").
+    needs_export = bool(reuse) if recipe.startswith("3a") else reuse == 1
+    assert (model_args.projector_init_from is not None) == needs_export
+    if needs_export:
         assert model_args.projector_reuse_layers == reuse and model_args.freeze_reused_projector == (reuse == 1)

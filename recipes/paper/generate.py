@@ -217,7 +217,8 @@ def stage3(encoder: str, llm: str, step: str, *, out: str, data=CAMBRIAN_737K, r
         body = {
             "vision_model_name_or_path": encoder,
             "text_model_name_or_path": LLMS[llm][0],
-            "vision_feature_layer": -2,
+            # No `vision_feature_layer`: the layer the exported encoder records (`pivot_vision_feature_layer`: -2 for
+            # a drop-in export, -1 for a truncated one; -2 for an original Hub encoder) is used.
             "projector_type": "mlp2x_gelu",
             "dataset_name": LCS_558K[0],
             "image_folder": LCS_558K[1],

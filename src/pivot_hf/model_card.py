@@ -260,7 +260,7 @@ def build_model_card(
     lines += [
         "To build a new MLLM on it (the paper's Stage 3: frozen encoder, fresh LLM, projector pretraining then "
         "projector + LLM finetuning), pass this repo as `vision_model_name_or_path` to pivot-hf's "
-        "`recipes/sft.py` with the `recipes/stage3/` configs.",
+        "`recipes/sft.py` with the `recipes/paper/stage3/` configs.",
         "",
     ]
     lines += ["## Training", ""]
