@@ -144,3 +144,31 @@ def test_dataset_readers(assets, tmp_path):
             f.write(json.dumps({"file_name": f"{i}.jpg", "text": f"a photo of {name}"}) + "\n")
     pairs = load_caption_pairs(str(tmp_path / "caps"))
     assert len(pairs) == 2 and pairs[1][1] == "a photo of coffee"
+
+
+def test_review_regressions_layer_naflex_pooling_and_hidden_folders(tiny_pivot_factory, tmp_path):
+    """A Pivot checkpoint is read at the requested layer; NaFlex token lists pool per image; hidden folders are not
+    classes."""
+    import numpy as np
+    from PIL import Image
+
+    from pivot_hf.evaluation.data import load_classification_dataset
+    from pivot_hf.evaluation.features import VisionBackbone, pool_tokens
+
+    path = tiny_pivot_factory("siglip")
+    pixel_values = torch.randn(2, 3, 32, 32)
+    deep = VisionBackbone.from_pretrained(path, "encoder", -1, device="cpu").encode(pixel_values)
+    shallow = VisionBackbone.from_pretrained(path, "encoder", 1, device="cpu").encode(pixel_values)
+    assert not torch.allclose(deep, shallow)
+    model = VisionBackbone.from_pretrained(path, "encoder", 1, device="cpu").model
+    torch.testing.assert_close(shallow, model.get_vision_features(pixel_values, vision_feature_layer=1))
+
+    ragged = [torch.ones(3, 4), torch.zeros(5, 4)]
+    torch.testing.assert_close(pool_tokens(ragged, "mean"), torch.stack([torch.ones(4), torch.zeros(4)]))
+
+    for name in ("cat", "dog", ".ipynb_checkpoints"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    for name in ("cat", "dog"):
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    assert load_classification_dataset(str(tmp_path / "data"))["train"].class_names == ["cat", "dog"]

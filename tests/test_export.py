@@ -457,3 +457,31 @@ def test_stage3_recipes_parse_with_the_sft_parser(recipe):
     assert (model_args.projector_init_from is not None) == needs_export
     if needs_export:
         assert model_args.projector_reuse_layers == reuse and model_args.freeze_reused_projector == (reuse == 1)
+
+
+@pytest.mark.parametrize(("family", "layer"), [("vit_mae", -2), ("clip", [-3, -2])])
+def test_model_card_usage_snippet_gives_the_mllm_features(family, layer, tiny_pivot_factory, sample_images, tmp_path):
+    """The card's code, run as a user would (folder for the repo id), reproduces the MLLM's visual features, for the
+    families where plain `model(**inputs)` is not enough (MAE shuffles patches) and for several feature layers."""
+    import re
+
+    model = PivotForConditionalGeneration.from_pretrained(tiny_pivot_factory(family)).eval()
+    model.config.vision_feature_layer = layer
+    folder = export_encoder(model, tmp_path / "export", image_processor=_processor_of(family, tiny_pivot_factory))
+    card = (Path(folder) / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    image_path = tmp_path / "image.png"  # lossless, so the snippet sees exactly the pixels compared below
+    sample_images[0].save(image_path)
+    code = code.replace('"image.jpg"', repr(str(image_path)))
+    code = re.sub(r'from_pretrained\("[^"]*"\)', f"from_pretrained({str(folder)!r})", code)
+    namespace = {}
+    exec(compile(code, "model_card_snippet", "exec"), namespace)  # noqa: S102 - our own generated snippet
+    processor = PivotProcessor.from_pretrained(tiny_pivot_factory(family))
+    pixel_values = processor.image_processor(images=sample_images[0], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.get_vision_features(pixel_values)
+    torch.testing.assert_close(namespace["features"], expected, rtol=1e-5, atol=1e-5)
+
+
+def _processor_of(family, tiny_pivot_factory):
+    return PivotProcessor.from_pretrained(tiny_pivot_factory(family)).image_processor

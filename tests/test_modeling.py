@@ -281,6 +281,17 @@ def test_unreachable_feature_layer_is_a_clear_error():
         )
 
 
+def test_feature_layer_zero_reads_the_embeddings(tiny_pivot_factory, sample_images):
+    model = PivotForConditionalGeneration.from_pretrained(tiny_pivot_factory("siglip")).eval()
+    pixel_values = _inputs(PivotProcessor.from_pretrained(tiny_pivot_factory("siglip")), sample_images[:1])[
+        "pixel_values"
+    ]
+    with torch.no_grad():
+        expected = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[0]
+        for layer in (0, -(model.config.vision_config.num_hidden_layers + 1)):
+            torch.testing.assert_close(model.get_vision_features(pixel_values, vision_feature_layer=layer), expected)
+
+
 def test_multi_layer_features_concatenate(tiny_pivot_factory, sample_images):
     model = PivotForConditionalGeneration.from_pretrained(tiny_pivot_factory("clip")).eval()
     pixel_values = _inputs(PivotProcessor.from_pretrained(tiny_pivot_factory("clip")), sample_images[:1])[

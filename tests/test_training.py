@@ -295,17 +295,20 @@ def test_two_process_cpu_run_keeps_groups_and_vision_updates(tiny, mmpr, tmp_pat
 def test_converted_dataset_trains_through_both_scripts(tiny, mmpr, tmp_path):
     """`pivot-hf data convert-mmpr` -> a saved `datasets` folder -> `dataset_name` of recipes/dpo.py and sft.py."""
     from dpo import main as dpo_main
-    from sft import main as sft_main
-
     from pivot_hf.cli import main as cli_main
     from pivot_hf.testing import qwen_tokenizer_path
+    from sft import main as sft_main
 
     converted = tmp_path / "mmpr-converted"
     argv = ["data", "convert-mmpr", mmpr, "--output_dir", str(converted), "--tokenizer", qwen_tokenizer_path()]
     assert cli_main(argv + ["--show_progress", "false"]) == 0
     assert (converted / "preference").is_dir() and (converted / "sft").is_dir()
-    dpo = dpo_main(["--model_name_or_path", tiny, "--dataset_name", str(converted)] + _flags(tmp_path / "dpo", steps=1))
-    sft = sft_main(["--model_name_or_path", tiny, "--dataset_name", str(converted)] + _flags(tmp_path / "sft", steps=1))
+    dpo = dpo_main(
+        ["--model_name_or_path", tiny, "--dataset_name", str(converted)] + _flags(tmp_path / "dpo", steps=1)
+    )
+    sft = sft_main(
+        ["--model_name_or_path", tiny, "--dataset_name", str(converted)] + _flags(tmp_path / "sft", steps=1)
+    )
     assert dpo.state.global_step == sft.state.global_step == 1
     # The SFT control trains on the chosen answers of exactly the rows the DPO run uses.
     assert sorted(dpo.train_dataset.with_format(None)["id"]) == sorted(sft.train_dataset.with_format(None)["id"])

@@ -303,7 +303,8 @@ def save_merged_encoder(base_name_or_path: str, merged_vision: dict[str, torch.T
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for file in base_folder.iterdir():
-        if file.is_file() and file.suffix in (".json", ".txt", ".jinja", ".model") and "index" not in file.name:
+        # `.py`: a merged Pivot checkpoint keeps the remote code its `auto_map` names.
+        if file.is_file() and file.suffix in (".json", ".txt", ".jinja", ".model", ".py") and "index" not in file.name:
             shutil.copy2(file, out / file.name)
     full = load_state(str(base_folder))
     stored_names = vision_key_map(full)

@@ -38,7 +38,14 @@ def vision_config_from_any(config: PreTrainedConfig) -> PreTrainedConfig:
 
 
 def num_vision_prefix_tokens(vision_config: PreTrainedConfig) -> int | None:
-    """Leading non-patch tokens of a vision family, or None when the family is unknown (then inferred by a probe)."""
+    """Leading non-patch tokens of a vision family, or None when the family is unknown (then inferred by a probe).
+
+    An exported PIVOT encoder records its count (`pivot_vision_num_prefix_tokens`), which wins: it also covers families
+    whose count was probed at composition (DINOv3, AIMv2, ...).
+    """
+    recorded = getattr(vision_config, "pivot_vision_num_prefix_tokens", None)
+    if recorded is not None:
+        return int(recorded)
     prefix = VISION_PREFIX_TOKENS.get(vision_config.model_type)
     if prefix is None:
         return None

@@ -249,10 +249,20 @@ def build_model_card(
         f'model = AutoModel.from_pretrained("{repo_id}").eval()',
         f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
         'inputs = processor(images=Image.open("image.jpg").convert("RGB"), return_tensors="pt")',
-        "with torch.no_grad():",
-        "    outputs = model(**inputs, output_hidden_states=True)",
-        "layer = model.config.pivot_vision_feature_layer  # the layer PIVOT trained",
-        "features = outputs.hidden_states[layer][:, model.config.pivot_vision_num_prefix_tokens :]",
+        *(
+            [
+                "# MAE shuffles patches with random noise even unmasked: ascending noise keeps them in order.",
+                "noise = torch.arange(model.embeddings.patch_embeddings.num_patches, dtype=torch.float)[None]",
+                "with torch.no_grad():",
+                "    outputs = model(**inputs, noise=noise, output_hidden_states=True)",
+            ]
+            if family == "vit_mae"
+            else ["with torch.no_grad():", "    outputs = model(**inputs, output_hidden_states=True)"]
+        ),
+        "layer = model.config.pivot_vision_feature_layer  # the layer PIVOT trained (a list: concatenated)",
+        "prefix = model.config.pivot_vision_num_prefix_tokens  # CLS / register tokens, not patches",
+        "layers = layer if isinstance(layer, list) else [layer]",
+        "features = torch.cat([outputs.hidden_states[i][:, prefix:] for i in layers], dim=-1)",
     ]
     if naflex:
         lines.append('features = features[0][inputs["pixel_attention_mask"][0].bool()]  # NaFlex: valid patches only')

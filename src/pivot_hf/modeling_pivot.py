@@ -19,6 +19,7 @@ they load with `trust_remote_code=True` where pivot_hf is not installed.
 import contextlib
 import copy
 import inspect
+import os
 
 import torch
 from torch import nn
@@ -104,7 +105,7 @@ def _run_first_blocks(vision_tower: nn.Module, num_blocks: int):
 def encode_images(
     vision_tower: nn.Module,
     pixel_values: torch.Tensor,
-    feature_layer: int = -2,
+    feature_layer: int | list[int] = -2,
     num_prefix_tokens: int | None = None,
     pixel_attention_mask: torch.Tensor | None = None,
     spatial_shapes: torch.Tensor | None = None,
@@ -114,11 +115,21 @@ def encode_images(
 
     Works on a standalone encoder (`SiglipVisionModel`, `CLIPVisionModel`, `Dinov2Model`, `ViTModel`, an exported
     PIVOT encoder, ...) exactly as inside the MLLM, which is what makes vision-only probes of an exported encoder
-    comparable with the MLLM's own features.
+    comparable with the MLLM's own features. Several feature layers are concatenated along channels (LLaVA's
+    multi-layer option).
 
     Returns a `(batch, num_patches, hidden)` tensor, or for SigLIP2 NaFlex inputs a list with one
     `(num_valid_patches_i, hidden)` tensor per image (padding patches removed).
     """
+    if isinstance(feature_layer, (list, tuple)):
+        common = {"num_prefix_tokens": num_prefix_tokens, "pixel_attention_mask": pixel_attention_mask}
+        per_layer = [
+            encode_images(vision_tower, pixel_values, layer, spatial_shapes=spatial_shapes, **common, **vision_kwargs)
+            for layer in feature_layer
+        ]
+        if isinstance(per_layer[0], list):
+            return [torch.cat(feats, dim=-1) for feats in zip(*per_layer)]
+        return torch.cat(per_layer, dim=-1)
     config = vision_tower.config
     if num_prefix_tokens is None:
         num_prefix_tokens = num_vision_prefix_tokens(config)
@@ -150,12 +161,12 @@ def encode_images(
         )
 
     if index == 0:
-        # The embeddings themselves: run no block at all and read the encoder's input.
-        parent, attr, layers = find_encoder_layers(vision_tower)
-        hook = layers[0].register_forward_pre_hook(
-            lambda _m, args, kwargs: captured.setdefault("features", args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True,
-        )
+        # The embeddings themselves: read the first block's input (the block still runs; its output is unused).
+
+        def _capture_input(_module, args, kwargs):
+            captured["features"] = args[0] if args else kwargs["hidden_states"]
+
+        hook = layers[0].register_forward_pre_hook(_capture_input, with_kwargs=True)
         blocks = 1
     else:
         hook = layers[index - 1].register_forward_hook(_capture)
@@ -214,19 +225,14 @@ class PivotModel(LlavaModel):
     ) -> torch.Tensor | list[torch.Tensor]:
         """Encoder features at the feature layer(s), before the projector (what PIVOT trains and exports)."""
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
-        common = {
-            "num_prefix_tokens": self.config.vision_num_prefix_tokens,
-            "pixel_attention_mask": pixel_attention_mask,
-            "spatial_shapes": spatial_shapes,
-        }
-        if isinstance(layer, int):
-            return encode_images(self.vision_tower, pixel_values, layer, **common)
-        # Several feature layers are concatenated along channels (LLaVA's multi-layer option).
-        per_layer = [encode_images(self.vision_tower, pixel_values, idx, **common) for idx in layer]
-        if isinstance(per_layer[0], list):
-            return [torch.cat(feats, dim=-1) for feats in zip(*per_layer)]
-        return torch.cat(per_layer, dim=-1)
+        return encode_images(
+            self.vision_tower,
+            pixel_values.to(self.vision_tower.dtype),
+            layer,
+            num_prefix_tokens=self.config.vision_num_prefix_tokens,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+        )
 
     def get_image_features(
         self,
@@ -414,6 +420,14 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
             **kwargs,
         )
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `register_for_auto_class` only maps the class being saved; the base model (`AutoModel`) is in the same
+        # remote-code file, so map it too: `AutoModel.from_pretrained(ckpt, trust_remote_code=True)` then works.
+        auto_map = getattr(self.config, "auto_map", None)
+        if isinstance(auto_map, dict) and "AutoModelForImageTextToText" in auto_map:
+            auto_map.setdefault("AutoModel", "modeling_pivot.PivotModel")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def unreached_vision_parameter_names(self) -> list[str]:
         """Vision-tower parameters that no gradient can reach from the feature layer (blocks above it, final norms,
         pooling heads), and those a family keeps fixed by design. They are frozen when the tower trains: DDP would otherwise wait forever for their gradients,
@@ -489,7 +503,9 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         )
         # Recorded for the exported encoder's model card (`base_model`); an encoder that is itself a PIVOT export
         # keeps the id of the encoder it came from.
-        if not getattr(vision_tower.config, "pivot_base_vision_model", None):
+        if not getattr(vision_tower.config, "pivot_base_vision_model", None) and not os.path.exists(
+            str(vision_model_name_or_path)
+        ):
             vision_tower.config.pivot_base_vision_model = str(vision_model_name_or_path)
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **text_kwargs, **common)
         return cls.from_vision_text_models(

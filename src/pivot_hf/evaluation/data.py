@@ -114,7 +114,10 @@ def _find_split_dirs(root: str) -> dict[str, str]:
 
 
 def _image_folder_split(split_dir: str, class_names: list[str] | None = None) -> ClassificationSplit:
-    classes = class_names or sorted(e for e in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, e)))
+    # Hidden folders (`.ipynb_checkpoints`, `.git`, ...) are not classes.
+    classes = class_names or sorted(
+        e for e in os.listdir(split_dir) if not e.startswith(".") and os.path.isdir(os.path.join(split_dir, e))
+    )
     paths, labels = [], []
     for ci, c in enumerate(classes):
         cdir = os.path.join(split_dir, c)

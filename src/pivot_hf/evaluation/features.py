@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..modeling_pivot import encode_images
+
 
 logger = logging.getLogger(__name__)
 
@@ -68,30 +70,26 @@ def _num_prefix_tokens(vision_config) -> int | None:
     return num_vision_prefix_tokens(vision_config_from_any(vision_config))
 
 
-def encode_images(vision_tower, pixel_values, feature_layer: int = -2, **vision_inputs) -> torch.Tensor:
-    """Patch features (B, N, D) of a standalone HF vision model at `feature_layer`, prefix tokens dropped.
+def all_layer_patch_features(
+    vision_tower, pixel_values, num_prefix_tokens: int | None = None, **vision_inputs
+) -> list[torch.Tensor | list[torch.Tensor]]:
+    """Patch tokens of every hidden state (embeddings output included), prefix tokens (CLS/registers) dropped.
 
-    Delegates to `pivot_hf.modeling_pivot.encode_images` (the single definition shared with the MLLM); the local body
-    only runs while that module is absent, so evaluation does not depend on the order in which the package lands.
+    SigLIP2 NaFlex inputs give, per hidden state, one `(valid_patches_i, D)` tensor per image: padding patches are
+    not features and must not enter a mean.
     """
-    try:
-        from pivot_hf.modeling_pivot import encode_images as _shared
-    except ImportError:
-        _shared = None
-    if _shared is not None:
-        return _shared(vision_tower, pixel_values, feature_layer=feature_layer, **vision_inputs)
-    return all_layer_patch_features(vision_tower, pixel_values, **vision_inputs)[feature_layer]
-
-
-def all_layer_patch_features(vision_tower, pixel_values, **vision_inputs) -> list[torch.Tensor]:
-    """Patch tokens of every hidden state (embeddings output included), prefix tokens (CLS/registers) dropped."""
     out = vision_tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **vision_inputs)
-    prefix = _num_prefix_tokens(vision_tower.config)
+    prefix = _num_prefix_tokens(vision_tower.config) if num_prefix_tokens is None else num_prefix_tokens
     if prefix is None:
         raise ValueError(
             f"Unknown vision family {vision_tower.config.model_type!r}: cannot tell CLS/patch tokens apart."
         )
-    return [h[:, prefix:] for h in out.hidden_states]
+    hidden = [h[:, prefix:] for h in out.hidden_states]
+    mask = vision_inputs.get("pixel_attention_mask")
+    if mask is None:
+        return hidden
+    mask = mask.to(torch.bool)
+    return [[tokens[m] for tokens, m in zip(h, mask)] for h in hidden]
 
 
 def _read_config(path: str) -> dict:
@@ -122,7 +120,7 @@ class VisionBackbone:
     model: torch.nn.Module
     image_processor: object
     source: str = "encoder"  # "encoder" (tower at the feature layer) | "projector" (LLM visual tokens)
-    feature_layer: int = -2
+    feature_layer: int | list[int] = -2
     name: str = "model"
     is_mllm: bool = False
     device: str = "cpu"
@@ -164,7 +162,8 @@ class VisionBackbone:
             is_mllm = False
         processor = AutoImageProcessor.from_pretrained(model_name_or_path)
         model.eval().requires_grad_(False).to(device)
-        return cls(model, processor, source, int(layer), model_name_or_path, is_mllm, device, dtype)
+        layer = [int(i) for i in layer] if isinstance(layer, (list, tuple)) else int(layer)
+        return cls(model, processor, source, layer, model_name_or_path, is_mllm, device, dtype)
 
     # -- identity --------------------------------------------------------------------------------------------------
     @property
@@ -209,18 +208,26 @@ class VisionBackbone:
             return encode_images(self.model, pixel_values, self.feature_layer, **vision_inputs)
         if self.source == "encoder":
             if hasattr(self.model, "get_vision_features"):
-                return self.model.get_vision_features(pixel_values, **vision_inputs)
+                return self.model.get_vision_features(
+                    pixel_values, vision_feature_layer=self.feature_layer, **vision_inputs
+                )
             # A plain LLaVA checkpoint: the tower's hidden state at the MLLM's own feature layer.
             return encode_images(self.vision_tower, pixel_values, self.feature_layer, **vision_inputs)
-        out = self.model.get_image_features(pixel_values=pixel_values, **vision_inputs)
+        out = self.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=self.feature_layer, **vision_inputs
+        )
         feats = getattr(out, "pooler_output", out)
-        return torch.stack(list(feats)) if isinstance(feats, list | tuple) else feats
+        if isinstance(feats, (list, tuple)):
+            # One tensor per image: stacked when they line up, kept as a list for NaFlex's varying patch counts.
+            return torch.stack(list(feats)) if len({f.shape for f in feats}) == 1 else list(feats)
+        return feats
 
     @torch.no_grad()
     def encode_all_layers(self, pixel_values: torch.Tensor, **vision_inputs) -> list[torch.Tensor]:
         pixel_values = pixel_values.to(self.device, self.dtype)
         self.num_images_encoded += pixel_values.shape[0]
-        return all_layer_patch_features(self.vision_tower, pixel_values, **vision_inputs)
+        prefix = getattr(self.model.config, "vision_num_prefix_tokens", None) if self.is_mllm else None
+        return all_layer_patch_features(self.vision_tower, pixel_values, num_prefix_tokens=prefix, **vision_inputs)
 
     def patch_size(self) -> int:
         cfg = self.vision_tower.config
@@ -318,8 +325,15 @@ class _CacheWriter:
 # ---------------------------------------------------------------------------------------------------------------------
 # Extraction
 # ---------------------------------------------------------------------------------------------------------------------
-def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, N, D) -> (B, D) for "mean" (mean over patch tokens; SigLIP has no CLS), unchanged for "none"."""
+def pool_tokens(tokens: torch.Tensor | list[torch.Tensor], pooling: str) -> torch.Tensor:
+    """(B, N, D) -> (B, D) for "mean" (mean over patch tokens; SigLIP has no CLS), unchanged for "none".
+
+    A list (one `(N_i, D)` tensor per image: SigLIP2 NaFlex, whose images have different patch counts) is pooled
+    image by image."""
+    if isinstance(tokens, (list, tuple)):
+        if pooling == "mean":
+            return torch.stack([t.float().mean(dim=0) for t in tokens])
+        raise ValueError("pooling='none' needs the same number of tokens per image (not SigLIP2 NaFlex inputs)")
     if pooling == "mean":
         return tokens.float().mean(dim=1)
     if pooling == "none":

@@ -107,11 +107,16 @@ def compute_averages(scores: dict[str, float]) -> dict[str, Any]:
     return {"averages": averages, "counts": counts}
 
 
+# Older lmms-eval releases wrote some metric names with a typo; their results files are still read.
+_METRIC_ALIASES = {"mme_perception_score": ("mme_percetion_score",)}
+
+
 def _metric_value(task_results: dict, metric: str) -> float | None:
     # lmms-eval keys metrics as "<metric>,<filter>" (filter "none" unless the task defines one) next to
     # "<metric>_stderr,<filter>"; a bare "<metric>" key is accepted too.
+    names = (metric, *_METRIC_ALIASES.get(metric, ()))
     for name, value in task_results.items():
-        if name.partition(",")[0] == metric and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if name.partition(",")[0] in names and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
 
