@@ -322,3 +322,54 @@ def test_property_no_exception_and_accounting(image_pool, rows, num_samples):
         assert report.kept <= num_samples
     for images in LazyImages()({"images": result.preference["images"]})["images"]:
         assert images[0].mode == "RGB"
+
+
+def test_exif_orientation_bom_files_and_length_estimates(tmp_path, tiny_pivot_factory):
+    """Review regressions: EXIF-rotated photos load upright; UTF-8 BOMs do not lose rows; the max_length filter
+    measures rows with the processor's own template (a base LLM's tokenizer may render shorter than training does);
+    a saved conversion keeps SFT and DPO on the same rows under max_length."""
+    import json
+
+    from PIL import Image
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from pivot_hf import PivotProcessor
+    from pivot_hf.cli import main as cli_main
+    from pivot_hf.data import load_image, load_pivot_dataset, sequence_lengths
+
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.new("RGB", (40, 20)).getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": the stored 40x20 pixels are a 20x40 photo
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(images / "rotated.jpg", exif=exif)
+    assert load_image(str(images / "rotated.jpg")).size == (20, 40)
+
+    rows = [
+        {"image": "rotated.jpg", "question": "What colour?", "chosen": "Red.", "rejected": "word " * 60},
+        {"image": "rotated.jpg", "question": "<image>\nAnd now?", "chosen": "Still red.", "rejected": "Blue."},
+    ]
+    (tmp_path / "ann.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8-sig")
+    meta = {"s": {"root": "images", "annotation": "ann.jsonl"}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta), encoding="utf-8-sig")
+    processor = PivotProcessor.from_pretrained(tiny_pivot_factory("siglip"))
+    n_img = processor.num_image_tokens()
+    data, report = load_pivot_dataset(str(tmp_path), "preference", num_samples=0, **QUIET)
+    assert len(data) == 2 and report.check()  # the BOM cost no row
+
+    # The estimate bounds what TRL's collator really builds for each row.
+    collate = DataCollatorForVisionPreference(processor=processor)
+    raw = data.with_format(None)
+    estimates = sequence_lengths(raw[:2], processor, n_img)
+    for i, estimate in enumerate(estimates):
+        batch = collate([dict(data[i])])
+        real = int(batch["attention_mask"].sum(dim=1).max())
+        assert real <= estimate <= real + 2, (real, estimate)
+
+    # Saved conversion: the SFT control keeps exactly the pairs the preference set keeps under max_length.
+    out = tmp_path / "saved"
+    assert cli_main(["data", "convert-mmpr", str(tmp_path), "--output_dir", str(out), "--show_progress", "false"]) == 0
+    limit = max(estimates) - 1  # drops the pair with the long rejected answer
+    kwargs = {"tokenizer": processor, "num_samples": 0, "max_length": limit, "num_image_tokens": n_img}
+    preference, _ = load_pivot_dataset(str(out), "preference", **kwargs)
+    sft, _ = load_pivot_dataset(str(out), "sft", **kwargs)
+    assert len(preference) == 1 and preference["id"] == sft["id"]

@@ -247,3 +247,20 @@ def test_stale_staging_is_recovered_when_complete_else_removed(reference, tmp_pa
     assert sorted(os.path.basename(p) for p in removed) == [".tmp-checkpoint-2", ".tmp-checkpoint-3"]
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2"]
     assert get_last_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+
+
+def test_rerunning_a_finished_run_is_refused_not_extended(reference, tmp_path):
+    """Auto-resume into an output_dir whose last checkpoint ended the schedule would train one step past it and
+    overwrite the finished model: it is refused with the ways out; a longer schedule continues from there."""
+    src, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    with pytest.raises(ValueError, match="already at step 4, the end of this schedule"):
+        _trainer(run, max_steps=4).train()
+    longer = _trainer(run, max_steps=5)
+    longer.train()
+    assert longer.state.global_step == 5
+    home = os.path.expanduser("~")
+    relative_to_home = os.path.relpath(run / "checkpoint-4", home)
+    if not relative_to_home.startswith(".."):
+        assert resolve_resume_checkpoint(os.path.join("~", relative_to_home), None) == str(run / "checkpoint-4")

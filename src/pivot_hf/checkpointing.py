@@ -250,7 +250,7 @@ def resolve_resume_checkpoint(value: Any, output_dir: str | None) -> str | None:
                 "resume_from_checkpoint unset to start fresh."
             )
         return found
-    path = os.fspath(value)
+    path = os.path.expanduser(os.fspath(value))
     if not os.path.isdir(path):
         raise ValueError(f"resume_from_checkpoint={path!r}: no such folder")
     if checkpoint_step(path) is None and list_checkpoints(path):
@@ -401,8 +401,31 @@ class AtomicCheckpointMixin:
         if resolved is not None:
             how = "automatically " if resume_from_checkpoint is None else ""
             logger.warning("Resuming %sfrom the complete checkpoint %s", how, resolved)
+            self._refuse_finished_run(resolved)
         # Passing the resolved folder (never True) keeps the stock `get_last_checkpoint` out of the way.
         return super().train(resolved, *args, **kwargs)
+
+    def _refuse_finished_run(self, checkpoint: str) -> None:
+        """Resuming a checkpoint that already reached the end of its schedule would train past it (the stock loop
+        runs one more step) and overwrite the finished model: stop with the ways out instead."""
+        state_file = os.path.join(checkpoint, "trainer_state.json")
+        if not os.path.isfile(state_file):
+            return
+        with open(state_file, encoding="utf-8") as f:
+            state = json.load(f)
+        step = int(state.get("global_step", 0))
+        if self.args.max_steps and self.args.max_steps > 0:
+            planned = self.args.max_steps
+        elif state.get("num_train_epochs") == self.args.num_train_epochs:  # the same epoch schedule as that run
+            planned = state.get("max_steps")
+        else:
+            planned = None
+        if planned and step >= int(planned):
+            raise ValueError(
+                f"{checkpoint} is already at step {step}, the end of this schedule ({planned} steps): the run in "
+                f"{self.args.output_dir} is finished. Fix: choose a new `output_dir`, raise `max_steps` (or "
+                "`num_train_epochs`) to train further, or pass `--resume_from_checkpoint false` to start over there."
+            )
 
     # -- save ----------------------------------------------------------------------------------------------------
 

@@ -67,7 +67,9 @@ class PivotScriptArguments(ScriptArguments):
     )
     new_distribution_ratio: float | None = field(
         default=None,
-        metadata={"help": "Fig. B: fraction of rows with > 100 words or special tokens (None: the natural mix)."},
+        metadata={
+            "help": "Fig. B: percentage (0-100) of rows with > 100 words or special tokens (None: the natural mix)."
+        },
     )
     max_text_tokens: int | None = field(
         default=1500,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 # PIL's own default (about 89.5 megapixels); above it PIL warns, above twice it refuses. We check explicitly so the skip
@@ -136,9 +136,18 @@ def load_image(source: Any, base_dir: str | None = None, max_pixels: int = DEFAU
         with Image.open(fp) as im:
             if im.size[0] * im.size[1] > max_pixels:
                 raise ValueError(f"image {fp!r} has {im.size[0]}x{im.size[1]} pixels, more than {max_pixels}")
-            out = to_rgb(im)
+            out = to_rgb(_upright(im))
             out.load()
     return out
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are stored sideways with a rotation tag), as viewers and
+    `transformers.image_utils.load_image` do."""
+    try:
+        return ImageOps.exif_transpose(im) or im
+    except Exception:  # a malformed EXIF block must not cost the image
+        return im
 
 
 @dataclass

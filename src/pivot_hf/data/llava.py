@@ -62,7 +62,7 @@ def iter_records(path: str, image_dir: str | None = None) -> Iterator[tuple[int,
         yield from _iter_parquet(path, image_dir)
         return
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             idx = 0
             for line in f:
                 if not line.strip():
@@ -74,7 +74,7 @@ def iter_records(path: str, image_dir: str | None = None) -> Iterator[tuple[int,
                 idx += 1
         return
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
         # A JSON array cannot be resynchronised reliably after a syntax error: the whole file is one broken record.
@@ -272,7 +272,7 @@ def convert_llava_record(
 def _read_mixture(yaml_path: str) -> list[tuple[str, str]]:
     import yaml
 
-    with open(yaml_path, encoding="utf-8") as f:
+    with open(yaml_path, encoding="utf-8-sig") as f:
         spec = yaml.safe_load(f)  # never yaml.load: a data file must not be able to run code
     entries = spec.get("datasets") if isinstance(spec, dict) else None
     if not isinstance(entries, list):

@@ -15,6 +15,13 @@ from .report import ConversionReport
 PREFERENCE_DIR, SFT_DIR = "preference", "sft"
 
 
+class _Pair(NamedTuple):
+    """Preference and SFT rows of the same sampled pairs (an MMPR conversion, fresh or saved)."""
+
+    preference: Any
+    sft: Any
+
+
 class PivotData(NamedTuple):
     """What `load_pivot_dataset` returns; unpacks as `dataset, report = load_pivot_dataset(...)`."""
 
@@ -27,9 +34,9 @@ def _text_tokenizer(tokenizer):
     return getattr(tokenizer, "tokenizer", tokenizer)
 
 
-def _render(tokenizer, messages: list[dict]) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+def _render(renderer, messages: list[dict]) -> str:
+    if getattr(renderer, "chat_template", None):
+        return renderer.apply_chat_template(messages, tokenize=False)
     return "\n".join(m["content"] for m in messages)
 
 
@@ -38,20 +45,23 @@ def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens: int) -
     placeholder/separator, to stay conservative). For preference rows it is the longer of prompt+chosen and
     prompt+rejected."""
     tok = _text_tokenizer(tokenizer)
+    # Render with the processor's own chat template when given one: it is what training uses (it may add a system
+    # prompt the bare tokenizer's template does not, and a base LLM's tokenizer may have no template at all).
+    renderer = tokenizer if getattr(tokenizer, "chat_template", None) else tok
     n = len(batch["images"]) if "images" in batch else len(next(iter(batch.values())))
     texts: list[list[str]] = []
     for i in range(n):
         if "messages" in batch:
-            texts.append([_render(tok, batch["messages"][i])])
+            texts.append([_render(renderer, batch["messages"][i])])
         elif "chosen" in batch:
             prompt, chosen, rejected = batch["prompt"][i], batch["chosen"][i], batch["rejected"][i]
             if isinstance(prompt, list):
-                texts.append([_render(tok, prompt + chosen), _render(tok, prompt + rejected)])
+                texts.append([_render(renderer, prompt + chosen), _render(renderer, prompt + rejected)])
             else:
                 texts.append([prompt + chosen, prompt + rejected])
         else:
             prompt, completion = batch["prompt"][i], batch["completion"][i]
-            texts.append([_render(tok, prompt + completion) if isinstance(prompt, list) else prompt + completion])
+            texts.append([_render(renderer, prompt + completion) if isinstance(prompt, list) else prompt + completion])
     flat = [t for group in texts for t in group]
     ids = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
     lengths, k = [], 0
@@ -78,6 +88,10 @@ def drop_overlong(
     dataset's transform (lazy images) is kept: the lengths are computed on the raw columns, no image is opened.
     """
     raw = dataset.with_format(None)
+    images_feature = raw.features.get("images") if raw.features else None
+    if images_feature is not None and _has_decoded_images(images_feature):
+        # Only the number of images per row matters here: never decode pixels to count them.
+        raw = raw.cast_column("images", _without_decoding(images_feature))
     columns = [
         c for c in ("id", "images", "messages", "prompt", "chosen", "rejected", "completion") if c in raw.column_names
     ]
@@ -98,6 +112,23 @@ def drop_overlong(
     return dataset.select(keep)
 
 
+def _has_decoded_images(feature) -> bool:
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return feature.decode
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _has_decoded_images(inner)
+
+
+def _without_decoding(feature):
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    return datasets.List(_without_decoding(feature.feature))
+
+
 def _saved_dataset_path(path: str, kind: str) -> str | None:
     """A folder written by `save_to_disk` (or one of ours, with `preference/` and `sft/` inside)."""
     sub = os.path.join(path, PREFERENCE_DIR if kind == "preference" else SFT_DIR)
@@ -113,7 +144,7 @@ def _is_mmpr_jsonl(path: str) -> bool:
     """A JSONL file of MMPR rows (question / chosen / rejected) rather than LLaVA conversations."""
     if not path.endswith(".jsonl"):
         return False
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
                 try:
@@ -197,9 +228,19 @@ def load_pivot_dataset(
         report_path = os.path.join(os.path.dirname(saved), "conversion_report.json")
         if os.path.isfile(report_path):
             report.notes.append(f"conversion report of this dataset: {report_path}")
-        if num_samples is not None and not all_rows and num_samples < len(dataset):
+        sample = num_samples is not None and not all_rows and num_samples < len(dataset)
+        if sample:
             report.move_kept_to_skipped("not_sampled", n=len(dataset) - num_samples)
             dataset = dataset.shuffle(seed=seed).select(range(num_samples))
+        paired = _saved_dataset_path(path, "preference") if kind == "sft" else None
+        if paired is not None and paired != saved:
+            # One of our conversions: the SFT control must keep exactly the pairs the DPO run keeps (below).
+            preference = datasets.load_from_disk(paired)
+            if isinstance(preference, datasets.DatasetDict):
+                preference = preference[split]
+            if sample:
+                preference = preference.shuffle(seed=seed).select(range(num_samples))
+            mmpr = _Pair(preference=preference, sft=dataset)
     elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):
         mmpr = convert_mmpr(path, mmpr_config, tok)
         dataset, report = (mmpr.preference if kind == "preference" else mmpr.sft), mmpr.report
@@ -234,7 +275,7 @@ def load_pivot_dataset(
         elif mmpr is not None:
             # A pair is measured by its longer answer; the SFT control keeps exactly the pairs that fit, so that SFT
             # and DPO train on the same rows (the paper's controlled comparison).
-            preference = drop_overlong(mmpr.preference, tok, max_length, num_image_tokens, report)
+            preference = drop_overlong(mmpr.preference, tokenizer, max_length, num_image_tokens, report)
             if kind == "preference":
                 dataset = preference
             else:
@@ -242,7 +283,7 @@ def load_pivot_dataset(
                 sft_ids = mmpr.sft.with_format(None)["id"]
                 dataset = mmpr.sft.select([i for i, row_id in enumerate(sft_ids) if row_id in kept])
         else:
-            dataset = drop_overlong(dataset, tok, max_length, num_image_tokens, report)
+            dataset = drop_overlong(dataset, tokenizer, max_length, num_image_tokens, report)
     if lazy_images:
         dataset = dataset.with_transform(LazyImages())
     return PivotData(dataset, report)

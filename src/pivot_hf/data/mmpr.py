@@ -17,6 +17,7 @@ The SFT rows come from the very same sampled rows: `{"images": [path], "messages
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -27,6 +28,9 @@ from tqdm.auto import tqdm
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCheck, check_image, resolve_image_path
 from .report import ConversionReport
 from .text import IMAGE_TOKEN, has_special_tokens, image_token_repair, strip_image_tokens, valid_text, word_count
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,7 +84,7 @@ class MMPRConversion:
 
 
 def _read_meta(folder: str) -> dict[str, dict]:
-    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+    with open(os.path.join(folder, "meta.json"), encoding="utf-8-sig") as f:
         meta = json.load(f)
     if not isinstance(meta, dict):
         raise ValueError(f"{folder}/meta.json must map subset names to {{root, annotation, ...}}")
@@ -278,6 +282,16 @@ def convert_mmpr_files(
         target = min(int(config.num_samples), total)
     quota = None
     if config.new_distribution_ratio is not None:
+        if not 0 <= float(config.new_distribution_ratio) <= 100:
+            raise ValueError(
+                f"new_distribution_ratio={config.new_distribution_ratio} must be a percentage in [0, 100]."
+            )
+        if 0 < float(config.new_distribution_ratio) <= 1:
+            logger.warning(
+                "new_distribution_ratio=%s is a percentage: %s%% of the rows, not a fraction. Fix: e.g. 50 for half.",
+                config.new_distribution_ratio,
+                config.new_distribution_ratio,
+            )
         n_new = int(round(target * float(config.new_distribution_ratio) / 100.0))
         quota = {True: n_new, False: target - n_new}
     token_limit = config.max_text_tokens if tokenizer is not None else None
@@ -304,7 +318,7 @@ def convert_mmpr_files(
                 handle.seek(int(offsets[f_idx][line_no]))
                 raw = handle.readline()
                 try:
-                    obj = json.loads(raw.decode("utf-8"))
+                    obj = json.loads(raw.decode("utf-8-sig"))
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     report.skip("broken_json", record_id)
                     continue

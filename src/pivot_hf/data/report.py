@@ -25,7 +25,8 @@ SKIP_REASONS = {
     "invalid_image_field": "the image field is not a string path (or list of them)",
     "image_token_in_response": "chosen/rejected/assistant text contains <image>",
     "chosen_equals_rejected": "chosen and rejected are identical: no preference signal",
-    "path_escapes_root": "the image path resolves outside the image root (.., absolute path or symlink)",
+    "path_escapes_root": "the image path resolves outside the image root (.., absolute path, or a symlink to elsewhere: "
+    "point the image root / `image_folder` at the real location)",
     "image_missing": "the image file does not exist",
     "image_unreadable": "the image file is truncated, corrupt or not an image",
     "image_too_large": "the image has more pixels than max_image_pixels (decompression-bomb guard)",

@@ -184,6 +184,9 @@ def load_reference_model(model_args: PivotModelConfig, policy) -> PivotForCondit
             )
         source = "a copy of the composed policy"
         ref_model = copy.deepcopy(policy)
+        # The policy's projector reuse is applied later (after its tunable parts); the copy needs it now, so that
+        # policy and reference start from the same network.
+        apply_projector_init(ref_model, model_args)
     check_reference_model(policy, ref_model, source)
     ref_model.requires_grad_(False)
     ref_model.eval()
