@@ -247,6 +247,13 @@ def _collate_all(collator, dataset, batch_size=3) -> int:
     return n
 
 
+def _tally(stats: dict, report) -> None:
+    stats["kept"] += report.kept
+    stats["skipped"] += report.num_skipped
+    for reason, n in report.skipped.items():
+        stats["skip_reasons"][reason] = stats["skip_reasons"].get(reason, 0) + n
+
+
 def _check_report(report, dataset, total_rows):
     assert report.total == total_rows, (report.total, total_rows)
     assert report.check(), report.to_dict()
@@ -314,10 +321,7 @@ def test_fuzz_mmpr_loader_and_preference_collator(processor, record_property, tm
             for paths in pref.with_format(None)["images"]:
                 assert all(os.path.realpath(p).startswith(real_images + os.sep) for p in paths)
             stats["rows"] += total
-            stats["kept"] += report.kept
-            stats["skipped"] += report.num_skipped
-            for reason, n in report.skipped.items():
-                stats["skip_reasons"][reason] = stats["skip_reasons"].get(reason, 0) + n
+            _tally(stats, report)
             stats["collated_batches"] += _collate_all(pref_collator, pref) + _collate_all(sft_collator, sft)
         except Exception as exc:
             stats["failures"].append(f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -336,8 +340,10 @@ def test_fuzz_llava_loader_and_sft_collator(processor, record_property, tmp_path
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     from pivot_hf.data import load_pivot_dataset
+    from pivot_hf.trainer.collators import AssistantTurnsVisionCollator
 
     collator = DataCollatorForVisionLanguageModeling(processor)
+    turns_collator = AssistantTurnsVisionCollator(processor)
     stats = {
         "cases_tried": 0,
         "rows": 0,
@@ -363,11 +369,10 @@ def test_fuzz_llava_loader_and_sft_collator(processor, record_property, tmp_path
             )
             _check_report(report, dataset, len(rows))
             stats["rows"] += len(rows)
-            stats["kept"] += report.kept
-            stats["skipped"] += report.num_skipped
-            for reason, n in report.skipped.items():
-                stats["skip_reasons"][reason] = stats["skip_reasons"].get(reason, 0) + n
+            _tally(stats, report)
             stats["collated_batches"] += _collate_all(collator, dataset)
+            if "messages" in dataset.column_names:  # the SFT recipes' default collator (loss on assistant turns)
+                stats["collated_batches"] += _collate_all(turns_collator, dataset)
         except Exception as exc:
             stats["failures"].append(f"{type(exc).__name__}: {str(exc)[:300]}")
             raise
