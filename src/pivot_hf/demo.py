@@ -9,7 +9,7 @@
 4. A results table: training loss, DPO reward accuracy / margin, held-out choice accuracy (log p(chosen) >
    log p(rejected)), implicit-reward accuracy against the Stage-1 reference, and whether the vision weights changed.
 5. The deliverable: each encoder (Stage 1 = base, SFT, PIVOT) exported with `recipes/export_encoder.py` and probed
-   with `recipes/eval_vision.py --task prototype` on the held-out shapes (class = colour), vision-only.
+   with `recipes/eval_vision.py --task prototype` on the held-out shapes (class = colour, then class = shape).
 
 The recipes are `recipes/demo/*.yaml`; this module only prepares inputs, launches the scripts and reads their outputs.
 """
@@ -191,18 +191,24 @@ def _run_script(script: str, args: list[str], log_path: Path) -> None:
         raise SystemExit(f"{script} failed (log: {log_path}):\n{log_path.read_text(errors='replace')[-3000:]}")
 
 
-def _colour_image_folder(images: Path, target: Path) -> Path:
-    """ImageFolder layout (`<colour>/<file>.png`) of the held-out shapes; the colour is in each file name."""
+def _image_folder_by(images: Path, target: Path, attribute: str) -> Path:
+    """ImageFolder layout (`<class>/<file>.png`) of the held-out shapes, the class being the image's `colour` or
+    `shape` (both are in each file name: `<index>_<colour>_<shape>.png`)."""
+    position = {"colour": 1, "shape": 2}[attribute]
     for path in sorted(images.glob("*.png")):
-        colour = path.stem.split("_")[1]
-        (target / colour).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target / colour / path.name)
+        label = path.stem.split("_")[position]
+        (target / label).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / label / path.name)
     return target
 
 
 def _probe_lines(probe: dict) -> str:
-    metric = probe["primary_metric"]
-    return "\n".join(f"  {run['label']:<8}{metric}: {run['metrics'][metric]:.3f}" for run in probe["runs"])
+    attributes = list(probe)
+    lines = [f"  {'encoder':<10}" + "".join(f"{'class = ' + a:>18}" for a in attributes)]
+    for i, run in enumerate(probe[attributes[0]]["runs"]):
+        values = [probe[a]["runs"][i]["metrics"][probe[a]["primary_metric"]] for a in attributes]
+        lines.append(f"  {run['label']:<10}" + "".join(f"{v:>18.3f}" for v in values))
+    return "\n".join(lines)
 
 
 def _run_summary(output_dir: Path) -> dict:
@@ -291,14 +297,23 @@ def main(argv: list[str] | None = None) -> dict:
             ["--model_name_or_path", str(folder), "--output_dir", str(encoders[name])],
             logs / f"export_{name}.log",
         )
-    by_colour = _colour_image_folder(Path(held_out["images"]), out / "data" / "shapes_eval_by_colour")
-    _run_script(
-        "eval_vision.py",
-        ["--task", "prototype", "--model_name_or_path", *map(str, encoders.values())]
-        + ["--model_labels", *encoders, "--dataset_name", str(by_colour), "--output_dir", str(out / "probe")],
-        logs / "probe.log",
-    )
-    probe = json.loads((out / "probe" / "results.json").read_text())
+    probe = {}
+    for attribute in ("colour", "shape"):
+        folder = _image_folder_by(Path(held_out["images"]), out / "data" / f"shapes_eval_by_{attribute}", attribute)
+        _run_script(
+            "eval_vision.py",
+            ["--task", "prototype", "--model_name_or_path", *map(str, encoders.values())]
+            + [
+                "--model_labels",
+                *encoders,
+                "--dataset_name",
+                str(folder),
+                "--output_dir",
+                str(out / "probe" / attribute),
+            ],
+            logs / f"probe_{attribute}.log",
+        )
+        probe[attribute] = json.loads((out / "probe" / attribute / "results.json").read_text())
 
     def fmt(value, spec=".3f"):
         return "-" if value is None else format(value, spec)
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{fmt(r.get('reward_accuracy_vs_ref'), '.2f'):>15}{r['vision_changed']:>16}"
         )
     lines.append("")
-    lines.append("vision-only prototype probe of the exported encoders (held-out shapes, class = colour):")
+    lines.append("vision-only prototype probe of the exported encoders on held-out shapes (top-1):")
     lines.append(_probe_lines(probe))
     table = "\n".join(lines)
     total_time = time.time() - start
