@@ -297,7 +297,8 @@ class PivotModel(LlavaModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         pair_forward = getattr(self, "pair_forward", None)
-        if pair_forward is not None and past_key_values is None and image_features is None and inputs_embeds is None:
+        plain_inputs = past_key_values is None and image_features is None and inputs_embeds is None
+        if pair_forward is not None and plain_inputs and mm_encoder_outputs is None:
             # Installed at runtime by pivot_hf's DPO trainer (a plain attribute, so checkpoints never depend on it):
             # chosen and rejected rows of a preference pair share their image and prompt, computed once.
             return pair_forward(
