@@ -56,9 +56,7 @@ def main(argv=None):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
-        after_tunable_parts=(lambda m: apply_projector_init(m, model_args))
-        if model_args.projector_init_from
-        else None,
+        after_tunable_parts=lambda m: apply_projector_init(m, model_args),
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

@@ -50,9 +50,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=processor,
         # Stage 3: reused projector layers are loaded (and frozen) after the tunable parts are set.
-        after_tunable_parts=(lambda m: apply_projector_init(m, model_args))
-        if model_args.projector_init_from
-        else None,
+        after_tunable_parts=lambda m: apply_projector_init(m, model_args),
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

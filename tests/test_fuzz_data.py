@@ -247,6 +247,19 @@ def _collate_all(collator, dataset, batch_size=3) -> int:
     return n
 
 
+def _new_stats(**extra) -> dict:
+    return {
+        "cases_tried": 0,
+        "rows": 0,
+        "kept": 0,
+        "skipped": 0,
+        "collated_batches": 0,
+        "skip_reasons": {},
+        "failures": [],
+        **extra,
+    }
+
+
 def _tally(stats: dict, report) -> None:
     stats["kept"] += report.kept
     stats["skipped"] += report.num_skipped
@@ -271,16 +284,7 @@ def test_fuzz_mmpr_loader_and_preference_collator(processor, record_property, tm
 
     pref_collator = DataCollatorForVisionPreference(processor)
     sft_collator = DataCollatorForVisionLanguageModeling(processor)
-    stats = {
-        "cases_tried": 0,
-        "rows": 0,
-        "kept": 0,
-        "skipped": 0,
-        "collated_batches": 0,
-        "skip_reasons": {},
-        "failures": [],
-        "pref_sft_divergent_rows": 0,
-    }
+    stats = _new_stats(pref_sft_divergent_rows=0)
 
     @FUZZ_SETTINGS
     @given(
@@ -344,15 +348,7 @@ def test_fuzz_llava_loader_and_sft_collator(processor, record_property, tmp_path
 
     collator = DataCollatorForVisionLanguageModeling(processor)
     turns_collator = AssistantTurnsVisionCollator(processor)
-    stats = {
-        "cases_tried": 0,
-        "rows": 0,
-        "kept": 0,
-        "skipped": 0,
-        "collated_batches": 0,
-        "skip_reasons": {},
-        "failures": [],
-    }
+    stats = _new_stats()
 
     @settings(FUZZ_SETTINGS, max_examples=MAX_EXAMPLES_LLAVA)
     @given(rows=st.lists(LLAVA_ROW, min_size=1, max_size=5), template=st.sampled_from(["chat", "plain"]))

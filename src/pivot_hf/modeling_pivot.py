@@ -38,9 +38,6 @@ from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, L
 from .configuration_pivot import PivotConfig, num_vision_prefix_tokens, vision_config_from_any
 
 
-# Inputs a vision tower may take besides `pixel_values`; they must not reach the language model.
-VISION_INPUT_NAMES = ("pixel_attention_mask", "spatial_shapes", "image_sizes")
-
 # Sub-modules that come after the encoder blocks in transformers' vision models: pooling heads, and final norms
 # (`post_layernorm`, `layernorm`, `norm`, `rms_norm`, `fc_norm`, ...; a norm applied before the blocks is named
 # `pre_*`, as CLIP's `pre_layrnorm`). They are never reached from a feature layer below the top (PIVOT's -2).
