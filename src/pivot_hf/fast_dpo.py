@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+from .modeling_pivot import model_output, output_image_features
 
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -264,7 +265,7 @@ def pair_forward(
     rows, length = input_ids.shape
     unpacked = flat.index_select(0, packed["flat_index"].reshape(-1)).view(rows, length, -1)
     unpacked = unpacked * packed["valid"][..., None].to(unpacked.dtype)
-    return LlavaModelOutputWithPast(last_hidden_state=unpacked, image_hidden_states=out.image_hidden_states)
+    return model_output(unpacked, image_features=output_image_features(out))
 
 
 def find_pivot_model(model) -> torch.nn.Module | None:

@@ -18,6 +18,7 @@ they load with `trust_remote_code=True` where pivot_hf is not installed.
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import os
 
@@ -36,6 +37,44 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaMultiModalProjector
 
 from .configuration_pivot import PivotConfig, num_vision_prefix_tokens, vision_config_from_any
+
+
+# transformers 5.24 renamed the key/value cache argument and output field `past_key_values` -> `cache`, and replaced the
+# output field `image_hidden_states` by `image_outputs` (the encoder's BaseModelOutputWithPooling). This file travels
+# with checkpoints, so it speaks whichever spelling the installed transformers has, using only its public classes.
+_OUTPUT_FIELDS = {field.name for field in dataclasses.fields(LlavaModelOutputWithPast)}
+CACHE_ARGUMENT = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
+
+
+def model_output(last_hidden_state, cache=None, hidden_states=None, attentions=None, image_features=None):
+    """A `LlavaModelOutputWithPast` in the installed transformers' spelling.
+
+    `image_features`: the projected visual tokens (one `(num_tokens_i, hidden)` tensor per image, or one tensor).
+    """
+    fields = {"last_hidden_state": last_hidden_state, "hidden_states": hidden_states, "attentions": attentions}
+    fields[CACHE_ARGUMENT] = cache
+    if "image_outputs" in _OUTPUT_FIELDS:
+        image_outputs = None
+        if image_features is not None:
+            pooled = list(image_features) if isinstance(image_features, (list, tuple)) else [image_features]
+            image_outputs = BaseModelOutputWithPooling(pooler_output=pooled)
+        fields["image_outputs"] = image_outputs
+    else:
+        fields["image_hidden_states"] = image_features
+    return LlavaModelOutputWithPast(**fields)
+
+
+def output_image_features(output):
+    """The projected visual tokens carried by a Pivot/LLaVA model output, whatever the transformers version."""
+    if "image_outputs" in _OUTPUT_FIELDS:
+        image_outputs = getattr(output, "image_outputs", None)
+        return None if image_outputs is None else image_outputs.pooler_output
+    return getattr(output, "image_hidden_states", None)
+
+
+def cache_from_output(output):
+    """The key/value cache of a model output, whatever the transformers version."""
+    return getattr(output, CACHE_ARGUMENT, None)
 
 
 # Sub-modules that come after the encoder blocks in transformers' vision models: pooling heads, and final norms
@@ -277,7 +316,7 @@ class PivotModel(LlavaModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -290,11 +329,16 @@ class PivotModel(LlavaModel):
     ) -> LlavaModelOutputWithPast:
         """LLaVA's forward, plus NaFlex inputs and `image_features`: already projected visual tokens (one tensor per
         image, or `(num_images, tokens, hidden)`), so callers can encode an image once and reuse it for several
-        sequences (chosen and rejected answers of a preference pair)."""
+        sequences (chosen and rejected answers of a preference pair).
+
+        `cache` is the key/value cache (`past_key_values` before transformers 5.24; both spellings are accepted)."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_values", None)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         pair_forward = getattr(self, "pair_forward", None)
-        plain_inputs = past_key_values is None and image_features is None and inputs_embeds is None
+        plain_inputs = cache is None and image_features is None and inputs_embeds is None
         if pair_forward is not None and plain_inputs and mm_encoder_outputs is None:
             # Installed at runtime by pivot_hf's DPO trainer (a plain attribute, so checkpoints never depend on it):
             # chosen and rejected rows of a preference pair share their image and prompt, computed once.
@@ -331,19 +375,16 @@ class PivotModel(LlavaModel):
             mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
 
+        kwargs[CACHE_ARGUMENT] = cache
         outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
+            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
         )
-        return LlavaModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+        return model_output(
+            outputs.last_hidden_state,
+            cache=cache_from_output(outputs),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            image_features=image_features,
         )
 
 
@@ -386,7 +427,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         vision_feature_layer=None,
         vision_feature_select_strategy=None,
@@ -399,12 +440,15 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         image_features=None,
         **kwargs,
     ):
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_values", None)
+        kwargs[CACHE_ARGUMENT] = cache
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
