@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Process-wide counters (the cache object keeps its own too); tests and logs read them to prove cache reuse.
 CACHE_STATS = {"hits": 0, "misses": 0}
-POOLINGS = ("mean", "none")
+POOLINGS = ("mean", "none", "cls", "first_token")
+ALIGNMENT_POOLINGS = ("auto", "cls", "mean", "first_token")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -71,9 +72,10 @@ def _num_prefix_tokens(vision_config) -> int | None:
 
 
 def all_layer_patch_features(
-    vision_tower, pixel_values, num_prefix_tokens: int | None = None, **vision_inputs
+    vision_tower, pixel_values, num_prefix_tokens: int | None = None, keep_prefix: bool = False, **vision_inputs
 ) -> list[torch.Tensor | list[torch.Tensor]]:
-    """Patch tokens of every hidden state (embeddings output included), prefix tokens (CLS/registers) dropped.
+    """Tokens of every hidden state (embeddings output first), prefix tokens (CLS/registers) dropped unless
+    `keep_prefix` (then the full sequence, CLS at index 0 for families that have one).
 
     SigLIP2 NaFlex inputs give, per hidden state, one `(valid_patches_i, D)` tensor per image: padding patches are
     not features and must not enter a mean.
@@ -84,12 +86,26 @@ def all_layer_patch_features(
         raise ValueError(
             f"Unknown vision family {vision_tower.config.model_type!r}: cannot tell CLS/patch tokens apart."
         )
-    hidden = [h[:, prefix:] for h in out.hidden_states]
+    hidden = [h if keep_prefix else h[:, prefix:] for h in out.hidden_states]
     mask = vision_inputs.get("pixel_attention_mask")
     if mask is None:
         return hidden
-    mask = mask.to(torch.bool)
+    mask = mask.to(torch.bool)  # NaFlex families have no prefix tokens, so the mask lines up with the sequence
     return [[tokens[m] for tokens, m in zip(h, mask)] for h in hidden]
+
+
+def resolve_pooling(num_prefix_tokens: int | None, requested: str) -> str:
+    """The alignment pooling actually used: "auto" is the CLS token for families with one (a prefix token at index
+    0: CLIP, DINOv2, ViT, MAE, ...), the mean over patch tokens otherwise (SigLIP, SigLIP2). Raises for "cls" on a
+    family without a CLS token."""
+    if requested not in ALIGNMENT_POOLINGS:
+        raise ValueError(f"alignment pooling must be one of {ALIGNMENT_POOLINGS}, got {requested!r}")
+    has_cls = bool(num_prefix_tokens)
+    if requested == "auto":
+        return "cls" if has_cls else "mean"
+    if requested == "cls" and not has_cls:
+        raise ValueError("--alignment_pooling cls: this vision family has no CLS token; use auto or mean")
+    return requested
 
 
 def _read_config(path: str) -> dict:
@@ -223,11 +239,18 @@ class VisionBackbone:
         return feats
 
     @torch.no_grad()
-    def encode_all_layers(self, pixel_values: torch.Tensor, **vision_inputs) -> list[torch.Tensor]:
+    def encode_all_layers(self, pixel_values: torch.Tensor, keep_prefix: bool = False, **vision_inputs) -> list:
         pixel_values = pixel_values.to(self.device, self.dtype)
         self.num_images_encoded += pixel_values.shape[0]
+        return all_layer_patch_features(
+            self.vision_tower, pixel_values, num_prefix_tokens=self.num_prefix_tokens(), keep_prefix=keep_prefix,
+            **vision_inputs,
+        )  # fmt: skip
+
+    def num_prefix_tokens(self) -> int | None:
+        """Leading non-patch tokens of the tower (CLS, registers); None for an unknown family."""
         prefix = getattr(self.model.config, "vision_num_prefix_tokens", None) if self.is_mllm else None
-        return all_layer_patch_features(self.vision_tower, pixel_values, num_prefix_tokens=prefix, **vision_inputs)
+        return _num_prefix_tokens(self.vision_tower.config) if prefix is None else prefix
 
     def patch_size(self) -> int:
         cfg = self.vision_tower.config
@@ -326,19 +349,24 @@ class _CacheWriter:
 # Extraction
 # ---------------------------------------------------------------------------------------------------------------------
 def pool_tokens(tokens: torch.Tensor | list[torch.Tensor], pooling: str) -> torch.Tensor:
-    """(B, N, D) -> (B, D) for "mean" (mean over patch tokens; SigLIP has no CLS), unchanged for "none".
+    """(B, N, D) -> (B, D): "mean" over the tokens given (patch tokens; SigLIP has no CLS), "cls" / "first_token" the
+    token at index 0 (given a sequence that keeps its prefix: the CLS token); "none" leaves the tokens unchanged.
 
     A list (one `(N_i, D)` tensor per image: SigLIP2 NaFlex, whose images have different patch counts) is pooled
     image by image."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if isinstance(tokens, (list, tuple)):
         if pooling == "mean":
             return torch.stack([t.float().mean(dim=0) for t in tokens])
+        if pooling in ("cls", "first_token"):
+            return torch.stack([t[0].float() for t in tokens])
         raise ValueError("pooling='none' needs the same number of tokens per image (not SigLIP2 NaFlex inputs)")
     if pooling == "mean":
         return tokens.float().mean(dim=1)
-    if pooling == "none":
-        return tokens
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling in ("cls", "first_token"):
+        return tokens[:, 0].float()
+    return tokens
 
 
 class _IndexDataset(torch.utils.data.Dataset):
@@ -369,8 +397,12 @@ def extract_features(
 ) -> np.ndarray:
     """Encode `num_images` images (index -> PIL image callable, or a sequence) into an array, through the cache.
 
-    Returns (N, D) for mean pooling, (N, P, D) for "none"; `all_layers` adds a leading layer axis.
+    Returns (N, D) for mean / cls pooling, (N, P, D) for "none"; `all_layers` adds a leading layer axis (every
+    hidden state, embeddings output first). "cls" / "first_token" need `all_layers` (the single-layer path drops the
+    prefix tokens).
     """
+    if pooling in ("cls", "first_token") and not all_layers:
+        raise ValueError(f"pooling={pooling!r} is available with all_layers=True (the alignment stack) only")
     get = images if callable(images) else images.__getitem__
     cache = cache or FeatureCache(None)
     # The display name is left out of the key: the same weights in another folder (an exported copy) still hit.
@@ -404,7 +436,9 @@ def extract_features(
             idx = range(start, min(start + batch_size, num_images))
             pixel_values = inputs.pop("pixel_values")
             if all_layers:
-                layers = backbone.encode_all_layers(pixel_values, **inputs)
+                layers = backbone.encode_all_layers(
+                    pixel_values, keep_prefix=pooling in ("cls", "first_token"), **inputs
+                )
                 feats = torch.stack([pool_tokens(t, pooling) for t in layers])
                 out = writer.array("features", (feats.shape[0], num_images, *feats.shape[2:]), store_dtype)
                 out[:, start : start + len(idx)] = feats.float().cpu().numpy()

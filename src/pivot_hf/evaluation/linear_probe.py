@@ -4,6 +4,14 @@ CLIP's recipe: scikit-learn `LogisticRegression` (L2, lbfgs, max_iter=1000). The
 is chosen on a validation split held out of train: a coarse grid lambda in {1e-6, 1e-4, ..., 1e6}, then a binary
 refinement that evaluates the two neighbours of the current best at half the previous step, until the step is 1/8 of a
 decade. The classifier is then refit on train + validation with the chosen C and scored (top-1) on the test split.
+
+Ties between C values go to the larger C (weaker regularisation), as in the reference sweep (CLIP_benchmark's
+`find_peak`: candidates are visited from the smallest lambda = 1/C up and only a strictly better score replaces the
+best). On small validation splits ties are common, so the rule moves top-1 by points; `tie_break="smaller"` keeps the
+other rule for comparison.
+
+The prototype probe's weights are the raw per-class mean features (the paper's wording: "the weights of a linear layer
+are the per-class mean features"); `normalize=True` gives the cosine variant (L2-normalised features and means).
 """
 
 from __future__ import annotations
@@ -32,21 +40,29 @@ class SweepResult:
         return 10.0**self.best_log10_c
 
 
-def _better(score: float, log10_c: float, best_score: float, best_log10_c: float) -> bool:
-    # Ties go to the smaller C (stronger regularisation): the simpler model, and a deterministic choice.
-    return score > best_score or (score == best_score and log10_c < best_log10_c)
+TIE_BREAKS = ("larger", "smaller")
+
+
+def _better(score: float, log10_c: float, best_score: float, best_log10_c: float, tie_break: str = "larger") -> bool:
+    if score != best_score:
+        return score > best_score
+    return log10_c > best_log10_c if tie_break == "larger" else log10_c < best_log10_c
 
 
 def sweep_regularization(
     score_fn: Callable[[float], float],
     coarse: tuple[float, ...] = COARSE_LOG10_C,
     steps_per_decade: int = 8,
+    tie_break: str = "larger",
 ) -> SweepResult:
     """Maximise `score_fn(C)` over C: the coarse grid, then binary refinement to `1/steps_per_decade` decades.
 
     Works in log10(C). Each refinement round halves the step and evaluates best - step and best + step (clipped to the
-    coarse range), keeping whichever of the three is best. Scores are memoised, so no C is fitted twice.
+    coarse range), keeping whichever of the three is best; equal scores go to the larger C (`tie_break="larger"`, the
+    reference's rule) or the smaller. Scores are memoised, so no C is fitted twice.
     """
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
     evaluated: dict[float, float] = {}
 
     def score(log10_c: float) -> float:
@@ -58,7 +74,7 @@ def sweep_regularization(
     best, best_s = None, -math.inf
     for lc in coarse:
         s = score(lc)
-        if best is None or _better(s, lc, best_s, best):
+        if best is None or _better(s, lc, best_s, best, tie_break):
             best, best_s = lc, s
     step = (coarse[1] - coarse[0]) if len(coarse) > 1 else 1.0
     lo, hi = min(coarse), max(coarse)
@@ -68,7 +84,7 @@ def sweep_regularization(
         for lc in (center - step, center + step):
             if lo - 1e-9 <= lc <= hi + 1e-9:
                 s = score(lc)
-                if _better(s, round(lc, 6), best_s, best):
+                if _better(s, round(lc, 6), best_s, best, tie_break):
                     best, best_s = round(lc, 6), s
     return SweepResult(best, best_s, evaluated)
 
@@ -107,8 +123,10 @@ def linear_probe(
     max_iter: int = 1000,
     steps_per_decade: int = 8,
     coarse: tuple[float, ...] = COARSE_LOG10_C,
+    tie_break: str = "larger",
 ) -> dict:
-    """CLIP-style probe: sweep C on a held-out val split of train, refit on train + val, top-1 on test."""
+    """CLIP-style probe: sweep C on a held-out val split of train (`seed` draws that split), refit on train + val,
+    top-1 on test. Ties between C values go to the larger C unless `tie_break="smaller"`."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -124,7 +142,7 @@ def linear_probe(
         logger.info("linear probe C=%.3g val top-1 %.4f", c, s)
         return s
 
-    sweep = sweep_regularization(val_score, coarse, steps_per_decade)
+    sweep = sweep_regularization(val_score, coarse, steps_per_decade, tie_break)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = _logreg(sweep.best_c, max_iter, seed).fit(train_x, train_y)
@@ -134,6 +152,7 @@ def linear_probe(
         "best_lambda": 1.0 / sweep.best_c,
         "val_top1": sweep.best_score,
         "num_fits": len(sweep.evaluated),
+        "tie_break": tie_break,
         "sweep": {f"{10**k:.6g}": v for k, v in sweep.evaluated.items()},
         "num_train": int(len(tr)),
         "num_val": int(len(va)),
@@ -145,8 +164,9 @@ def _l2n(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def prototype_weights(x: np.ndarray, y: np.ndarray, num_classes: int | None = None, normalize: bool = True):
-    """Linear-layer weights (C, D) = per-class mean features (of L2-normalised features when `normalize`)."""
+def prototype_weights(x: np.ndarray, y: np.ndarray, num_classes: int | None = None, normalize: bool = False):
+    """Linear-layer weights (C, D) = per-class mean of the raw features (paper); with `normalize`, the L2-normalised
+    mean of L2-normalised features (a cosine classifier)."""
     x = np.asarray(x, dtype=np.float64)
     x = _l2n(x) if normalize else x
     num_classes = num_classes or int(y.max()) + 1
@@ -158,9 +178,10 @@ def prototype_weights(x: np.ndarray, y: np.ndarray, num_classes: int | None = No
 
 
 def prototype_classifier(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, normalize: bool = True
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, normalize: bool = False
 ) -> dict:
-    """Prototype probe: logits = x @ W^T with W the class means; top-1 on test. No hyperparameter, so no val split."""
+    """Prototype probe: logits = x @ W^T with W the raw class means (no bias); top-1 on test. With `normalize`, x and
+    W are L2-normalised (cosine). No hyperparameter and no randomness, so no val split and no seed."""
     train_y = np.asarray(train_y)
     w = prototype_weights(train_x, train_y, int(max(train_y.max(), np.asarray(test_y).max())) + 1, normalize)
     tx = np.asarray(test_x, dtype=np.float64)

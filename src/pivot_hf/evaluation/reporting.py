@@ -2,6 +2,7 @@
 
 Layout of results.json:
     {"task", "primary_metric", "settings": {...}, "seeds": [...], "data": {...identity...},
+     "protocol": {"reference", "knobs": {name: {"value", "reference", "source"}}, "differs_from_reference": [...]},
      "runs": [{"label", "model": {...identity...}, "metrics": {name: value}, "details": {...}}], "versions": {...}}
 A run is one evaluated model; several runs in one file are what the chart compares (e.g. base vs SFT vs PIVOT).
 """
@@ -58,8 +59,10 @@ def write_results(
     seeds: list[int],
     data: dict,
     chart: bool = True,
+    protocol: dict | None = None,
 ) -> dict:
-    """Write `results.json`, `summary.md` and (if `chart`) `summary.png`; return the paths."""
+    """Write `results.json`, `summary.md` and (if `chart`) `summary.png`; return the paths. `protocol` (see
+    `protocol.protocol_record`) names the knobs that differ from the reference implementation."""
     os.makedirs(output_dir, exist_ok=True)
     doc = {
         "task": task,
@@ -67,6 +70,7 @@ def write_results(
         "settings": settings,
         "seeds": list(seeds),
         "data": data,
+        "protocol": protocol,
         "runs": runs,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
@@ -100,6 +104,15 @@ def markdown_summary(doc: dict) -> str:
         lines.append(f"| {r['label']} | " + " | ".join(_fmt(r["metrics"].get(m, "")) for m in metrics) + " |")
     lines += ["", "## Settings", ""]
     lines += [f"- `{k}`: {_fmt(v)}" for k, v in doc["settings"].items()]
+    proto = doc.get("protocol")
+    if proto:
+        lines += ["", f"## Protocol (reference: {proto['reference']})", ""]
+        differs = proto["differs_from_reference"]
+        lines.append("Differs from the reference: " + (", ".join(f"`{k}`" for k in differs) if differs else "nothing"))
+        lines.append("")
+        for k, v in proto["knobs"].items():
+            mark = " **(differs)**" if k in differs else ""
+            lines.append(f"- `{k}`: {_fmt(v['value'])} (reference: {_fmt(v['reference'])}; {v['source']}){mark}")
     lines += ["", f"Seeds: {doc['seeds']}", "", f"Data: `{json.dumps(_jsonable(doc['data']), default=str)}`", ""]
     lines += [f"- {r['label']}: `{json.dumps(_jsonable(r.get('model', {})), default=str)}`" for r in runs]
     return "\n".join(lines) + "\n"

@@ -12,9 +12,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 TASKS = ("linear_probe", "prototype", "segmentation", "gradcam", "alignment")
-# The paper's seed counts: segmentation reports six seeds, alignment averages three; the probes are deterministic
-# given the validation split, so one seed.
-DEFAULT_SEEDS = {"segmentation": [0, 1, 2, 3, 4, 5], "alignment": [0, 1, 2]}
+# Seeds vary what they claim to vary. Segmentation: head initialisation and batch order (the paper reports six).
+# Linear probe: the validation split. Alignment: the pairs drawn when `alignment_max_samples` is set (three draws);
+# with all pairs the score is deterministic, so one seed (the paper's three seeds are three trained encoders: pass
+# them as models). Prototype: deterministic, one seed.
+DEFAULT_SEEDS = {"segmentation": [0, 1, 2, 3, 4, 5]}
 
 
 def default_cache_dir() -> str:
@@ -66,7 +68,9 @@ class EvalVisionArguments:
     seeds: list[int] | None = field(
         default=None,
         metadata={
-            "help": "Seeds (val split / head init / subsample). Default: 6 for segmentation, 3 alignment, else 1."
+            "help": "Seeds: linear_probe -> the validation split; segmentation -> head init + batch order (default "
+            "6); alignment -> the pairs drawn (needs alignment_max_samples; default 3 then, else 1); prototype has "
+            "no randomness (1). The paper's seeds are trained encoders: pass them as several models."
         },
     )
     # features
@@ -83,7 +87,15 @@ class EvalVisionArguments:
     )
     pooling: str = field(
         default="mean",
-        metadata={"help": "Per-image pooling for the probes: mean over patch tokens.", "choices": ("mean",)},
+        metadata={"help": "Per-image pooling for the probes: mean over patch tokens (paper).", "choices": ("mean",)},
+    )
+    alignment_pooling: str = field(
+        default="auto",
+        metadata={
+            "help": "Vision pooling for alignment: auto = CLS token for families with one (CLIP, DINOv2, ViT, MAE), "
+            "mean over patch tokens otherwise (SigLIP); first_token = token 0 whatever it is (platonic-rep literal).",
+            "choices": ("auto", "cls", "mean", "first_token"),
+        },
     )
     batch_size: int = field(default=64, metadata={"help": "Images per encoder forward."})
     dataloader_num_workers: int = field(
@@ -108,8 +120,18 @@ class EvalVisionArguments:
     val_fraction: float = field(default=0.1, metadata={"help": "Share of train held out to choose C (per class)."})
     max_iter: int = field(default=1000, metadata={"help": "LogisticRegression max_iter (CLIP recipe: 1000)."})
     steps_per_decade: int = field(default=8, metadata={"help": "Resolution of the binary C search (CLIP: 8)."})
+    c_tie_break: str = field(
+        default="larger",
+        metadata={
+            "help": "Equal validation top-1 for several C: the larger C wins (reference) or the smaller.",
+            "choices": ("larger", "smaller"),
+        },
+    )
     prototype_normalize: bool = field(
-        default=True, metadata={"help": "Prototype probe on L2-normalised features and class means (cosine)."}
+        default=False,
+        metadata={
+            "help": "False (paper): weights = raw class-mean features. True: cosine (L2-normalised features/means)."
+        },
     )
     # segmentation
     num_classes: int = field(default=151, metadata={"help": "Segmentation outputs (ADE20K: 150 classes + unlabeled)."})
@@ -118,7 +140,21 @@ class EvalVisionArguments:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the segmentation head."})
     seg_batch_size: int = field(default=32, metadata={"help": "Images per segmentation-head step."})
     num_train_epochs: int = field(default=5, metadata={"help": "Segmentation-head epochs."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Warmup share of the cosine schedule."})
+    seg_warmup_steps: int = field(default=500, metadata={"help": "Linear warmup updates from lr 0 (patch-seg: 500)."})
+    seg_min_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Floor of the cosine decay (patch-seg's min_lr: 1e-4)."}
+    )
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "When set, warmup = this share of all updates instead of seg_warmup_steps."}
+    )
+    seg_drop_last: bool = field(default=True, metadata={"help": "Drop the last partial training batch (patch-seg)."})
+    seg_autocast: str = field(
+        default="auto",
+        metadata={
+            "help": "Head autocast: auto = bfloat16 on CUDA (patch-seg), none on CPU.",
+            "choices": ("auto", "bfloat16", "none"),
+        },
+    )
     threshold: float = field(default=0.5, metadata={"help": "Sigmoid threshold for a positive patch prediction."})
     image_size: int | None = field(default=None, metadata={"help": "Square input size (default: the processor's)."})
     # alignment
@@ -127,11 +163,28 @@ class EvalVisionArguments:
         metadata={"help": "Reference LLM for caption features (default: the Pivot checkpoint's own LLM)."},
     )
     knn_k: int = field(default=10, metadata={"help": "k of mutual kNN."})
-    clamp_quantile: float = field(default=0.95, metadata={"help": "Clamp features to this quantile of |x|."})
+    clamp_quantile: float = field(
+        default=0.95, metadata={"help": "Clamp each model's feature stack to this quantile of |x|."}
+    )
+    clamp_method: str = field(
+        default="mean_per_sample",
+        metadata={
+            "help": "One threshold per stack: mean_per_sample (platonic-rep's measure_alignment.py default) = mean "
+            "over samples of each sample's quantile over layers x dim; exact (its --precise) = sorted |x| at q*numel.",
+            "choices": ("mean_per_sample", "exact"),
+        },
+    )
+    alignment_include_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Add the embeddings output to the vision layers (the reference uses block outputs only)."},
+    )
     alignment_max_samples: int | None = field(
         default=None, metadata={"help": "Pairs drawn per seed (default: all pairs; the paper uses 1024 WIT pairs)."}
     )
-    caption_max_length: int = field(default=256, metadata={"help": "Caption tokens kept for the LLM."})
+    caption_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate captions to this many tokens (default: whole captions, as the reference)."},
+    )
     # gradcam
     image: str | None = field(default=None, metadata={"help": "gradcam: one image path (instead of dataset_name)."})
     question: str | None = field(default=None, metadata={"help": "gradcam: the question of that sample."})
@@ -169,7 +222,20 @@ class EvalVisionArguments:
         if self.model_labels and len(self.model_labels) != len(self.model_name_or_path):
             raise ValueError("--model_labels needs one label per --model_name_or_path")
         if self.seeds is None:
-            self.seeds = DEFAULT_SEEDS.get(self.task, [0])
+            if self.task == "alignment":
+                self.seeds = [0, 1, 2] if self.alignment_max_samples else [0]
+            else:
+                self.seeds = DEFAULT_SEEDS.get(self.task, [0])
+        if self.task == "alignment":
+            from .alignment import check_alignment_seeds
+
+            check_alignment_seeds(self.seeds, self.alignment_max_samples)
+        if self.task == "prototype" and len(self.seeds) > 1:
+            raise ValueError(
+                f"prototype with seeds {self.seeds}: the prototype probe has no randomness (class means of all train "
+                "features), so every seed gives the same number. Pass one seed; --subset_seed draws the train/test "
+                "subsets, and the paper's seeds are trained encoders -- pass each as a --model_name_or_path."
+            )
 
     def labels(self) -> list[str]:
         return self.model_labels or [os.path.basename(os.path.normpath(m)) or m for m in self.model_name_or_path]
@@ -215,6 +281,7 @@ def _run_classification(args: EvalVisionArguments, backbones=None) -> dict:
     from .data import load_classification_dataset
     from .features import CACHE_STATS, extract_features
     from .linear_probe import linear_probe, prototype_classifier, stratified_split
+    from .protocol import classification_protocol
     from .reporting import write_results
 
     splits = load_classification_dataset(
@@ -242,7 +309,7 @@ def _run_classification(args: EvalVisionArguments, backbones=None) -> dict:
             if args.task == "linear_probe":
                 r = linear_probe(
                     feats["train"], train.labels, feats["test"], test.labels, args.val_fraction, seed, args.max_iter,
-                    args.steps_per_decade,
+                    args.steps_per_decade, tie_break=args.c_tie_break,
                 )  # fmt: skip
             else:
                 r = prototype_classifier(
@@ -270,16 +337,25 @@ def _run_classification(args: EvalVisionArguments, backbones=None) -> dict:
     }
     keys = ["source", "vision_feature_layer", "pooling", "max_train_samples", "max_test_samples", "subset_seed"]
     keys += (
-        ["val_fraction", "max_iter", "steps_per_decade"] if args.task == "linear_probe" else ["prototype_normalize"]
+        ["val_fraction", "max_iter", "steps_per_decade", "c_tie_break"]
+        if args.task == "linear_probe"
+        else ["prototype_normalize"]
     )
     settings = _settings(args, keys)
     settings["classifier"] = (
         "sklearn LogisticRegression(L2, lbfgs); C swept coarse 1e-6..1e6 then binary to 1/8 decade; refit train+val"
         if args.task == "linear_probe"
-        else "prototype: class-mean linear layer"
+        else "prototype: linear layer with the "
+        + (
+            "L2-normalised class means of L2-normalised features (cosine)"
+            if args.prototype_normalize
+            else "raw class means"
+        )
     )
     settings["pooling_used"] = "mean over patch tokens (prefix tokens dropped)"
-    out = write_results(args.output_dir, args.task, runs, "top1", settings, args.seeds, data)
+    out = write_results(
+        args.output_dir, args.task, runs, "top1", settings, args.seeds, data, protocol=classification_protocol(args)
+    )
     out["cache"] = {"hits": cache.hits, "misses": cache.misses, "process_hits": CACHE_STATS["hits"]}
     return out
 
@@ -289,9 +365,11 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
 
     from .data import load_ade20k
     from .features import FeatureCache, extract_features
+    from .protocol import segmentation_protocol
     from .reporting import write_results
     from .segmentation import (
         SegProbeConfig,
+        check_seg_train_size,
         preprocess_image,
         segmentation_labels,
         summarize_seeds,
@@ -302,9 +380,12 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
     train = splits["train"].subset(args.max_train_samples, args.subset_seed)
     test = splits["test"].subset(args.max_test_samples, args.subset_seed)
     cfg = SegProbeConfig(
-        args.num_classes, args.head_hidden, args.learning_rate, args.weight_decay, args.seg_batch_size,
-        args.num_train_epochs, args.warmup_ratio, args.threshold,
+        num_classes=args.num_classes, hidden=args.head_hidden, lr=args.learning_rate, weight_decay=args.weight_decay,
+        batch_size=args.seg_batch_size, epochs=args.num_train_epochs, warmup_steps=args.seg_warmup_steps,
+        min_lr=args.seg_min_learning_rate, warmup_ratio=args.warmup_ratio, drop_last=args.seg_drop_last,
+        autocast=args.seg_autocast, threshold=args.threshold,
     )  # fmt: skip
+    check_seg_train_size(len(train), cfg)  # before any image is encoded
     cache = _cache(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runs = []
@@ -364,12 +445,15 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
     }
     settings = _settings(
         args, ["source", "vision_feature_layer", "num_classes", "head_hidden", "learning_rate", "weight_decay",
-               "seg_batch_size", "num_train_epochs", "warmup_ratio", "threshold", "image_size", "max_train_samples",
-               "max_test_samples"],
+               "seg_batch_size", "num_train_epochs", "seg_warmup_steps", "seg_min_learning_rate", "warmup_ratio",
+               "seg_drop_last", "seg_autocast", "threshold", "image_size", "max_train_samples", "max_test_samples"],
     )  # fmt: skip
     settings["labels"] = "multi-hot union per patch; class 0 cleared where another class is present"
     settings["selection"] = "best epoch by validation macro recall (classes with >= 1 positive patch)"
-    return write_results(args.output_dir, args.task, runs, "macro_recall_mean", settings, args.seeds, data)
+    return write_results(
+        args.output_dir, args.task, runs, "macro_recall_mean", settings, args.seeds, data,
+        protocol=segmentation_protocol(args, cfg, device),
+    )  # fmt: skip
 
 
 def _text_model(args: EvalVisionArguments, bb):
@@ -390,31 +474,39 @@ def _text_model(args: EvalVisionArguments, bb):
 
 
 def _run_alignment(args: EvalVisionArguments, backbones=None) -> dict:
-    from .alignment import alignment_over_seeds, language_features
+    from .alignment import alignment_over_seeds, check_alignment_seeds, language_features
     from .data import load_caption_pairs
-    from .features import extract_features
+    from .features import extract_features, resolve_pooling
+    from .protocol import alignment_protocol
     from .reporting import write_results
 
     pairs = load_caption_pairs(
         args.dataset_name, args.test_split, args.image_column, args.text_column, args.dataset_config,
         args.dataset_revision,
     )  # fmt: skip
+    check_alignment_seeds(args.seeds, args.alignment_max_samples, len(pairs))  # before any model runs
     cache = _cache(args)
-    runs, text_cache = [], {}
+    runs, text_cache, pooled_with, text_dtypes = [], {}, [], []
     for i, (name, label) in enumerate(zip(args.model_name_or_path, args.labels())):
         bb = backbones[i] if backbones else _backbone(args, name)
+        pooling = resolve_pooling(bb.num_prefix_tokens(), args.alignment_pooling)
+        pooled_with.append(pooling)
         vis = extract_features(
-            bb, pairs.image, len(pairs), pairs.fingerprint, "mean", args.batch_size, cache, all_layers=True,
+            bb, pairs.image, len(pairs), pairs.fingerprint, pooling, args.batch_size, cache, all_layers=True,
             store_dtype=args.cache_dtype, num_workers=args.dataloader_num_workers, desc=f"{label} layers",
         )  # fmt: skip
+        # The reference's vision layers are the block outputs; hidden state 0 (the embeddings) is not one of them
+        # (and its CLS token is the same learned vector for every image).
+        vis = np.asarray(vis if args.alignment_include_embeddings else vis[1:])
         model, tok, tname, device = _text_model(args, bb)
         if tname not in text_cache:  # one reference LLM serves every compared encoder
             text_cache[tname] = language_features(
                 model, tok, pairs.captions, args.batch_size, device, args.caption_max_length
             )
+        text_dtypes.append(str(next(model.parameters()).dtype).replace("torch.", ""))
         res = alignment_over_seeds(
-            np.asarray(vis), text_cache[tname], args.knn_k, tuple(args.seeds), args.alignment_max_samples,
-            args.clamp_quantile,
+            vis, text_cache[tname], args.knn_k, tuple(args.seeds), args.alignment_max_samples, args.clamp_quantile,
+            args.clamp_method,
         )  # fmt: skip
         best = max(res["per_seed"], key=lambda r: r["alignment"])
         runs.append(
@@ -427,16 +519,30 @@ def _run_alignment(args: EvalVisionArguments, backbones=None) -> dict:
                     "best_vision_layer": best["best_vision_layer"],
                     "best_text_layer": best["best_text_layer"],
                 },
-                "details": {**res, "text_model": tname, "vision_layers": int(vis.shape[0])},
+                "details": {
+                    **res,
+                    "text_model": tname,
+                    "vision_layers": int(vis.shape[0]),
+                    "vision_pooling": pooling,
+                    "vision_layer_index": "hidden-state index" if args.alignment_include_embeddings else "block index",
+                },
                 "images_encoded": bb.num_images_encoded,
             }
         )
     data = {"dataset_name": args.dataset_name, "fingerprint": pairs.fingerprint, "size": len(pairs)}
     settings = _settings(
-        args, ["text_model_name_or_path", "knn_k", "clamp_quantile", "alignment_max_samples", "caption_max_length"]
+        args, ["text_model_name_or_path", "knn_k", "clamp_quantile", "clamp_method", "alignment_max_samples",
+               "caption_max_length", "alignment_pooling", "alignment_include_embeddings"],
+    )  # fmt: skip
+    settings["features"] = (
+        "vision: per block output, the CLS token (families with one) or the mean over patch tokens; "
+        "language: mean over caption tokens of every hidden state"
     )
-    settings["features"] = "vision: mean over patch tokens of every hidden state; language: mean over caption tokens"
-    return write_results(args.output_dir, args.task, runs, "alignment_mean", settings, args.seeds, data)
+    text_dtype = text_dtypes[0] if len(set(text_dtypes)) == 1 else ", ".join(text_dtypes)
+    return write_results(
+        args.output_dir, args.task, runs, "alignment_mean", settings, args.seeds, data,
+        protocol=alignment_protocol(args, pooled_with, text_dtype),
+    )  # fmt: skip
 
 
 def map_concentration(tokens: np.ndarray, top_fraction: float = 0.1) -> float:
