@@ -102,6 +102,9 @@ def test_linear_probe_cli_with_yaml_config(assets, tmp_path):
     assert [r["label"] for r in res["runs"]] == ["siglip", "dinov2"]
     assert res["settings"]["steps_per_decade"] == 2 and res["runs"][0]["metrics"]["best_C"] > 0
     assert res["data"]["train"]["size"] == 60 and res["data"]["test"]["size"] == 25
+    # the protocol names the one knob this run changed from the reference sweep
+    assert res["protocol"]["differs_from_reference"] == ["steps_per_decade"]
+    assert res["protocol"]["knobs"]["c_tie_break"]["value"] == "larger"
 
 
 def test_prototype_smoke(assets, tmp_path):
@@ -113,6 +116,7 @@ def test_prototype_smoke(assets, tmp_path):
     )  # fmt: skip
     res = _check_outputs(out, "prototype", 1, "top1")
     assert res["runs"][0]["model"]["source"] == "projector"
+    assert res["settings"]["prototype_normalize"] is False and res["protocol"]["differs_from_reference"] == []
 
 
 def test_segmentation_smoke(assets, tmp_path):
@@ -130,22 +134,35 @@ def test_segmentation_smoke(assets, tmp_path):
     vals = [s["macro_recall"] for s in det["per_seed"]]
     assert res["runs"][0]["metrics"]["macro_recall_mean"] == pytest.approx(np.mean(vals))
     assert res["runs"][0]["metrics"]["macro_recall_std"] == pytest.approx(np.std(vals, ddof=1))
+    # 5 training images in batches of 2 with drop_last: 2 updates per epoch; CPU runs without autocast
+    assert all(s["num_steps"] == 4 and s["warmup_steps"] == 500 for s in det["per_seed"])
+    proto = res["protocol"]
+    assert proto["knobs"]["min_learning_rate"]["value"] == 1e-4 and proto["knobs"]["drop_last"]["value"] is True
+    assert set(proto["differs_from_reference"]) == {"batch_size", "epochs", "autocast", "head"}
 
 
 def test_alignment_smoke(assets, tmp_path):
     out = tmp_path / "align"
     _recipe().main(
-        ["--task", "alignment", "--model_name_or_path", assets["vision"], assets["pivot"], "--text_model_name_or_path",
-         assets["llm"], "--dataset_name", str(assets["base"] / "caps"), "--knn_k", "3", "--seeds", "0", "1",
-         "--alignment_max_samples", "10", "--output_dir", str(out), "--cache_dir", str(tmp_path / "c"),
-         "--device", "cpu"]
+        ["--task", "alignment", "--model_name_or_path", assets["vision"], assets["pivot"], assets["dino"],
+         "--text_model_name_or_path", assets["llm"], "--dataset_name", str(assets["base"] / "caps"), "--knn_k", "3",
+         "--seeds", "0", "1", "--alignment_max_samples", "10", "--output_dir", str(out), "--cache_dir",
+         str(tmp_path / "c"), "--device", "cpu"]
     )  # fmt: skip
-    res = _check_outputs(out, "alignment", 2, "alignment_mean")
+    res = _check_outputs(out, "alignment", 3, "alignment_mean")
     det = res["runs"][0]["details"]
-    assert det["vision_layers"] == 4  # embeddings + 3 blocks of the tiny tower
-    assert np.asarray(det["per_seed"][0]["matrix"]).shape == (4, 3)  # x (embeddings + 2 LLM layers)
+    assert det["vision_layers"] == 3  # the 3 block outputs of the tiny tower (embeddings are not a layer)
+    assert np.asarray(det["per_seed"][0]["matrix"]).shape == (3, 3)  # x (embeddings + 2 LLM layers)
     # The Pivot was composed from the same encoder: identical vision features, identical alignment.
     assert res["runs"][0]["metrics"]["alignment_mean"] == pytest.approx(res["runs"][1]["metrics"]["alignment_mean"])
+    # SigLIP has no CLS token (mean over patches), DINOv2 has one (CLS); both recorded, the difference flagged
+    assert [r["details"]["vision_pooling"] for r in res["runs"]] == ["mean", "mean", "cls"]
+    proto = res["protocol"]
+    assert proto["knobs"]["clamp_method"]["value"] == "mean_per_sample"
+    assert proto["knobs"]["caption_max_length"]["value"] is None
+    assert {"vision_pooling", "pairs_per_seed"} <= set(proto["differs_from_reference"])
+    assert "clamp_method" not in proto["differs_from_reference"]
+    assert "Differs from the reference" in open(os.path.join(out, "summary.md")).read()
 
 
 def test_gradcam_smoke(assets, tmp_path):
