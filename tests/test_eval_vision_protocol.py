@@ -278,5 +278,10 @@ def test_seg_training_runs_the_reference_schedule_and_drops_the_last_batch():
     expected = [_timm_cosine(t, 1e-3, 1e-4, 2, 6) for t in range(6)]
     np.testing.assert_allclose(out["lr_per_step"], expected, rtol=1e-12, atol=0)
     assert out["autocast"] == "none"  # CPU
+    # the CUDA default's bf16 autocast path, exercised on CPU: same schedule, the head runs in bf16
+    bf16 = SegProbeConfig(**{**cfg.__dict__, "autocast": "bfloat16"})
+    out16 = train_segmentation_probe(feats, labels, feats, labels, bf16, seed=0, record_lr=True)
+    assert out16["autocast"] == "bfloat16" and out16["lr_per_step"] == out["lr_per_step"]
+    assert out16["history"][0]["train_loss"] != out["history"][0]["train_loss"]
     with pytest.raises(ValueError, match="no full batch"):
         train_segmentation_probe(feats[:3], labels[:3], feats, labels, cfg)
