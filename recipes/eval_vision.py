@@ -5,7 +5,9 @@
     python recipes/eval_vision.py --config eval.yaml [--key value ...]     # YAML keys = the flags below
 
 Tasks: linear_probe, prototype, segmentation, gradcam, alignment. Each writes results.json, summary.md, summary.png.
-Every flag is a field of `pivot_hf.evaluation.EvalVisionArguments` (`--help` lists them).
+Every flag is a field of `pivot_hf.evaluation.EvalVisionArguments` (`--help` lists them). The defaults follow the
+reference code the paper names (CLIP / CLIP_benchmark sweep, patch-seg, platonic-rep); results.json's `protocol` block
+records every knob next to the reference's value and lists those a run changed.
 """
 
 import logging

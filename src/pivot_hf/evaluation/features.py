@@ -1,7 +1,7 @@
 """Frozen-encoder feature extraction with a disk cache.
 
 Two kinds of models are read:
-- an exported encoder folder (a plain transformers vision model + image processor, issue 5): features at the trained
+- an exported encoder folder (a plain transformers vision model + image processor): features at the trained
   feature layer (`config.pivot_vision_feature_layer`, else -2, else what the caller passes);
 - a Pivot (or LLaVA) checkpoint: `source="encoder"` gives the tower's patch features at the MLLM's feature layer
   (before the projector, `get_vision_features`), `source="projector"` the LLM's visual tokens (`get_image_features`).
