@@ -150,29 +150,42 @@ class PivotProcessor(ProcessorMixin):
         image_token: str = DEFAULT_IMAGE_TOKEN,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     ) -> "PivotProcessor":
-        if image_token not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens(
-                {"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False
-            )
-        if tokenizer.pad_token is None:
-            # Padding positions are masked out of attention and loss, so any existing token serves.
-            tokenizer.pad_token = tokenizer.eos_token
-        text_template = tokenizer.chat_template
-        if isinstance(text_template, dict):
-            text_template = text_template.get("default")
-        if not text_template:
-            # A base LLM without a template: ChatML, with its markers added as special tokens so they stay atomic.
-            text_template = CHATML_TEMPLATE
-            missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
-            if missing:
-                tokenizer.add_special_tokens(
-                    {"additional_special_tokens": missing}, replace_extra_special_tokens=False
-                )
-            tokenizer.chat_template = text_template
+        text_template = prepare_tokenizer(tokenizer, image_token)
         chat_template = multimodal_chat_template(text_template, image_token, system_prompt)
         return cls(
             image_processor, tokenizer, patch_size=patch_size, image_token=image_token, chat_template=chat_template
         )
 
 
-__all__ = ["PivotProcessor", "multimodal_chat_template", "DEFAULT_IMAGE_TOKEN", "DEFAULT_SYSTEM_PROMPT"]
+def prepare_tokenizer(tokenizer, image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
+    """Make an LLM's tokenizer the tokenizer of a Pivot MLLM, in place; return the text chat template.
+
+    The one rule both `from_vision_text_pretrained`s (processor and model) follow, so they agree by construction:
+    `image_token` becomes a special token (its id is the tokenizer's: `len(tokenizer)` before adding it, which for
+    Qwen2.5 is 151,665, inside the model's 151,936 embedding rows), a missing pad token becomes the EOS token, and a
+    base LLM without a chat template gets ChatML with `<|im_start|>`/`<|im_end|>` added as special tokens. The model
+    then sizes its embeddings to `max(vocab_size, len(tokenizer))`, so every added token has a row. Idempotent.
+    """
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)
+    # Read back by `PivotForConditionalGeneration.from_vision_text_pretrained(..., tokenizer=...)` (custom tokens).
+    tokenizer.image_token = image_token
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any existing token serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    text_template = tokenizer.chat_template
+    if isinstance(text_template, dict):
+        text_template = text_template.get("default")
+    if not text_template:
+        # A base LLM without a template: ChatML, with its markers added as special tokens so they stay atomic.
+        text_template = CHATML_TEMPLATE
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.chat_template = text_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|im_end|>"
+    return text_template
+
+
+__all__ = ["PivotProcessor", "multimodal_chat_template", "prepare_tokenizer", "DEFAULT_IMAGE_TOKEN", "DEFAULT_SYSTEM_PROMPT"]
