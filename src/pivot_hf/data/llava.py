@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCheck, check_image, resolve_image_path
 from .report import ConversionReport
-from .text import IMAGE_TOKEN, image_token_repair, strip_image_tokens, valid_text
+from .text import (
+    IMAGE_TOKEN,
+    escape_special_tokens,
+    image_token_repair,
+    special_tokens_in,
+    strip_image_tokens,
+    valid_text,
+)
 
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -242,7 +249,18 @@ def convert_llava_record(
             seen_user = True
         n_tokens += count
         m["content"] = clean
-    repairs = []
+    # Special-token text left in any turn (system included): escaped in prompts, a skipped row in answers.
+    escaped = 0
+    for m in messages:
+        found = special_tokens_in(m["content"])
+        if not found:
+            continue
+        if m["role"] == "assistant":
+            report.skip("special_token_in_response", record_id)
+            return None
+        m["content"] = escape_special_tokens(m["content"], found)
+        escaped += 1
+    repairs = ["special_token_escaped"] if escaped else []
     if paths:
         repair = image_token_repair(
             n_tokens if len(paths) == 1 else (1 if n_tokens == len(paths) else 2), first_user_at_start
