@@ -577,7 +577,9 @@ class FastDPOMixin:
         path = folder / f"{name}-{key}.safetensors"
         if exists:
             if self.accelerator.is_main_process:
-                logger.info("Reference log-probs (%s): reusing the cache %s (key %s, nothing changed).", name, path, key)
+                logger.info(
+                    "Reference log-probs (%s): reusing the cache %s (key %s, nothing changed).", name, path, key
+                )
         else:
             if self.accelerator.is_main_process:
                 logger.info(

@@ -55,6 +55,22 @@ def multimodal_chat_template(text_template: str, image_token: str, system_prompt
     return "".join(header) + text_template
 
 
+def _naflex_tokens(image_processor, width: int, height: int) -> int | None:
+    """SigLIP2 NaFlex: patches of the size the image processor resizes to (None: fall back to processing an image)."""
+    try:
+        from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+    except ImportError:
+        return None
+    patch = getattr(image_processor, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    if not patch:
+        return None
+    target_h, target_w = get_image_size_for_max_num_patches(
+        max(1, height), max(1, width), patch, image_processor.max_num_patches
+    )
+    return (target_h // patch) * (target_w // patch)
+
+
 class PivotProcessor(ProcessorMixin):
     r"""
     Image processor of the vision encoder + tokenizer of the LLM. Each `<image>` in the text becomes as many image
@@ -95,11 +111,24 @@ class PivotProcessor(ProcessorMixin):
         height, width = pixel_values.shape[-2:]
         return (height // self.patch_size) * (width // self.patch_size)
 
-    def num_image_tokens(self, image: Image.Image | tuple[int, int] | None = None) -> int:
-        """Image tokens for one image (or `(width, height)`); fixed-resolution towers ignore the size.
+    @property
+    def variable_resolution(self) -> bool:
+        """Whether the image-token count depends on each image's size (SigLIP2 NaFlex with `max_num_patches`)."""
+        return getattr(self.image_processor, "max_num_patches", None) is not None
 
-        Data pipelines use it to drop rows whose text plus image tokens cannot fit `max_length` before training.
+    def num_image_tokens(self, image: Image.Image | tuple[int, int] | None = None) -> int:
+        """Image tokens for one image (or its `(width, height)`); fixed-resolution towers ignore the size.
+
+        Data pipelines use it to drop rows whose text plus image tokens cannot fit `max_length` before training; with a
+        variable-resolution tower they measure each row's images (`variable_resolution`), since a non-square image can
+        have more tokens than a square one.
         """
+        if isinstance(image, Image.Image) and self.variable_resolution:
+            image = image.size
+        if isinstance(image, tuple) and self.variable_resolution:
+            count = _naflex_tokens(self.image_processor, int(image[0]), int(image[1]))
+            if count is not None:
+                return count
         if image is None or isinstance(image, tuple):
             width, height = image if isinstance(image, tuple) else (64, 64)
             image = Image.new("RGB", (max(1, int(width)), max(1, int(height))))
@@ -188,4 +217,10 @@ def prepare_tokenizer(tokenizer, image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
     return text_template
 
 
-__all__ = ["PivotProcessor", "multimodal_chat_template", "prepare_tokenizer", "DEFAULT_IMAGE_TOKEN", "DEFAULT_SYSTEM_PROMPT"]
+__all__ = [
+    "PivotProcessor",
+    "multimodal_chat_template",
+    "prepare_tokenizer",
+    "DEFAULT_IMAGE_TOKEN",
+    "DEFAULT_SYSTEM_PROMPT",
+]

@@ -238,7 +238,9 @@ def build_tiny_pivot(
         vision, text, vision_feature_layer=vision_feature_layer, **model_kwargs
     )
     if model.config.image_token_id != processor.image_token_id:
-        raise AssertionError(f"image token: model {model.config.image_token_id} vs processor {processor.image_token_id}")
+        raise AssertionError(
+            f"image token: model {model.config.image_token_id} vs processor {processor.image_token_id}"
+        )
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)

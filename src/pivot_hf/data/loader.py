@@ -41,7 +41,7 @@ def _render(renderer, messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
-def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens: int) -> list[int]:
+def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens) -> list[int]:
     """Upper bound of the training sequence length of each row: text tokens + image tokens (+1 per image for its
     placeholder/separator, to stay conservative). For preference rows it is the longer of prompt+chosen and
     prompt+rejected."""
@@ -67,10 +67,49 @@ def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens: int) -
     ids = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
     lengths, k = [], 0
     for i, group in enumerate(texts):
-        n_images = len(batch["images"][i] or []) if "images" in batch else 0
-        lengths.append(max(len(ids[k + j]) for j in range(len(group))) + n_images * (num_image_tokens + 1))
+        images = (batch["images"][i] or []) if "images" in batch else []
+        if callable(num_image_tokens):
+            image_tokens = sum(num_image_tokens(image) + 1 for image in images)
+        else:
+            image_tokens = len(images) * (num_image_tokens + 1)
+        lengths.append(max(len(ids[k + j]) for j in range(len(group))) + image_tokens)
         k += len(group)
     return lengths
+
+
+def image_size(image) -> tuple[int, int]:
+    """`(width, height)` of an image as it will be shown to the model (EXIF orientation applied), from its header.
+
+    `image` is a path, a `{"path", "bytes"}` dict (a `datasets.Image` that is not decoded) or a PIL image.
+    """
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(image) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def image_token_measure(processor):
+    """What the length filter counts per image: an int for fixed-resolution towers, for variable-resolution ones
+    (SigLIP2 NaFlex) a function measuring each image's real count from its size (cached per size)."""
+    if not getattr(processor, "variable_resolution", False):
+        return processor.num_image_tokens()
+    cache: dict[tuple[int, int], int] = {}
+
+    def measure(image) -> int:
+        size = image_size(image)
+        if size not in cache:
+            cache[size] = processor.num_image_tokens(size)
+        return cache[size]
+
+    return measure
 
 
 def drop_overlong(
@@ -82,6 +121,9 @@ def drop_overlong(
     batch_size: int = 512,
 ):
     """Drop rows whose text + `num_image_tokens` per image cannot fit `max_length`; count them as `exceeds_max_length`.
+
+    `num_image_tokens` is an int, or a function of one image (path / PIL image) for variable-resolution towers
+    (`image_token_measure`), which is then called on each row's images.
 
     TRL's vision collators truncate to `max_length` *after* the processor expanded each image into its tokens; a cut
     inside the image tokens makes the model fail mid-epoch with "image features and image tokens do not match". Rows
