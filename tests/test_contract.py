@@ -355,3 +355,41 @@ def test_naflex_length_filter_measures_each_image(tiny_pivot_factory, tmp_path):
     assert dict(report.skipped) == {"exceeds_max_length": 1} and report.examples["skipped:exceeds_max_length"] == [
         "tall"
     ]
+
+
+# ------------------------------------------------------------------------------------------ model card
+@pytest.mark.parametrize(
+    "summary, needle, absent",
+    [
+        (
+            {"method": "dpo", "loss_type": "sigmoid", "tunable_parts": ["vision_tower"]},
+            "post-trained with **PIVOT**",
+            None,
+        ),
+        (
+            {"method": "sft", "tunable_parts": ["vision_tower", "projector"]},
+            "supervised fine-tuning",
+            "with **PIVOT**",
+        ),
+        ({"method": "sft", "tunable_parts": ["projector"]}, "did not train the encoder", "with **PIVOT**"),
+        (None, "How it was trained is unknown", "with **PIVOT**"),
+    ],
+)
+def test_model_card_describes_the_real_run(tmp_path, summary, needle, absent):
+    from transformers import SiglipVisionConfig
+
+    from pivot_hf.model_card import FEATURE_LAYER_KEY, PREFIX_TOKENS_KEY, build_model_card, read_run_metadata
+
+    config = SiglipVisionConfig()
+    setattr(config, FEATURE_LAYER_KEY, -2)
+    setattr(config, PREFIX_TOKENS_KEY, 0)
+    if summary is not None:
+        (tmp_path / "pivot_run.json").write_text(json.dumps({**summary, "global_step": 5}))
+    card = build_model_card(config, repo_id="me/enc", run_metadata=read_run_metadata(str(tmp_path)))
+    text = str(card)
+    assert needle in text
+    if absent:
+        assert absent not in text and "dpo" not in card.data.tags
+    method = (summary or {}).get("method")
+    if method == "dpo":
+        assert "dpo" in card.data.tags and "Stage 2 sigmoid DPO" in text

@@ -122,3 +122,26 @@ def test_saved_dataset_with_special_tokens(tmp_path, processor):
     assert count == 16
     im_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert ids.count(im_start) == 3  # the turn markers of the template only, not the escaped text
+
+
+def test_llava_conversation_starting_with_an_assistant_turn(tmp_path, processor):
+    """Handled as LLaVA does: the turn before the first human turn is dropped (counted), the loss starts after it."""
+    shutil.copy(CASE_D / "cat.jpg", tmp_path / "cat.jpg")
+    rows = [
+        {
+            "id": "starts_with_gpt",
+            "image": "cat.jpg",
+            "conversations": [
+                {"from": "gpt", "value": "Hello! Send me a picture."},
+                {"from": "human", "value": "<image>\nWhat animal is this?"},
+                {"from": "gpt", "value": "A cat."},
+            ],
+        },
+        {"id": "only_gpt", "conversations": [{"from": "gpt", "value": "Hi."}]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    dataset, report = load_pivot_dataset(str(tmp_path / "data.json"), "sft", lazy_images=False)
+    assert [row["id"] for row in dataset] == ["starts_with_gpt"]
+    assert [m["role"] for m in dataset[0]["messages"]] == ["user", "assistant"]
+    assert report.converted["leading_assistant_turn_dropped"] == 1
+    assert dict(report.skipped) == {"bad_conversation": 1} and report.check()

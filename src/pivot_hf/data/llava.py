@@ -187,6 +187,11 @@ def convert_llava_record(
             report.skip("invalid_text", record_id)
             return None
         messages.append({"role": role, "content": value})
+    # An assistant turn before the first user turn would put the loss on a turn with nothing to answer (and the
+    # template's system prompt and header around it): dropped, as LLaVA's preprocessing drops a first turn that is not
+    # from the human.
+    leading = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i < _first_user(messages)]
+    messages = [m for i, m in enumerate(messages) if i not in set(leading)]
     # Drop a trailing user turn (nothing to learn from) and check there is at least one user -> assistant exchange.
     trailing_dropped = False
     while messages and messages[-1]["role"] != "assistant":
@@ -271,6 +276,8 @@ def convert_llava_record(
         repairs.append("image_token_removed_text_only")
     if trailing_dropped:
         repairs.append("trailing_user_turn_dropped")
+    if leading:
+        repairs.append("leading_assistant_turn_dropped")
 
     row_id = str(obj["id"]) if isinstance(obj.get("id"), str | int) else record_id
     if config.template == "plain":
@@ -285,6 +292,10 @@ def convert_llava_record(
     for what in repairs:
         report.convert(what, row_id)
     return row
+
+
+def _first_user(messages: list[dict]) -> int:
+    return next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
 
 
 def _read_mixture(yaml_path: str) -> list[tuple[str, str]]:
