@@ -96,6 +96,9 @@ class PivotProcessor(ProcessorMixin):
         self.patch_size = patch_size
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
+        if tokenizer is not None:
+            # Lets a model composed with `tokenizer=processor.tokenizer` find a custom image token (not saved to disk).
+            tokenizer.image_token = image_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
