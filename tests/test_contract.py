@@ -393,3 +393,15 @@ def test_model_card_describes_the_real_run(tmp_path, summary, needle, absent):
     method = (summary or {}).get("method")
     if method == "dpo":
         assert "dpo" in card.data.tags and "Stage 2 sigmoid DPO" in text
+
+
+def test_fsdp1_without_orig_params_is_refused(monkeypatch):
+    from pivot_hf.trainer.tunable import check_distributed_config
+
+    args = type("Args", (), {"deepspeed": None, "deepspeed_plugin": None, "fsdp": "full_shard", "fsdp_config": {}})()
+    check_distributed_config(args)  # default use_orig_params: the groups survive
+    args.fsdp_config = {"use_orig_params": False}
+    with pytest.raises(RecipeConfigError, match="use_orig_params: false.*Fix: use FSDP2"):
+        check_distributed_config(args)
+    args.fsdp_config = {"use_orig_params": False, "version": 2}
+    check_distributed_config(args)

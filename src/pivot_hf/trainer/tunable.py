@@ -125,6 +125,16 @@ def check_distributed_config(args) -> None:
             with open(ds_config, encoding="utf-8") as f:
                 ds_config = json.load(f)
     ds_config = ds_config if isinstance(ds_config, dict) else {}
+    fsdp_config = getattr(args, "fsdp_config", None) or {}
+    uses_fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    version = str(fsdp_config.get("version", os.environ.get("FSDP_VERSION", "1")))
+    orig_params = str(fsdp_config.get("use_orig_params", os.environ.get("FSDP_USE_ORIG_PARAMS", "true"))).lower()
+    if uses_fsdp and version != "2" and orig_params == "false":
+        raise RecipeConfigError(
+            "FSDP (version 1) with `use_orig_params: false` flattens all parameters into one, so the per-part "
+            "parameter groups (vision_tower_lr, projector_lr) cannot exist. Fix: use FSDP2 "
+            "(accelerate_configs/fsdp2.yaml) or set `fsdp_use_orig_params: true`."
+        )
     for block in ("optimizer", "scheduler"):
         if block in ds_config:
             raise RecipeConfigError(
