@@ -107,8 +107,8 @@ def check_part_lrs(args) -> None:
             source = key if key == "learning_rate" or getattr(args, key) is not None else "learning_rate"
             raise RecipeConfigError(
                 f"Tunable part {part!r} has learning rate {lr:g} (`{source}`), so it cannot train. Fix: set `{key}` "
-                f"to a positive value (the paper's Stage 2 uses 2e-6 for the vision tower, 1e-6 elsewhere), or remove "
-                f"{part!r} from `tunable_parts` (now {list(args.tunable_parts)}) to freeze it."
+                "to a positive value (the paper's Stage 2 uses 1e-6 for every part, Stage 1b 2e-6 for the vision "
+                f"tower), or remove {part!r} from `tunable_parts` (now {list(args.tunable_parts)}) to freeze it."
             )
 
 
