@@ -212,8 +212,10 @@ def run_method(run_metadata: dict) -> str:
     method = run.get("method")
     if method in _METHODS:
         return method
-    if "beta" in hyper or "loss_type" in hyper:
-        return "dpo"
+    loss = hyper.get("loss_type")
+    grpo_losses = {"grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"}
+    if ("beta" in hyper or loss is not None) and not (set(loss if isinstance(loss, list) else [loss]) & grpo_losses):
+        return "dpo"  # training arguments only (no pivot_run.json): DPO's beta / loss_type
     return "unknown"
 
 
