@@ -134,3 +134,20 @@ def test_rerun_without_change_reuses_the_cache(tiny, tmp_path, caplog):
     assert loss == pytest.approx(LN2, abs=1e-5)
     assert "reusing the cache" in caplog.text
     assert _caches(tmp_path) == [cache] and cache.stat().st_mtime_ns == stamp
+
+
+def test_identity_covers_image_size_dtype_and_weights(tiny):
+    """What the end-to-end reruns above do not vary: image size (NaFlex patch budget), dtype, one changed weight."""
+    from pivot_hf.fast_dpo import reference_identity
+
+    processor = PivotProcessor.from_pretrained(tiny)
+    model = PivotForConditionalGeneration.from_pretrained(tiny, dtype=torch.float32)
+    base = reference_identity(model, processor)
+    assert reference_identity(model, processor) == base
+    processor.image_processor.size = {"height": 48, "width": 48}
+    assert reference_identity(model, processor)["image_processor"] != base["image_processor"]
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_1.bias[0] += 1e-3
+    assert reference_identity(model, None)["weights"] != base["weights"]
+    half = reference_identity(model.to(torch.bfloat16), None)
+    assert half["dtype"] == "torch.bfloat16" != base["dtype"]
