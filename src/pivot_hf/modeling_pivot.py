@@ -517,10 +517,10 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         image_token_index: int | None = None,
         tokenizer=None,
         torch_dtype: torch.dtype | str | None = None,
-        image_token: str | None = None,
         attn_implementation: str | None = None,
         vision_kwargs: dict | None = None,
         text_kwargs: dict | None = None,
+        image_token: str | None = None,
         **config_kwargs,
     ) -> "PivotForConditionalGeneration":
         """Compose a new Pivot MLLM from a pretrained vision encoder and a pretrained causal LM (Hub ids or folders).
