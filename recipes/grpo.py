@@ -28,6 +28,7 @@ from pivot_hf.grpo import (  # noqa: E402
     load_grpo_dataset,
 )
 from pivot_hf.trainer import load_model, load_processor, preflight_model  # noqa: E402
+from pivot_hf.trainer.preflight import run_preflight  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
 
@@ -42,6 +43,8 @@ def main(argv=None):
     # Config-only checks first, then the data (cheap), then the weights.
     preflight_model(model_args)
     processor = load_processor(model_args)
+    # Model <-> processor, learning rates and DeepSpeed/FSDP setup agree before any data or weight is loaded.
+    run_preflight(model_args, training_args, processor)
     train_dataset, stats = load_grpo_dataset(script_args, training_args.format_prompt or None, processor.tokenizer)
     if len(train_dataset) == 0:
         raise SystemExit(f"No GRPO rows with a checkable answer in {script_args.dataset_name} ({stats}).")

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText
 
 import pivot_hf  # noqa: F401  (registers the Auto classes)
 from pivot_hf import PivotForConditionalGeneration, PivotProcessor
-from pivot_hf.configs import PivotDPOConfig, PivotSFTConfig
+from pivot_hf.configs import PivotDPOConfig, PivotSFTConfig, RecipeConfigError
 from pivot_hf.data import load_pivot_dataset
 from pivot_hf.trainer import PivotDPOTrainer, PivotSFTTrainer
 
@@ -228,11 +228,14 @@ def test_frozen_vision_tower_stays_bit_identical(tiny, tmp_path):
 
 
 def test_untrained_vision_tower_fails_loudly(tiny, tmp_path):
-    """A vision tower that should train but does not change (here: its LR is 0) is an error at the end."""
+    """A vision tower that should train but does not change is an error at the end. Its LR 0 is refused at start;
+    here the LR (1e-47) is positive but every fp32 update rounds away."""
+    with pytest.raises(RecipeConfigError, match="'vision_tower' has learning rate 0"):
+        PivotSFTConfig(**_config_kwargs(tmp_path, vision_tower_lr=0.0, max_steps=1))
     processor = PivotProcessor.from_pretrained(tiny)
     model = PivotForConditionalGeneration.from_pretrained(tiny)
     dataset, _ = load_pivot_dataset(str(Path(__file__).parent / "fixtures" / "mmpr-mini"), "sft")
-    args = PivotSFTConfig(**_config_kwargs(tmp_path, vision_tower_lr=0.0, max_steps=1))
+    args = PivotSFTConfig(**_config_kwargs(tmp_path, vision_tower_lr=1e-47, max_steps=1))
     trainer = PivotSFTTrainer(model, args=args, train_dataset=dataset, processing_class=processor)
     with pytest.raises(RuntimeError, match="vision tower was meant to train"):
         trainer.train()

@@ -223,6 +223,9 @@ class PivotTrainingFields:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise RecipeConfigError(f"`{name}` must be >= 0, got {value}.")
+        from .trainer.tunable import check_part_lrs  # a tunable part at LR 0 is refused at parse time, before compute
+
+        check_part_lrs(self)
         if self.bf16 is None and not torch.cuda.is_available():
             # TRL defaults bf16 to True, which transformers refuses on a CPU-only machine; recipes that want bf16 say so.
             self.bf16 = False

@@ -24,6 +24,7 @@ import copy
 import gc
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,11 @@ import torch
 from .modeling_pivot import model_output, output_image_features
 
 
+logger = logging.getLogger(__name__)
+
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Bumped whenever the cached values could change meaning (keeps stale caches from being reused).
-REF_CACHE_VERSION = 1
+REF_CACHE_VERSION = 2
 
 
 @dataclass
@@ -316,14 +319,85 @@ def compact_lm_head_scoring(enabled: bool = True):
 
 # ------------------------------------------------------------------------------------------ reference log-probs
 def _hash_state(module: torch.nn.Module) -> str:
+    """sha256 of the weights (names, dtypes, shapes, bytes) as this rank holds them.
+
+    Taken before DeepSpeed / FSDP prepare the model. Parameters already partitioned at load (ZeRO-3 `zero.Init`,
+    FSDP2 DTensors) hash their local shard, and the ranks' digests are combined, so the result is the same on every
+    rank and never the hash of empty placeholders.
+    """
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    sharded = False
+    tensors = dict(module.named_buffers())
+    tensors.update(dict(module.named_parameters()))
+    for name, tensor in sorted(tensors.items()):
+        if hasattr(tensor, "ds_tensor"):
+            tensor, sharded = tensor.ds_tensor, True
+        elif hasattr(tensor, "to_local"):
+            tensor, sharded = tensor.to_local(), True
         tensor = tensor.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
         h.update(str(tuple(tensor.shape)).encode())
         h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        digests = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, digest)
+        digest = hashlib.sha256("".join(digests).encode()).hexdigest()
+    return digest
+
+
+def _config_dict(config) -> dict:
+    """A model config as JSON-able data, with the attention implementation of each (sub-)config."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    data["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+    for sub in ("vision_config", "text_config"):
+        sub_config = getattr(config, sub, None)
+        if sub_config is not None and isinstance(data.get(sub), dict):
+            data[sub]["_attn_implementation"] = getattr(sub_config, "_attn_implementation", None)
+    return data
+
+
+def reference_identity(model: torch.nn.Module | None, processor=None) -> dict:
+    """Everything about the reference model and processor that changes cached reference log-probs.
+
+    The weights' hash (`_hash_state`), the full model config (feature layer, projector, prefix tokens, ...), the
+    attention implementation and dtype, the image processor (size, mean, std, resampling, ...), the tokenizer and chat
+    template, and the versions of the libraries that do the math.
+    """
+    import importlib.metadata as metadata
+
+    identity: dict[str, Any] = {}
+    if model is not None:
+        identity["weights"] = _hash_state(model)
+        config = getattr(model, "config", None)
+        if config is not None:
+            identity["config"] = _config_dict(config)
+        param = next(model.parameters(), None)
+        identity["dtype"] = str(param.dtype) if param is not None else None
+    if processor is not None:
+        image_processor = getattr(processor, "image_processor", None)
+        if image_processor is not None:
+            identity["image_processor"] = json.loads(image_processor.to_json_string())
+        tokenizer = getattr(processor, "tokenizer", processor)
+        template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+        identity["chat_template"] = template
+        identity["tokenizer"] = {
+            "class": type(tokenizer).__name__,
+            "size": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
+            "added": sorted(getattr(tokenizer, "get_added_vocab", dict)().items()),
+            "padding_side": getattr(tokenizer, "padding_side", None),
+            "truncation_side": getattr(tokenizer, "truncation_side", None),
+            "image_token": getattr(processor, "image_token", None),
+        }
+    versions = {}
+    for package in ("torch", "transformers", "trl", "pivot_hf"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    identity["versions"] = versions
+    return identity
 
 
 def dataset_fingerprint(dataset) -> str:
@@ -332,6 +406,32 @@ def dataset_fingerprint(dataset) -> str:
         return str(fingerprint)
     # Not a `datasets.Dataset`: hash what a row looks like and how many there are (best effort).
     return hashlib.sha256(f"{type(dataset).__name__}:{len(dataset)}".encode()).hexdigest()
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def _describe_stale_caches(folder: Path, name: str, payload: dict) -> str:
+    """Which settings differ from the caches already in `folder` (why they are not reused)."""
+    if not folder.is_dir():
+        return "No earlier cache."
+    new = _flatten(payload)
+    notes = []
+    for meta_path in sorted(folder.glob(f"{name}-*.json")):
+        try:
+            old = _flatten({k: v for k, v in json.loads(meta_path.read_text()).items() if k in payload})
+        except (OSError, ValueError):
+            continue
+        changed = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        notes.append(f"{meta_path.name} is stale: {shown} changed")
+    return "; ".join(notes) if notes else "No earlier cache."
 
 
 class _RefLogpsCollator:
@@ -381,6 +481,9 @@ class FastDPOMixin:
                 args[1] = ref_model
             else:
                 kwargs["ref_model"] = ref_model
+            # The reference's identity is taken now, before DeepSpeed / FSDP prepare (shard) it.
+            processor = kwargs.get("processing_class", args[6] if len(args) > 6 else None)
+            self._ref_identity = reference_identity(ref_model if ref_model is not None else model, processor)
         try:
             super().__init__(*args, **kwargs)
         finally:
@@ -411,10 +514,12 @@ class FastDPOMixin:
         folder = getattr(self.args, "ref_logps_cache_dir", None)
         return Path(folder) if folder else Path(self.args.output_dir) / "ref_logps"
 
-    def _reference_identity(self) -> str:
-        model = self.ref_model if self.ref_model is not None else self.model
-        unwrapped = self.accelerator.unwrap_model(model)
-        return _hash_state(unwrapped)
+    def _reference_identity(self) -> dict:
+        identity = getattr(self, "_ref_identity", None)
+        if identity is None:
+            model = self.ref_model if self.ref_model is not None else self.model
+            identity = reference_identity(self.accelerator.unwrap_model(model), self.processing_class)
+        return identity
 
     def _cache_reference_log_probs(self):
         identity = self._reference_identity()
@@ -438,25 +543,52 @@ class FastDPOMixin:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _cache_key(self, dataset, name: str, identity: str) -> str:
+    def _cache_key(self, dataset, name: str, identity: dict) -> tuple[str, dict]:
+        args = self.args
         payload = {
             "version": REF_CACHE_VERSION,
             "dataset": dataset_fingerprint(dataset),
             "rows": len(dataset),
             "reference": identity,
-            "max_length": self.args.max_length,
-            "ld_alpha": getattr(self.args, "ld_alpha", None),
+            "max_length": args.max_length,
+            "truncation": {
+                field_name: getattr(args, field_name, None)
+                for field_name in ("max_prompt_length", "max_completion_length", "truncation_mode", "padding_free")
+            },
+            "ld_alpha": getattr(args, "ld_alpha", None),
+            "use_logits_to_keep": getattr(args, "use_logits_to_keep", None),
             "split": name,
         }
+        payload = json.loads(json.dumps(payload, sort_keys=True, default=str))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24], payload
 
-    def _cached_ref_logps(self, dataset, name: str, batch_size: int, identity: str):
+    def _cached_ref_logps(self, dataset, name: str, batch_size: int, identity: dict):
+        from accelerate.utils import broadcast_object_list
         from safetensors.torch import load_file, save_file
 
         key, payload = self._cache_key(dataset, name, identity)
         folder = self.ref_logps_cache_dir()
+        # Rank 0 decides (key and whether the file exists) and every rank follows: ranks that saw the file system at
+        # different moments, or hashed differently, must not split into "reuse" and "recompute".
+        decision = [key, (folder / f"{name}-{key}.safetensors").exists()]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(decision, from_process=0)
+        key, exists = decision
         path = folder / f"{name}-{key}.safetensors"
-        if not path.exists():
+        if exists:
+            if self.accelerator.is_main_process:
+                logger.info(
+                    "Reference log-probs (%s): reusing the cache %s (key %s, nothing changed).", name, path, key
+                )
+        else:
+            if self.accelerator.is_main_process:
+                logger.info(
+                    "Reference log-probs (%s): no cache for key %s in %s; computing them. %s",
+                    name,
+                    key,
+                    folder,
+                    _describe_stale_caches(folder, name, payload),
+                )
             chosen, rejected = self._run_reference_pass(dataset, name, batch_size)
             if self.accelerator.is_main_process:
                 folder.mkdir(parents=True, exist_ok=True)

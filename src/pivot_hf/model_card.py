@@ -94,7 +94,7 @@ def read_run_metadata(run_dir: str | None) -> dict:
 
     Returns `{"hyperparameters": {...}, "state": {...}, "sources": [...]}`; empty parts when nothing is found.
     """
-    meta = {"hyperparameters": {}, "state": {}, "sources": [], "hub_datasets": []}
+    meta = {"hyperparameters": {}, "state": {}, "sources": [], "hub_datasets": [], "run": {}}
     if not run_dir or not os.path.isdir(run_dir):
         return meta
     run = Path(run_dir)
@@ -107,6 +107,11 @@ def read_run_metadata(run_dir: str | None) -> dict:
     summary = read_json(run / "pivot_run.json")  # written by pivot_hf's recipes: data and parts of the run
     if isinstance(summary, dict):
         meta["sources"].append("pivot_run.json")
+        meta["run"] = {
+            key: summary[key]
+            for key in ("method", "loss_type", "tunable_parts", "global_step", "tensors_changed")
+            if summary.get(key) is not None
+        }
         for key in ("dataset_name", "tunable_parts"):
             if summary.get(key) is not None and key not in meta["hyperparameters"]:
                 meta["hyperparameters"][key] = summary[key]
@@ -183,6 +188,59 @@ def _fmt(value: Any) -> str:
     return f"`{json.dumps(value)}`" if isinstance(value, list | dict) else str(value)
 
 
+_METHODS = {
+    "dpo": "post-trained with **PIVOT** (Preference-Instructed Vision OpTimization): the encoder inside a LLaVA-style "
+    "MLLM (encoder -> 2-layer MLP projector -> LLM) trained with DPO on preference pairs while its gradients flow",
+    "sft": "trained by **supervised fine-tuning** (next-token loss on answers) inside a LLaVA-style MLLM (encoder -> "
+    "2-layer MLP projector -> LLM): the SFT control / Stage-1 training of the PIVOT recipe, not its preference (DPO) "
+    "stage",
+    "grpo": "post-trained with **GRPO** (rule-based rewards) inside a LLaVA-style MLLM (encoder -> 2-layer MLP "
+    "projector -> LLM) while its gradients flow",
+}
+
+
+def run_method(run_metadata: dict) -> str:
+    """`dpo`, `sft`, `grpo`, `untrained` (the encoder did not train in the run) or `unknown` (no run metadata)."""
+    run = run_metadata.get("run") or {}
+    hyper = run_metadata.get("hyperparameters") or {}
+    parts = run.get("tunable_parts", hyper.get("tunable_parts"))
+    changed = (run.get("tensors_changed") or {}).get("vision_tower")
+    if (isinstance(parts, list) and "vision_tower" not in parts) or run.get("global_step") == 0:
+        return "untrained"
+    if isinstance(changed, list) and changed and changed[0] == 0:
+        return "untrained"
+    method = run.get("method")
+    if method in _METHODS:
+        return method
+    loss = hyper.get("loss_type")
+    grpo_losses = {"grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"}
+    if ("beta" in hyper or loss is not None) and not (set(loss if isinstance(loss, list) else [loss]) & grpo_losses):
+        return "dpo"  # training arguments only (no pivot_run.json): DPO's beta / loss_type
+    return "unknown"
+
+
+def describe_run(encoder_config, run_metadata: dict) -> str:
+    """The card's first sentence: what the run recorded next to the checkpoint did to this encoder."""
+    method = run_method(run_metadata)
+    name = f"A `{type_name(encoder_config)}` vision encoder"
+    tail = " Only the encoder is published here; it loads with plain `transformers` (no `trust_remote_code`)."
+    if method in _METHODS:
+        loss = (run_metadata.get("run") or {}).get("loss_type")
+        extra = (
+            f" (`loss_type: {_fmt(loss)}`)" if method == "dpo" and loss not in (None, "sigmoid", ["sigmoid"]) else ""
+        )
+        return f"{name} {_METHODS[method]}{extra}.{tail}"
+    if method == "untrained":
+        return (
+            f"{name} exported from a LLaVA-style MLLM whose training run did not train the encoder (its weights are "
+            f"the base encoder's; e.g. a Stage-1 projector run).{tail}"
+        )
+    return (
+        f"{name} exported from a LLaVA-style MLLM by pivot-hf. How it was trained is unknown: no run metadata "
+        f"(`pivot_run.json`, training arguments) was found next to the checkpoint.{tail}"
+    )
+
+
 def build_model_card(
     encoder_config,
     *,
@@ -206,7 +264,11 @@ def build_model_card(
     datasets = [d for d in (datasets or []) if is_hub_id(d)] + list(run_metadata.get("hub_datasets", []))
     datasets = list(dict.fromkeys(datasets))
     base = base_model if is_hub_id(base_model) else None
-    all_tags = list(dict.fromkeys(["pivot", "vision", "image-feature-extraction", "dpo", family, *(tags or [])]))
+    method = run_method(run_metadata)
+    method_tags = [method] if method in _METHODS else []
+    all_tags = list(
+        dict.fromkeys(["pivot", "vision", "image-feature-extraction", *method_tags, family, *(tags or [])])
+    )
     data = ModelCardData(
         base_model=base,
         datasets=datasets or None,
@@ -219,10 +281,7 @@ def build_model_card(
     naflex = family == "siglip2_vision_model"
     lines = [f"# {title}", ""]
     lines += [
-        f"A `{type_name(encoder_config)}` vision encoder post-trained with **PIVOT** (Preference-Instructed Vision "
-        "OpTimization): the encoder inside a LLaVA-style MLLM (encoder -> 2-layer MLP projector -> LLM) trained "
-        "with DPO on preference pairs while its gradients flow. Only the encoder is published here; it loads with "
-        "plain `transformers` (no `trust_remote_code`).",
+        describe_run(encoder_config, run_metadata),
         "",
         f"- Base model: `{base}`" if base else "- Base model: not recorded (local encoder)",
         f"- Exported with pivot-hf from a `{family}` tower, "
@@ -281,11 +340,12 @@ def build_model_card(
         lines += ["", f"Read from the run's {', '.join(run_metadata.get('sources', []))}.", ""]
     else:
         lines += ["No training-run metadata was found next to the checkpoint.", ""]
-    lines += [
-        "Recipe (paper defaults): Stage 1 projector pretraining + full finetuning, then Stage 2 sigmoid DPO "
-        "(beta 0.1, 3 epochs, lr 1e-6 for all parts including the vision tower) on 20K MMPR-v1.2 pairs.",
-        "",
-    ]
+    if method == "dpo":
+        lines += [
+            "Recipe (paper defaults): Stage 1 projector pretraining + full finetuning, then Stage 2 sigmoid DPO "
+            "(beta 0.1, 3 epochs, lr 1e-6 for all parts including the vision tower) on 20K MMPR-v1.2 pairs.",
+            "",
+        ]
     if eval_results:
         lines += ["## Evaluation", "", "| task | model | metric | value |", "|---|---|---|---|"]
         for row in eval_results:
@@ -337,4 +397,6 @@ __all__ = [
     "check_model_card",
     "find_eval_results",
     "read_run_metadata",
+    "describe_run",
+    "run_method",
 ]

@@ -37,6 +37,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaMultiModalProjector
 
 from .configuration_pivot import PivotConfig, num_vision_prefix_tokens, vision_config_from_any
+from .processing_pivot import DEFAULT_IMAGE_TOKEN, prepare_tokenizer
 
 
 # transformers 5.24 renamed the key/value cache argument and output field `past_key_values` -> `cache`, and replaced the
@@ -519,6 +520,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         attn_implementation: str | None = None,
         vision_kwargs: dict | None = None,
         text_kwargs: dict | None = None,
+        image_token: str | None = None,
         **config_kwargs,
     ) -> "PivotForConditionalGeneration":
         """Compose a new Pivot MLLM from a pretrained vision encoder and a pretrained causal LM (Hub ids or folders).
@@ -526,9 +528,15 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         The vision checkpoint may be a vision model (`SiglipVisionModel`, `Dinov2Model`, ...) or a dual encoder
         (`google/siglip2-so400m-patch16-384`, `openai/clip-vit-large-patch14-336`), whose vision half is taken. The
         projector is freshly initialised. `vision_feature_layer` defaults to the layer an exported PIVOT encoder
-        records (`pivot_vision_feature_layer`), else -2 (the penultimate block, as in the paper). Pass the `tokenizer` the processor uses (`PivotProcessor`, with `<image>`
-        added) so the embeddings are resized to it and the image token id is right; without it, the id of `<image>` is
-        appended after the LLM's vocabulary.
+        records (`pivot_vision_feature_layer`), else -2 (the penultimate block, as in the paper).
+
+        The image token and the vocabulary follow one rule, shared with `PivotProcessor.from_vision_text_pretrained`
+        (`processing_pivot.prepare_tokenizer`): the image token's id is the tokenizer's, and the embeddings get
+        `max(vocab_size, len(tokenizer))` rows, so model and processor composed from the same folders agree. Without
+        `tokenizer`, the text folder's tokenizer is loaded and prepared here. `tokenizer` may be the processor's
+        tokenizer or the `PivotProcessor` itself (its `image_token` is then used). `image_token_index` and
+        `image_token`, when given, must agree with that tokenizer (`ValueError` naming both otherwise); only when the
+        text folder has no tokenizer is `image_token_index` used as given (default: appended after the vocabulary).
         """
         vision_kwargs = dict(vision_kwargs or {})
         text_kwargs = dict(text_kwargs or {})
@@ -549,6 +557,8 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
             str(vision_model_name_or_path)
         ):
             vision_tower.config.pivot_base_vision_model = str(vision_model_name_or_path)
+        if tokenizer is None:
+            tokenizer = _load_text_tokenizer(text_model_name_or_path, text_kwargs)
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **text_kwargs, **common)
         return cls.from_vision_text_models(
             vision_tower,
@@ -557,6 +567,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
             projector_type=projector_type,
             image_token_index=image_token_index,
             tokenizer=tokenizer,
+            image_token=image_token,
             **config_kwargs,
         )
 
@@ -569,23 +580,24 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         projector_type: str = "mlp2x_gelu",
         image_token_index: int | None = None,
         tokenizer=None,
+        image_token: str | None = None,
         **config_kwargs,
     ) -> "PivotForConditionalGeneration":
-        """Compose from already-instantiated models (weights are moved, not copied)."""
+        """Compose from already-instantiated models (weights are moved, not copied).
+
+        Image token and vocabulary as in `from_vision_text_pretrained`; without `tokenizer`, the one saved with the
+        language model (`name_or_path`) is used when there is one.
+        """
         if vision_feature_layer is None:
             # An exported PIVOT encoder records the layer it was trained at (-1 once truncated to it); else -2.
             vision_feature_layer = getattr(vision_tower.config, "pivot_vision_feature_layer", None)
             vision_feature_layer = -2 if vision_feature_layer is None else vision_feature_layer
         text_config = copy.deepcopy(language_model.config)
-        if tokenizer is not None:
-            image_token = getattr(tokenizer, "image_token", None) or "<image>"
-            image_token_index = tokenizer.convert_tokens_to_ids(image_token)
-            if image_token_index is None or image_token_index == tokenizer.unk_token_id:
-                raise ValueError(f"The tokenizer has no {image_token!r} token: build it with PivotProcessor.")
-            vocab_size = max(len(tokenizer), text_config.vocab_size)
-        else:
-            image_token_index = text_config.vocab_size if image_token_index is None else image_token_index
-            vocab_size = max(text_config.vocab_size, image_token_index + 1)
+        if tokenizer is None:
+            tokenizer = _load_text_tokenizer(getattr(language_model, "name_or_path", None) or "", {})
+        image_token_index, vocab_size = image_token_and_vocab(
+            tokenizer, text_config.vocab_size, image_token=image_token, image_token_index=image_token_index
+        )
 
         config_kwargs.setdefault("vision_num_prefix_tokens", num_vision_prefix_tokens(vision_tower.config))
         if config_kwargs["vision_num_prefix_tokens"] is None:
@@ -655,6 +667,56 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         kwargs["vision_num_prefix_tokens"] = 1 if llava.config.vision_feature_select_strategy == "default" else 0
         kwargs.update(config_kwargs)
         return _transplant(llava, cls, PivotConfig(**kwargs))
+
+
+def _load_text_tokenizer(text_model_name_or_path, text_kwargs: dict):
+    """The tokenizer saved with the LLM, or None when the folder has none (a weights-only checkpoint)."""
+    from transformers import AutoTokenizer
+
+    if not text_model_name_or_path:
+        return None
+    keep = ("revision", "cache_dir", "token", "trust_remote_code", "local_files_only", "subfolder")
+    try:
+        return AutoTokenizer.from_pretrained(
+            text_model_name_or_path, **{k: v for k, v in text_kwargs.items() if k in keep}
+        )
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def image_token_and_vocab(
+    tokenizer, text_vocab_size: int, image_token: str | None = None, image_token_index: int | None = None
+) -> tuple[int, int]:
+    """`(image_token_id, embedding_rows)` of a Pivot model composed with `tokenizer` (prepared in place).
+
+    The rule of `processing_pivot.prepare_tokenizer`: the image token is a special token of the tokenizer and its id is
+    the model's; embeddings get `max(text_vocab_size, len(tokenizer))` rows, so every added token (image, ChatML
+    markers of a base LLM) has one. `tokenizer` may be a `PivotProcessor`. Explicit arguments that disagree with the
+    tokenizer raise `ValueError` naming both values. Without a tokenizer: `image_token_index` (default
+    `text_vocab_size`, appended after the vocabulary).
+    """
+    if tokenizer is None:
+        image_token_index = text_vocab_size if image_token_index is None else int(image_token_index)
+        return image_token_index, max(text_vocab_size, image_token_index + 1)
+    if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "image_token"):  # a PivotProcessor
+        processor_token, tokenizer = tokenizer.image_token, tokenizer.tokenizer
+    else:
+        processor_token = getattr(tokenizer, "image_token", None)
+    if image_token is not None and processor_token is not None and image_token != processor_token:
+        raise ValueError(
+            f"image_token={image_token!r} conflicts with the tokenizer's image token {processor_token!r}. Fix: pass "
+            "the same token to the processor and the model, or leave `image_token` unset to use the tokenizer's."
+        )
+    image_token = image_token or processor_token or DEFAULT_IMAGE_TOKEN
+    prepare_tokenizer(tokenizer, image_token)
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if image_token_index is not None and int(image_token_index) != token_id:
+        raise ValueError(
+            f"image_token_index={image_token_index} conflicts with the tokenizer, where {image_token!r} is id "
+            f"{token_id}. Fix: leave `image_token_index` unset (the tokenizer's id is used), or pass the tokenizer "
+            "whose image token has that id."
+        )
+    return token_id, max(text_vocab_size, len(tokenizer))
 
 
 def _transplant(source: nn.Module, target_class, config) -> nn.Module:

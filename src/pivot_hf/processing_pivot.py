@@ -55,6 +55,22 @@ def multimodal_chat_template(text_template: str, image_token: str, system_prompt
     return "".join(header) + text_template
 
 
+def _naflex_tokens(image_processor, width: int, height: int) -> int | None:
+    """SigLIP2 NaFlex: patches of the size the image processor resizes to (None: fall back to processing an image)."""
+    try:
+        from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+    except ImportError:
+        return None
+    patch = getattr(image_processor, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    if not patch:
+        return None
+    target_h, target_w = get_image_size_for_max_num_patches(
+        max(1, height), max(1, width), patch, image_processor.max_num_patches
+    )
+    return (target_h // patch) * (target_w // patch)
+
+
 class PivotProcessor(ProcessorMixin):
     r"""
     Image processor of the vision encoder + tokenizer of the LLM. Each `<image>` in the text becomes as many image
@@ -80,6 +96,9 @@ class PivotProcessor(ProcessorMixin):
         self.patch_size = patch_size
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
+        if tokenizer is not None:
+            # Lets a model composed with `tokenizer=processor.tokenizer` find a custom image token (not saved to disk).
+            tokenizer.image_token = image_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -95,11 +114,24 @@ class PivotProcessor(ProcessorMixin):
         height, width = pixel_values.shape[-2:]
         return (height // self.patch_size) * (width // self.patch_size)
 
-    def num_image_tokens(self, image: Image.Image | tuple[int, int] | None = None) -> int:
-        """Image tokens for one image (or `(width, height)`); fixed-resolution towers ignore the size.
+    @property
+    def variable_resolution(self) -> bool:
+        """Whether the image-token count depends on each image's size (SigLIP2 NaFlex with `max_num_patches`)."""
+        return getattr(self.image_processor, "max_num_patches", None) is not None
 
-        Data pipelines use it to drop rows whose text plus image tokens cannot fit `max_length` before training.
+    def num_image_tokens(self, image: Image.Image | tuple[int, int] | None = None) -> int:
+        """Image tokens for one image (or its `(width, height)`); fixed-resolution towers ignore the size.
+
+        Data pipelines use it to drop rows whose text plus image tokens cannot fit `max_length` before training; with a
+        variable-resolution tower they measure each row's images (`variable_resolution`), since a non-square image can
+        have more tokens than a square one.
         """
+        if isinstance(image, Image.Image) and self.variable_resolution:
+            image = image.size
+        if isinstance(image, tuple) and self.variable_resolution:
+            count = _naflex_tokens(self.image_processor, int(image[0]), int(image[1]))
+            if count is not None:
+                return count
         if image is None or isinstance(image, tuple):
             width, height = image if isinstance(image, tuple) else (64, 64)
             image = Image.new("RGB", (max(1, int(width)), max(1, int(height))))
@@ -150,29 +182,48 @@ class PivotProcessor(ProcessorMixin):
         image_token: str = DEFAULT_IMAGE_TOKEN,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     ) -> "PivotProcessor":
-        if image_token not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens(
-                {"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False
-            )
-        if tokenizer.pad_token is None:
-            # Padding positions are masked out of attention and loss, so any existing token serves.
-            tokenizer.pad_token = tokenizer.eos_token
-        text_template = tokenizer.chat_template
-        if isinstance(text_template, dict):
-            text_template = text_template.get("default")
-        if not text_template:
-            # A base LLM without a template: ChatML, with its markers added as special tokens so they stay atomic.
-            text_template = CHATML_TEMPLATE
-            missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
-            if missing:
-                tokenizer.add_special_tokens(
-                    {"additional_special_tokens": missing}, replace_extra_special_tokens=False
-                )
-            tokenizer.chat_template = text_template
+        text_template = prepare_tokenizer(tokenizer, image_token)
         chat_template = multimodal_chat_template(text_template, image_token, system_prompt)
         return cls(
             image_processor, tokenizer, patch_size=patch_size, image_token=image_token, chat_template=chat_template
         )
 
 
-__all__ = ["PivotProcessor", "multimodal_chat_template", "DEFAULT_IMAGE_TOKEN", "DEFAULT_SYSTEM_PROMPT"]
+def prepare_tokenizer(tokenizer, image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
+    """Make an LLM's tokenizer the tokenizer of a Pivot MLLM, in place; return the text chat template.
+
+    The one rule both `from_vision_text_pretrained`s (processor and model) follow, so they agree by construction:
+    `image_token` becomes a special token (its id is the tokenizer's: `len(tokenizer)` before adding it, which for
+    Qwen2.5 is 151,665, inside the model's 151,936 embedding rows), a missing pad token becomes the EOS token, and a
+    base LLM without a chat template gets ChatML with `<|im_start|>`/`<|im_end|>` added as special tokens. The model
+    then sizes its embeddings to `max(vocab_size, len(tokenizer))`, so every added token has a row. Idempotent.
+    """
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)
+    # Read back by `PivotForConditionalGeneration.from_vision_text_pretrained(..., tokenizer=...)` (custom tokens).
+    tokenizer.image_token = image_token
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any existing token serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    text_template = tokenizer.chat_template
+    if isinstance(text_template, dict):
+        text_template = text_template.get("default")
+    if not text_template:
+        # A base LLM without a template: ChatML, with its markers added as special tokens so they stay atomic.
+        text_template = CHATML_TEMPLATE
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.chat_template = text_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|im_end|>"
+    return text_template
+
+
+__all__ = [
+    "PivotProcessor",
+    "multimodal_chat_template",
+    "prepare_tokenizer",
+    "DEFAULT_IMAGE_TOKEN",
+    "DEFAULT_SYSTEM_PROMPT",
+]

@@ -167,19 +167,32 @@ def build_tiny_vision(
     return str(path)
 
 
+# The real Qwen2.5 checkpoints pad their embedding matrix past the tokenizer (151,936 rows for 151,665 tokens).
+QWEN_VOCAB_SIZE = 151936
+
+
 def build_tiny_llm(
     path: str | os.PathLike, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0
 ) -> str:
-    """Write a tiny random causal LM with the real Qwen2.5 tokenizer (and its chat template) to `path`."""
+    """Write a tiny random causal LM with the real Qwen2.5 tokenizer to `path`, with the quirks of real checkpoints.
+
+    - `qwen2`: an instruct model as Qwen2.5-1.5B-Instruct ships: `vocab_size` 151,936 > `len(tokenizer)` 151,665,
+      tied embeddings, a chat template and a pad token.
+    - `llama`: a base model: untied LM head, `vocab_size == len(tokenizer)` (adding `<image>` must grow the
+      embeddings), no pad token and no chat template (the processor adds ChatML and a pad token).
+    """
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_path())
+    if arch == "llama":
+        tokenizer.pad_token = None
+        tokenizer.chat_template = None
     common = {
         "hidden_size": hidden_size,
         "intermediate_size": hidden_size * 2,
         "num_hidden_layers": num_layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "vocab_size": len(tokenizer),
+        "vocab_size": QWEN_VOCAB_SIZE if arch == "qwen2" else len(tokenizer),
         "max_position_embeddings": 2048,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
@@ -220,9 +233,14 @@ def build_tiny_pivot(
     text = build_tiny_llm(parts / f"llm-{arch}", arch=arch, seed=seed)
     processor = PivotProcessor.from_vision_text_pretrained(vision, text)
     torch.manual_seed(seed)
+    # The interface's spelling: the model reads the text folder's tokenizer itself and agrees with the processor.
     model = PivotForConditionalGeneration.from_vision_text_pretrained(
-        vision, text, vision_feature_layer=vision_feature_layer, tokenizer=processor.tokenizer, **model_kwargs
+        vision, text, vision_feature_layer=vision_feature_layer, **model_kwargs
     )
+    if model.config.image_token_id != processor.image_token_id:
+        raise AssertionError(
+            f"image token: model {model.config.image_token_id} vs processor {processor.image_token_id}"
+        )
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
@@ -236,4 +254,5 @@ __all__ = [
     "build_tiny_llm",
     "build_tiny_pivot",
     "qwen_tokenizer_path",
+    "QWEN_VOCAB_SIZE",
 ]

@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCheck, check_image, resolve_image_path
 from .report import ConversionReport
-from .text import IMAGE_TOKEN, image_token_repair, strip_image_tokens, valid_text
+from .text import (
+    IMAGE_TOKEN,
+    escape_special_tokens,
+    image_token_repair,
+    special_tokens_in,
+    strip_image_tokens,
+    valid_text,
+)
 
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -180,6 +187,11 @@ def convert_llava_record(
             report.skip("invalid_text", record_id)
             return None
         messages.append({"role": role, "content": value})
+    # An assistant turn before the first user turn would put the loss on a turn with nothing to answer (and the
+    # template's system prompt and header around it): dropped, as LLaVA's preprocessing drops a first turn that is not
+    # from the human.
+    leading = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i < _first_user(messages)]
+    messages = [m for i, m in enumerate(messages) if i not in set(leading)]
     # Drop a trailing user turn (nothing to learn from) and check there is at least one user -> assistant exchange.
     trailing_dropped = False
     while messages and messages[-1]["role"] != "assistant":
@@ -242,7 +254,18 @@ def convert_llava_record(
             seen_user = True
         n_tokens += count
         m["content"] = clean
-    repairs = []
+    # Special-token text left in any turn (system included): escaped in prompts, a skipped row in answers.
+    escaped = 0
+    for m in messages:
+        found = special_tokens_in(m["content"])
+        if not found:
+            continue
+        if m["role"] == "assistant":
+            report.skip("special_token_in_response", record_id)
+            return None
+        m["content"] = escape_special_tokens(m["content"], found)
+        escaped += 1
+    repairs = ["special_token_escaped"] if escaped else []
     if paths:
         repair = image_token_repair(
             n_tokens if len(paths) == 1 else (1 if n_tokens == len(paths) else 2), first_user_at_start
@@ -253,6 +276,8 @@ def convert_llava_record(
         repairs.append("image_token_removed_text_only")
     if trailing_dropped:
         repairs.append("trailing_user_turn_dropped")
+    if leading:
+        repairs.append("leading_assistant_turn_dropped")
 
     row_id = str(obj["id"]) if isinstance(obj.get("id"), str | int) else record_id
     if config.template == "plain":
@@ -267,6 +292,10 @@ def convert_llava_record(
     for what in repairs:
         report.convert(what, row_id)
     return row
+
+
+def _first_user(messages: list[dict]) -> int:
+    return next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
 
 
 def _read_mixture(yaml_path: str) -> list[tuple[str, str]]:

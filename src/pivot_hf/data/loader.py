@@ -10,6 +10,7 @@ from .images import LazyImages
 from .llava import LlavaConfig, convert_llava
 from .mmpr import MMPRConfig, convert_mmpr, convert_mmpr_files
 from .report import ConversionReport
+from .text import IMAGE_TOKEN, escape_special_tokens, special_tokens_in
 
 
 PREFERENCE_DIR, SFT_DIR = "preference", "sft"
@@ -40,7 +41,7 @@ def _render(renderer, messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
-def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens: int) -> list[int]:
+def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens) -> list[int]:
     """Upper bound of the training sequence length of each row: text tokens + image tokens (+1 per image for its
     placeholder/separator, to stay conservative). For preference rows it is the longer of prompt+chosen and
     prompt+rejected."""
@@ -66,10 +67,49 @@ def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens: int) -
     ids = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
     lengths, k = [], 0
     for i, group in enumerate(texts):
-        n_images = len(batch["images"][i] or []) if "images" in batch else 0
-        lengths.append(max(len(ids[k + j]) for j in range(len(group))) + n_images * (num_image_tokens + 1))
+        images = (batch["images"][i] or []) if "images" in batch else []
+        if callable(num_image_tokens):
+            image_tokens = sum(num_image_tokens(image) + 1 for image in images)
+        else:
+            image_tokens = len(images) * (num_image_tokens + 1)
+        lengths.append(max(len(ids[k + j]) for j in range(len(group))) + image_tokens)
         k += len(group)
     return lengths
+
+
+def image_size(image) -> tuple[int, int]:
+    """`(width, height)` of an image as it will be shown to the model (EXIF orientation applied), from its header.
+
+    `image` is a path, a `{"path", "bytes"}` dict (a `datasets.Image` that is not decoded) or a PIL image.
+    """
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(image) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def image_token_measure(processor):
+    """What the length filter counts per image: an int for fixed-resolution towers, for variable-resolution ones
+    (SigLIP2 NaFlex) a function measuring each image's real count from its size (cached per size)."""
+    if not getattr(processor, "variable_resolution", False):
+        return processor.num_image_tokens()
+    cache: dict[tuple[int, int], int] = {}
+
+    def measure(image) -> int:
+        size = image_size(image)
+        if size not in cache:
+            cache[size] = processor.num_image_tokens(size)
+        return cache[size]
+
+    return measure
 
 
 def drop_overlong(
@@ -81,6 +121,9 @@ def drop_overlong(
     batch_size: int = 512,
 ):
     """Drop rows whose text + `num_image_tokens` per image cannot fit `max_length`; count them as `exceeds_max_length`.
+
+    `num_image_tokens` is an int, or a function of one image (path / PIL image) for variable-resolution towers
+    (`image_token_measure`), which is then called on each row's images.
 
     TRL's vision collators truncate to `max_length` *after* the processor expanded each image into its tokens; a cut
     inside the image tokens makes the model fail mid-epoch with "image features and image tokens do not match". Rows
@@ -127,6 +170,106 @@ def _without_decoding(feature):
     if isinstance(feature, datasets.Image):
         return datasets.Image(decode=False)
     return datasets.List(_without_decoding(feature.feature))
+
+
+def _special_tokens(tokenizer) -> tuple[list[str], str]:
+    """The tokenizer's special tokens (named + extra, the image token included) and the image token."""
+    processor_token = getattr(tokenizer, "image_token", None)
+    tok = _text_tokenizer(tokenizer)
+    tokens = list(getattr(tok, "all_special_tokens", []) or [])
+    return tokens, processor_token or getattr(tok, "image_token", None) or IMAGE_TOKEN
+
+
+def _policy_on_text(text, is_answer: bool, tokens, image_token):
+    """`(new_text, escaped, skip)` for one text; `image_token=None` when it is a placeholder there."""
+    found = special_tokens_in(text, tokens, image_token)
+    if image_token is None:
+        found = [t for t in found if t != IMAGE_TOKEN]
+    if not found:
+        return text, False, False
+    if is_answer:
+        return text, False, True
+    return escape_special_tokens(text, found), True, False
+
+
+def _policy_on_turns(turns, is_answer: bool, tokens, image_token):
+    escaped, out = False, []
+    for turn in turns:
+        answer = is_answer or turn.get("role") == "assistant"
+        content = turn.get("content")
+        if isinstance(content, str):
+            content, esc, skip = _policy_on_text(content, answer, tokens, image_token)
+        elif isinstance(content, list):
+            parts, esc, skip = [], False, False
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    text, e, k = _policy_on_text(part["text"], answer, tokens, image_token)
+                    part = {**part, "text": text}
+                    esc, skip = esc or e, skip or k
+                parts.append(part)
+            content = parts
+        else:
+            esc = skip = False
+        if skip:
+            return turns, False, True
+        escaped = escaped or esc
+        out.append({**turn, "content": content})
+    return out, escaped, False
+
+
+def apply_special_token_policy(dataset, tokenizer, report: ConversionReport | None = None):
+    """Special-token text in any turn of any TRL row: escaped in prompts, the row skipped when it is in an answer.
+
+    Conversational rows carry their images structurally, so a literal image token in their text is text (escaped);
+    in a standard string prompt it is the placeholder and stays. Every other special token of the tokenizer (and any
+    `<|...|>` control token) is escaped in system/user text; in `chosen`/`rejected`/`completion`/assistant turns the
+    row is skipped as `special_token_in_response`. Escapes are counted as `special_token_escaped`.
+    """
+    tokens, image_token = _special_tokens(tokenizer)
+    raw = dataset.with_format(None)
+    columns = [c for c in ("messages", "prompt", "chosen", "rejected", "completion") if c in raw.column_names]
+    if not columns or len(raw) == 0:
+        return dataset
+    skipped, escaped_ids, changed = [], [], {}
+    for index, row in enumerate(raw.select_columns(columns + (["id"] if "id" in raw.column_names else [])).iter(1)):
+        row = {k: v[0] for k, v in row.items()}
+        new, escaped, skip = {}, False, False
+        for column in columns:
+            value = row[column]
+            answer = column in ("chosen", "rejected", "completion")
+            if isinstance(value, list):
+                value, esc, skip = _policy_on_turns(value, answer, tokens, image_token)
+            elif isinstance(value, str):
+                value, esc, skip = _policy_on_text(value, answer, tokens, None if column == "prompt" else image_token)
+            else:
+                esc = False
+            if skip:
+                break
+            escaped = escaped or esc
+            new[column] = value
+        row_id = str(row.get("id", index))
+        if skip:
+            skipped.append((index, row_id))
+        elif escaped:
+            escaped_ids.append(row_id)
+            changed[index] = new
+    if not skipped and not changed:
+        return dataset
+    if report is not None:
+        if skipped:
+            report.move_kept_to_skipped("special_token_in_response", [rid for _, rid in skipped])
+        for rid in escaped_ids:
+            report.convert("special_token_escaped", rid)
+    if changed:
+
+        def _escape(row, index):
+            return changed.get(index, {column: row[column] for column in columns})
+
+        raw = raw.map(_escape, with_indices=True, desc="escape special tokens")
+    if skipped:
+        drop = {i for i, _ in skipped}
+        raw = raw.select([i for i in range(len(raw)) if i not in drop])
+    return raw
 
 
 def _saved_dataset_path(path: str, kind: str) -> str | None:
@@ -269,6 +412,17 @@ def load_pivot_dataset(
         report = ConversionReport(source=dataset_name, total=len(dataset), kept=len(dataset))
         return PivotData(dataset, report)  # images there are `datasets.Image` features, decoded by `datasets`
 
+    if tokenizer is not None:
+        # The tokenizer's own special tokens (e.g. a base LLM's) in any source, saved datasets included.
+        if mmpr is not None:
+            preference = apply_special_token_policy(mmpr.preference, tokenizer, report)
+            kept = set(preference.with_format(None)["id"])
+            sft = apply_special_token_policy(mmpr.sft, tokenizer)
+            sft_ids = sft.with_format(None)["id"]
+            mmpr = _Pair(preference=preference, sft=sft.select([i for i, r in enumerate(sft_ids) if r in kept]))
+            dataset = mmpr.preference if kind == "preference" else mmpr.sft
+        else:
+            dataset = apply_special_token_policy(dataset, tokenizer, report)
     if max_length is not None and num_image_tokens is not None:
         if tok is None:
             report.notes.append("max_length given without a tokenizer: overlong rows were not checked")

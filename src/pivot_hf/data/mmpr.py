@@ -27,7 +27,16 @@ from tqdm.auto import tqdm
 
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCheck, check_image, resolve_image_path
 from .report import ConversionReport
-from .text import IMAGE_TOKEN, has_special_tokens, image_token_repair, strip_image_tokens, valid_text, word_count
+from .text import (
+    IMAGE_TOKEN,
+    escape_special_tokens,
+    has_special_tokens,
+    image_token_repair,
+    special_tokens_in,
+    strip_image_tokens,
+    valid_text,
+    word_count,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -147,6 +156,9 @@ def convert_mmpr_record(
     if IMAGE_TOKEN in chosen or IMAGE_TOKEN in rejected:
         report.skip("image_token_in_response", record_id)
         return None
+    if special_tokens_in(chosen) or special_tokens_in(rejected):
+        report.skip("special_token_in_response", record_id)
+        return None
     chosen, rejected = chosen.strip(), rejected.strip()
     if chosen == rejected:
         report.skip("chosen_equals_rejected", record_id)
@@ -174,6 +186,10 @@ def convert_mmpr_record(
         report.skip("invalid_text", record_id)
         return None
     repairs = []
+    found = special_tokens_in(question_text)
+    if found:  # `<image>` left after the placeholders were stripped is impossible; control tokens are escaped
+        question_text = escape_special_tokens(question_text, found)
+        repairs.append("special_token_escaped")
     repair = image_token_repair(count, at_start)
     if repair:
         repairs.append(repair)

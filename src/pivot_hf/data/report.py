@@ -24,6 +24,8 @@ SKIP_REASONS = {
     "multi_image": "the row has several images (single-image rows only)",
     "invalid_image_field": "the image field is not a string path (or list of them)",
     "image_token_in_response": "chosen/rejected/assistant text contains <image>",
+    "special_token_in_response": "an answer (chosen/rejected/assistant turn) contains a chat control token such as "
+    "<|im_end|> written as text: it would become a real end of turn (prompts are escaped instead)",
     "chosen_equals_rejected": "chosen and rejected are identical: no preference signal",
     "path_escapes_root": "the image path resolves outside the image root (.., absolute path, or a symlink to elsewhere: "
     "point the image root / `image_folder` at the real location)",

@@ -48,3 +48,33 @@ def has_special_tokens(text: str) -> bool:
 
 def valid_text(value: object) -> bool:
     return isinstance(value, str) and value.strip() != ""
+
+
+# Control tokens of chat templates written as text (ChatML / Qwen / Llama-3 / Phi style `<|...|>`). With the image
+# placeholder they are what a tokenizer would turn into real control tokens, whatever the model.
+CONTROL_TOKEN_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+# Inserted after the `<` of a special token written as text, so that it tokenizes as text (and is invisible when
+# printed). The policy: in prompts (system and user turns) such text is escaped; in answers (the training targets) the
+# row is skipped, since a model should not learn to write escaped control tokens.
+ESCAPE = "\u200b"
+
+
+def special_tokens_in(text: str, extra_tokens=(), image_token: str | None = IMAGE_TOKEN) -> list[str]:
+    """The special tokens written literally in `text`: `<|...|>` control tokens, `image_token` (None: not checked)
+    and any of `extra_tokens` (a tokenizer's special tokens)."""
+    if not isinstance(text, str) or "<" not in text and "[" not in text:
+        return []
+    found = set(CONTROL_TOKEN_RE.findall(text))
+    if image_token and image_token in text:
+        found.add(image_token)
+    for token in extra_tokens:
+        if token and len(token) > 2 and token != image_token and token in text:
+            found.add(token)
+    return sorted(found)
+
+
+def escape_special_tokens(text: str, tokens) -> str:
+    """`text` with every literal occurrence of `tokens` broken by a zero-width space after its first character."""
+    for token in sorted(tokens, key=len, reverse=True):
+        text = text.replace(token, token[0] + ESCAPE + token[1:])
+    return text

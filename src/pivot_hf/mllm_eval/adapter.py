@@ -92,6 +92,11 @@ class PivotLMM(lmms_base()):
             load_kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs).to(self._device).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        if getattr(self.model.config, "model_type", None) == "pivot":
+            from ..trainer.preflight import check_model_processor
+
+            # A checkpoint whose model and processor disagree (image token, vocabulary) is refused before any request.
+            check_model_processor(self.model.config, self.processor, str(pretrained))
         self.tokenizer = self.processor.tokenizer
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens not in (None, "None", "") else None

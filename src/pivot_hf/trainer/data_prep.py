@@ -9,6 +9,7 @@ import os
 
 from ..configs import PivotScriptArguments, RecipeConfigError
 from ..data import LazyImages, load_pivot_dataset
+from ..data.loader import image_token_measure
 from .model_loading import check_max_length
 
 
@@ -35,7 +36,8 @@ def load_training_data(script_args: PivotScriptArguments, training_args, process
         kind,
         tokenizer=processor,
         max_length=training_args.max_length,
-        num_image_tokens=num_image_tokens,
+        # Fixed-resolution towers: one count for every image; NaFlex: each row's images measured.
+        num_image_tokens=image_token_measure(processor),
         num_samples=script_args.num_samples,
         seed=script_args.dataset_seed,
         split=script_args.dataset_train_split,

@@ -13,6 +13,7 @@ from ..checkpointing import AtomicCheckpointMixin
 from ..configs import RecipeConfigError
 from ..fast_dpo import FastDPOMixin
 from .model_loading import check_reference_model
+from .preflight import check_model_processor
 from .tunable import TunablePartsMixin
 
 
@@ -39,6 +40,7 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, DP
             check_reference_model(model, ref_model, "ref_model")
             ref_model.requires_grad_(False)
             ref_model.eval()
+        check_model_processor(getattr(model, "config", None), kwargs.get("processing_class"))
         self._setup_tunable_parts(model, args, after_tunable_parts)
         super().__init__(model, ref_model, args, *trainer_args, **kwargs)
 

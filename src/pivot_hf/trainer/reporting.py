@@ -18,7 +18,12 @@ def save_run_summary(trainer, train_output, processor, script_args, model_args) 
         processor.save_pretrained(output_dir)
         logged = [entry for entry in trainer.state.log_history if "loss" in entry]
         report = getattr(trainer, "tunable_parts_report", None) or {}
+        tags = set(getattr(trainer, "_tag_names", []) or [])
+        method = next((m for m in ("dpo", "grpo", "sft") if m in tags), None)
         summary = {
+            # What produced the checkpoint, for the exported encoder's model card.
+            "method": method,
+            "loss_type": getattr(trainer.args, "loss_type", None) if method == "dpo" else None,
             "dataset_name": script_args.dataset_name,
             "model_name_or_path": model_args.model_name_or_path
             or f"{model_args.vision_model_name_or_path} + {model_args.text_model_name_or_path}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from trl import SFTTrainer
 
 from ..checkpointing import AtomicCheckpointMixin
+from .preflight import check_model_processor
 from .tunable import TunablePartsMixin
 
 
@@ -22,6 +23,7 @@ class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, SFTTrainer):
             from ..configs import PivotSFTConfig
 
             args = PivotSFTConfig(output_dir="pivot-sft")
+        check_model_processor(getattr(model, "config", None), kwargs.get("processing_class"))
         self._setup_tunable_parts(model, args, after_tunable_parts)
         super().__init__(model, args, *trainer_args, **kwargs)
 

@@ -96,12 +96,62 @@ def checksums(named_params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.T
     return {n: s.cpu() for n, s in stats.items()}
 
 
+def check_part_lrs(args) -> None:
+    """Refuse a tunable part whose learning rate is 0 (or negative) before any compute: it would train nothing, and the
+    end-of-run check would only find out after the whole schedule."""
+    lrs = _part_lrs(args)
+    for part in getattr(args, "tunable_parts", None) or []:
+        lr = lrs.get(part)
+        if lr is not None and lr <= 0:
+            key = {"vision_tower": "vision_tower_lr", "projector": "projector_lr"}.get(part, "learning_rate")
+            source = key if key == "learning_rate" or getattr(args, key) is not None else "learning_rate"
+            raise RecipeConfigError(
+                f"Tunable part {part!r} has learning rate {lr:g} (`{source}`), so it cannot train. Fix: set `{key}` "
+                "to a positive value (the paper's Stage 2 uses 1e-6 for every part, Stage 1b 2e-6 for the vision "
+                f"tower), or remove {part!r} from `tunable_parts` (now {list(args.tunable_parts)}) to freeze it."
+            )
+
+
+def check_distributed_config(args) -> None:
+    """DeepSpeed must not build the optimizer or the LR scheduler: either drops the per-part learning rates (an
+    `optimizer` block builds one group; a `scheduler` block such as WarmupLR sets one LR on every group each step)."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    ds_config = getattr(plugin, "deepspeed_config", None)
+    if ds_config is None:
+        ds_config = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if isinstance(ds_config, str) and os.path.isfile(ds_config):
+            import json
+
+            with open(ds_config, encoding="utf-8") as f:
+                ds_config = json.load(f)
+    ds_config = ds_config if isinstance(ds_config, dict) else {}
+    fsdp_config = getattr(args, "fsdp_config", None) or {}
+    uses_fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    version = str(fsdp_config.get("version", os.environ.get("FSDP_VERSION", "1")))
+    orig_params = str(fsdp_config.get("use_orig_params", os.environ.get("FSDP_USE_ORIG_PARAMS", "true"))).lower()
+    if uses_fsdp and version != "2" and orig_params == "false":
+        raise RecipeConfigError(
+            "FSDP (version 1) with `use_orig_params: false` flattens all parameters into one, so the per-part "
+            "parameter groups (vision_tower_lr, projector_lr) cannot exist. Fix: use FSDP2 "
+            "(accelerate_configs/fsdp2.yaml) or set `fsdp_use_orig_params: true`."
+        )
+    for block in ("optimizer", "scheduler"):
+        if block in ds_config:
+            raise RecipeConfigError(
+                f"The DeepSpeed config defines a `{block}` block, so DeepSpeed would build the {block} and override "
+                "the per-part learning rates (vision_tower_lr, projector_lr: one LR on every parameter group). Fix: "
+                f"remove the `{block}` block from the DeepSpeed JSON (accelerate_configs/ never set one); the Trainer "
+                "then builds it from the recipe (`lr_scheduler_type`, `warmup_ratio`)."
+            )
+
+
 class TunablePartsMixin:
     """Tunable parts, per-part LR groups and the did-it-train check, for `PivotSFTTrainer` and `PivotDPOTrainer`."""
 
     def _setup_tunable_parts(self, model, args, after_tunable_parts=None):
         if isinstance(model, str):
             raise TypeError("Pivot trainers take an instantiated model; build it with pivot_hf.trainer.load_model.")
+        check_part_lrs(args)
         apply_tunable_parts(model, args.tunable_parts)
         if after_tunable_parts is not None:
             # e.g. Stage 3's projector reuse, whose freeze must win over `tunable_parts`
@@ -143,14 +193,7 @@ class TunablePartsMixin:
 
     @staticmethod
     def _deepspeed_optimizer_check(args):
-        plugin = getattr(args, "deepspeed_plugin", None)
-        ds_config = getattr(plugin, "deepspeed_config", None) or {}
-        if "optimizer" in ds_config:
-            raise RecipeConfigError(
-                "The DeepSpeed config defines an `optimizer`, so DeepSpeed would build it and drop the per-part "
-                "parameter groups (vision_tower_lr, projector_lr). Fix: remove the `optimizer` block from the "
-                "DeepSpeed JSON (accelerate_configs/ never set one); the Trainer then builds it from the recipe."
-            )
+        check_distributed_config(args)
 
     def create_optimizer(self, model=None):
         """One parameter group per (part, weight decay) with the part's LR; the rest is HF's default optimizer."""
@@ -195,7 +238,14 @@ class TunablePartsMixin:
         before = checksums(self._tunable_named_params()) if check else None
         output = super().train(*args, **kwargs)
         if check:
-            self.tunable_parts_report = self._check_changed(before, checksums(self._tunable_named_params()))
+            try:
+                self.tunable_parts_report = self._check_changed(before, checksums(self._tunable_named_params()))
+            except Exception:
+                # Nothing computed is lost: the trained model (and processor) is saved before the run fails.
+                self.save_model(self.args.output_dir)
+                if self.is_world_process_zero():
+                    logger.error("End-of-run check failed; the trained model was saved to %s.", self.args.output_dir)
+                raise
         return output
 
     def _check_changed(self, before, after) -> dict[str, dict]:
@@ -265,4 +315,12 @@ def _apply_liger_to_language_model(model) -> None:
     logger.info("Liger kernels applied to the language model (%s).", model.config.text_config.model_type)
 
 
-__all__ = ["TunablePartsMixin", "apply_tunable_parts", "checksums", "part_of", "trainable_split"]
+__all__ = [
+    "TunablePartsMixin",
+    "apply_tunable_parts",
+    "check_distributed_config",
+    "check_part_lrs",
+    "checksums",
+    "part_of",
+    "trainable_split",
+]
