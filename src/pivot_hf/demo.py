@@ -320,7 +320,7 @@ def probe_chart(probe: dict, chance: dict, path: Path) -> str:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("prototype-probe top-1 (held-out)")
     ax.set_title("Exported encoders, vision only: mean ± std over seeds; dots = seeds; dashes = chance", fontsize=8)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
