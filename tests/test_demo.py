@@ -20,9 +20,9 @@ def test_small_tokenizer_tokenizes_the_demo_texts_as_qwen_does(tmp_path):
         {"role": "user", "content": "<image>\nWhat shape is the red object?"},
         {"role": "assistant", "content": "It is a circle."},
     ]
-    rendered = full.apply_chat_template(conversation, tokenize=False)
+    rendered = full.apply_chat_template(conversation, tokenize=False)  # other turns than demo_texts() renders
     texts = demo.demo_texts()
-    small = AutoTokenizer.from_pretrained(small_qwen_tokenizer(tmp_path / "tok", [*texts, rendered]))
+    small = AutoTokenizer.from_pretrained(small_qwen_tokenizer(tmp_path / "tok", texts))
     assert len(small) < 1000 < len(full)
     for text in [*texts, rendered]:
         assert small.tokenize(text) == full.tokenize(text), text

@@ -79,14 +79,25 @@ def question_pair(kind: str, shape: str, colour: str, wrong: str) -> dict:
 
 
 def demo_texts() -> list[str]:
-    """Every question, answer and caption the demo can write (what the cut-down tokenizer must cover)."""
+    """Every question, answer and caption the demo can write, and the Qwen2.5 chat template around them (with the
+    processor's system prompt and with the template's own): what the cut-down tokenizer must cover."""
+    from transformers import AutoTokenizer
+
+    from .processing_pivot import DEFAULT_SYSTEM_PROMPT
+    from .testing import qwen_tokenizer_path
+
     texts = []
     for shape in SHAPES:
         for colour in COLOURS:
             texts.append(f"a {colour} {shape}")
             texts += question_pair("colour", shape, colour, colour).values()
             texts += question_pair("shape", shape, colour, shape).values()
-    return texts + ["Describe the image."]
+    texts.append("Describe the image.")
+    qwen = AutoTokenizer.from_pretrained(qwen_tokenizer_path())
+    turns = [{"role": "user", "content": texts[1]}, {"role": "assistant", "content": texts[2]}]
+    for system in ([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}], []):
+        texts.append(qwen.apply_chat_template(system + turns, tokenize=False))
+    return texts
 
 
 def make_shapes_data(root: str | os.PathLike, num_images: int, seed: int) -> dict:
