@@ -7,6 +7,7 @@ import sys
 for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_key, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # the probe's per-encoder progress bars would bury the table
 
 from pivot_hf.demo import main  # noqa: E402
 

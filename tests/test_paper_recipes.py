@@ -1,9 +1,10 @@
-"""The paper's recipe matrix (issue 10): every recipe parses with its script's parser, references only models with a
+"""The paper's recipe matrix: every recipe parses with its script's parser, references only models with a
 known real config, is up to date with its generator, and recipes/README.md covers every table and figure."""
 
 import importlib.util
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,73 @@ def test_readme_covers_every_table_and_figure():
     for rel in re.findall(r"--config (recipes/[\w./+-]+\.yaml)", readme):
         if "<" not in rel:
             assert (REPO / rel).is_file(), rel
+
+
+def _chain(*args: str) -> subprocess.CompletedProcess:
+    script = RECIPES / "paper" / "run_chain.sh"
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, cwd="/")
+
+
+def test_run_chain_dry_run_lists_the_chain_in_order():
+    pair = "siglip2-large+qwen2.5-1.5b"  # one of the Table E pairs: Stage 2 also trains MPO
+    proc = _chain("--dry-run", pair)
+    assert proc.returncode == 0, proc.stderr
+    cfg, base = f"recipes/paper/stages/{pair}", f"runs/paper/{pair}"
+    z2 = "accelerate launch --config_file accelerate_configs/zero2.yaml recipes/sft.py --config"
+    z3 = "accelerate launch --config_file accelerate_configs/zero3.yaml"
+    ev = "accelerate launch --num_processes 8 recipes/eval_mllm.py --tasks all --batch_size 8 --dtype bfloat16"
+    expected = [
+        f"{z2} {cfg}/1a_projector.yaml",
+        f"{z2} {cfg}/1b_finetune.yaml",
+        f"{z3} recipes/sft.py --config {cfg}/2_sft.yaml",
+        f"{z3} recipes/dpo.py --config {cfg}/2_pivot.yaml",
+        f"{z3} recipes/dpo.py --config {cfg}/2_mpo.yaml",
+    ]
+    for post in ("pivot", "sft"):
+        expected.append(
+            f"python recipes/export_encoder.py --model_name_or_path {base}/2_{post} --output_dir {base}/encoder_{post} "
+            "--export_projector --base_model google/siglip2-large-patch16-384"
+        )
+    for post in ("pivot", "sft"):
+        enc = f"{base}/encoder_{post}"
+        expected.append(
+            f"{z2} recipes/paper/stage3/3a_reuse1.yaml --vision_model_name_or_path {enc} --projector_init_from {enc} "
+            f"--output_dir {base}/stage3_{post}/3a_projector"
+        )
+        expected.append(
+            f"{z2} recipes/paper/stage3/3b_reuse1.yaml --model_name_or_path {base}/stage3_{post}/3a_projector "
+            f"--projector_init_from {enc} --output_dir {base}/stage3_{post}/3b_finetune"
+        )
+    for post in ("pivot", "sft"):
+        expected.append(
+            f"{ev} --model_name_or_path {base}/stage3_{post}/3b_finetune --output_dir eval/paper/{pair}/stage3_{post}"
+        )
+        expected.append(f"{ev} --model_name_or_path {base}/2_{post} --output_dir eval/paper/{pair}/2_{post}")
+    assert proc.stdout.splitlines() == expected
+    for rel in re.findall(r"--config (\S+)", proc.stdout):  # every recipe the chain names is on disk
+        assert (REPO / rel).is_file(), rel
+
+
+def test_run_chain_runs_a_subset_in_chain_order():
+    pair = "siglip2-base+qwen2.5-0.5b"  # no MPO recipe: Stage 2 is SFT + PIVOT only
+    proc = _chain(pair, "export", "--dry-run", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[-1] if " --config " in line else line.split()[1] for line in lines] == [
+        f"recipes/paper/stages/{pair}/2_sft.yaml",
+        f"recipes/paper/stages/{pair}/2_pivot.yaml",
+        "recipes/export_encoder.py",
+        "recipes/export_encoder.py",
+    ]
+    assert _chain("--dry-run", pair, "1").stdout.count(" --config ") == 2  # `1` = 1a 1b
+
+
+def test_run_chain_rejects_an_unknown_pair_or_step():
+    proc = _chain("--dry-run", "siglip2-so400m+llama-7b")
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert "unknown pair 'siglip2-so400m+llama-7b'" in proc.stderr
+    listed = [line.strip() for line in proc.stderr.splitlines() if line.startswith("  ")]
+    assert listed == sorted(_generator().pairs())
+    proc = _chain("--dry-run", "siglip2-so400m+qwen2.5-1.5b", "2", "stage9")
+    assert proc.returncode != 0 and proc.stdout == "" and "unknown step 'stage9'" in proc.stderr
+    assert "set -euo pipefail" in (RECIPES / "paper" / "run_chain.sh").read_text()

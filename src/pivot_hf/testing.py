@@ -5,7 +5,9 @@ the real loading code (`from_pretrained` on a Hub id or a folder) is what gets e
 seeded, so two builds with the same arguments are identical.
 """
 
+import json
 import os
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -86,6 +88,50 @@ def real_shape_pivot_config(vision: str = "siglip2-so400m-patch16-384", text: st
 def qwen_tokenizer_path() -> str:
     """The real Qwen2.5 tokenizer shipped with the package (byte-identical to the official files)."""
     return str(resources.files("pivot_hf") / "resources" / "qwen2.5-tokenizer")
+
+
+def small_qwen_tokenizer(path: str | os.PathLike, texts: Iterable[str]) -> str:
+    """Write the Qwen2.5 tokenizer cut down to what `texts` need to `path`; return the path.
+
+    The vocabulary keeps the 256 byte-level symbols, every token the full tokenizer gives `texts`, every token those
+    are merged from, and the special tokens; the merges keep those between kept tokens, in their order. BPE then takes
+    the same merges as the full tokenizer on `texts` (each merge it applied is kept and none ranks ahead of it that did
+    not before), so `texts` tokenize to the same token strings, and any other text falls back to shorter pieces, down
+    to single bytes. Ids are renumbered (0..K-1, special tokens last). Why: a random LLM over 151,665 tokens spends
+    almost all of a CPU step in the output layer; over a few hundred it does not.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    source = Path(qwen_tokenizer_path())
+    spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    made_from = {}
+    for a, b in pairs:
+        made_from.setdefault(a + b, (a, b))
+    special = {t["content"] for t in spec["added_tokens"]}
+    full = Tokenizer.from_file(str(source / "tokenizer.json"))
+    keep = set(ByteLevel.alphabet())
+    todo = [t for text in texts for t in full.encode(text, add_special_tokens=False).tokens if t not in special]
+    while todo:
+        token = todo.pop()
+        if token not in keep:
+            keep.add(token)
+            todo.extend(made_from.get(token, ()))
+    kept = sorted(keep, key=vocab.__getitem__)
+    spec["model"]["vocab"] = {token: i for i, token in enumerate(kept)}
+    spec["model"]["merges"] = [[a, b] for a, b in pairs if a in keep and b in keep and a + b in keep]
+    new_id = {}
+    for i, added in enumerate(spec["added_tokens"]):
+        new_id[str(added["id"])] = added["id"] = len(kept) + i
+    config["added_tokens_decoder"] = {str(new_id[k]): v for k, v in config["added_tokens_decoder"].items()}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    return str(path)
 
 
 def _vit_kwargs(hidden_size: int, num_layers: int) -> dict:
@@ -172,7 +218,12 @@ QWEN_VOCAB_SIZE = 151936
 
 
 def build_tiny_llm(
-    path: str | os.PathLike, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0
+    path: str | os.PathLike,
+    arch: str = "qwen2",
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    seed: int = 0,
+    tokenizer_path: str | os.PathLike | None = None,
 ) -> str:
     """Write a tiny random causal LM with the real Qwen2.5 tokenizer to `path`, with the quirks of real checkpoints.
 
@@ -180,9 +231,12 @@ def build_tiny_llm(
       tied embeddings, a chat template and a pad token.
     - `llama`: a base model: untied LM head, `vocab_size == len(tokenizer)` (adding `<image>` must grow the
       embeddings), no pad token and no chat template (the processor adds ChatML and a pad token).
+
+    With `tokenizer_path` (e.g. a `small_qwen_tokenizer`), that tokenizer is used instead and the vocabulary is sized
+    to it.
     """
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_path())
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or qwen_tokenizer_path()))
     if arch == "llama":
         tokenizer.pad_token = None
         tokenizer.chat_template = None
@@ -192,7 +246,7 @@ def build_tiny_llm(
         "num_hidden_layers": num_layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "vocab_size": QWEN_VOCAB_SIZE if arch == "qwen2" else len(tokenizer),
+        "vocab_size": QWEN_VOCAB_SIZE if arch == "qwen2" and tokenizer_path is None else len(tokenizer),
         "max_position_embeddings": 2048,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
@@ -255,4 +309,5 @@ __all__ = [
     "build_tiny_pivot",
     "qwen_tokenizer_path",
     "QWEN_VOCAB_SIZE",
+    "small_qwen_tokenizer",
 ]
