@@ -113,9 +113,30 @@ def _install() -> None:
     PivotDPOTrainer.save_model = save_model
 
 
+def _record_resume() -> None:
+    """Each rank writes the checkpoint it resumes from to `<output_dir>/resumed_from.rank<N>` (for the resume test)."""
+    from pivot_hf.trainer import PivotDPOTrainer
+
+    original = PivotDPOTrainer._load_from_checkpoint
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        path = os.path.join(self.args.output_dir, f"resumed_from.rank{self.args.process_index}")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(str(resume_from_checkpoint))
+        return original(self, resume_from_checkpoint, model)
+
+    PivotDPOTrainer._load_from_checkpoint = _load_from_checkpoint
+
+
 def main() -> None:
     script = sys.argv[1]
     sys.argv = [script] + sys.argv[2:]
+    # The fault hooks of the single-process kill-and-resume tests (SIGKILL before an optimizer step, or in a save).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_reliability_child import _install_hooks
+
+    _install_hooks()
+    _record_resume()
     _install()
     runpy.run_path(script, run_name="__main__")
 
