@@ -143,3 +143,23 @@ def test_blocks_above_the_feature_layer_final_norm_and_head_never_run(family, ti
         hook.remove()
     assert not any(name in calls for name in skipped), calls
     assert all(calls.get(name) == 1 for name in ran), calls
+
+
+def test_reference_copy_of_a_zero3_partitioned_policy_is_refused(tiny_pivot_factory, fixtures_dir, tmp_path):
+    """With `precompute_ref_log_probs` and no `ref_model`, the reference is a deep copy of the policy: under ZeRO-3
+    that copies empty shards. DeepSpeed marks partitioned parameters with `ds_id`; the copy must be refused with the
+    fix, as the explicit reference loader refuses it."""
+    from pivot_hf import PivotProcessor
+    from pivot_hf.configs import PivotDPOConfig, RecipeConfigError
+    from pivot_hf.data import load_pivot_dataset
+    from pivot_hf.trainer import PivotDPOTrainer
+
+    path = tiny_pivot_factory("siglip")
+    model = PivotForConditionalGeneration.from_pretrained(path)
+    processor = PivotProcessor.from_pretrained(path)
+    dataset, _ = load_pivot_dataset(str(fixtures_dir / "mmpr-mini"), "preference", tokenizer=processor.tokenizer)
+    for index, param in enumerate(model.parameters()):
+        param.ds_id = index  # what deepspeed.zero.Init leaves on every partitioned parameter
+    args = PivotDPOConfig(output_dir=str(tmp_path), precompute_ref_log_probs=True, report_to="none", use_cpu=True)
+    with pytest.raises(RecipeConfigError, match="ZeRO-3.*model_name_or_path"):
+        PivotDPOTrainer(model, None, args=args, train_dataset=dataset, processing_class=processor)
