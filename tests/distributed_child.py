@@ -52,28 +52,11 @@ def _fixed_inputs(processor):
 
 
 def _allow_fsdp_on_cpu() -> None:
-    """Let accelerate run its FSDP path on CPU processes (gloo), for `PIVOT_TEST_FSDP_ON_CPU=1`.
+    """accelerate's FSDP path on CPU processes: see `benchmarks/gpu/dpo_steps.py:allow_fsdp_on_cpu`."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu"))
+    from dpo_steps import allow_fsdp_on_cpu
 
-    accelerate 1.15 enables FSDP only for accelerator devices: with `use_cpu` its state becomes `MULTI_CPU` and drops
-    the FSDP plugin the launcher configured (`AcceleratorState.__init__` lists the device types eligible for FSDP, and
-    CPU is not among them), although `fully_shard` itself runs on CPU with gloo. This restores that one decision;
-    everything after it (`fsdp2_prepare_model`, `fully_shard` of the wrap classes, the optimizer on DTensors, the
-    FULL_STATE_DICT gather at save) is accelerate's and transformers' own code, as on GPUs.
-    """
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    original = AcceleratorState.__init__
-
-    def __init__(self, *args, fsdp_plugin=None, **kwargs):
-        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            # Every later `AcceleratorState()` copies the process state's type over its own: change it there too.
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    AcceleratorState.__init__ = __init__
+    allow_fsdp_on_cpu()
 
 
 def _install() -> None:
