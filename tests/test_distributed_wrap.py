@@ -163,3 +163,30 @@ def test_reference_copy_of_a_zero3_partitioned_policy_is_refused(tiny_pivot_fact
     args = PivotDPOConfig(output_dir=str(tmp_path), precompute_ref_log_probs=True, report_to="none", use_cpu=True)
     with pytest.raises(RecipeConfigError, match="ZeRO-3.*model_name_or_path"):
         PivotDPOTrainer(model, None, args=args, train_dataset=dataset, processing_class=processor)
+
+
+def _cpu_replica(module: torch.nn.Module) -> torch.nn.Module:
+    """What `torch.nn.parallel.replicate` builds for one device (its `_replicate_for_data_parallel` shallow copies,
+    sharing hooks, with parameters set as plain tensors), without the CUDA broadcast it needs."""
+    replicas = {m: m._replicate_for_data_parallel() for m in module.modules()}
+    for original, replica in replicas.items():
+        for name, child in original._modules.items():
+            replica._modules[name] = replicas[child] if child is not None else None
+        for name, param in original._parameters.items():
+            if param is not None:
+                setattr(replica, name, param.view_as(param))  # a non-leaf tensor, as the broadcast copy is
+    return replicas[module]
+
+
+def test_data_parallel_is_refused_with_the_fix(tiny_pivot_factory):
+    """`nn.DataParallel` replicas (what the Trainer runs with several visible GPUs and no launcher) hold their weights
+    as plain tensors, on which transformers' own `PreTrainedModel.dtype` fails mid-forward (StopIteration): a Pivot
+    model refuses them up front, naming the launchers that work."""
+    model = PivotForConditionalGeneration.from_pretrained(tiny_pivot_factory("siglip")).eval()
+    replica = _cpu_replica(model)
+    pixels = torch.randn(1, 3, 32, 32)
+    with pytest.raises(RuntimeError, match=r"DataParallel.*accelerate launch --num_processes N"):
+        replica.get_vision_features(pixels)
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
+        replica(input_ids=torch.tensor([[1, 2]]), pixel_values=pixels)
+    model.get_vision_features(pixels)  # the model itself is unaffected

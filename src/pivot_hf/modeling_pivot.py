@@ -271,6 +271,18 @@ def transformer_block_class_names(vision_tower: nn.Module, language_model: nn.Mo
     return list(dict.fromkeys(names))
 
 
+def _refuse_data_parallel_replica(module: nn.Module) -> None:
+    """`nn.DataParallel` runs replicas whose parameters are not registered as parameters, and transformers'
+    `PreTrainedModel.dtype` / `.device` then fail (StopIteration) deep inside the forward: stop with the fix."""
+    if getattr(module, "_is_replica", False):
+        raise RuntimeError(
+            "A Pivot model cannot run under torch.nn.DataParallel (the Trainer uses it when several GPUs are visible "
+            "to one process). Fix: start one process per GPU, e.g. `accelerate launch --num_processes N "
+            "recipes/dpo.py ...` or `torchrun --nproc_per_node N ...` (DDP, or the ZeRO-3 / FSDP2 configs in "
+            "accelerate_configs/), or make one GPU visible with CUDA_VISIBLE_DEVICES=0."
+        )
+
+
 class PivotMultiModalProjector(LlavaMultiModalProjector):
     """`mlp2x_gelu` (LLaVA-1.5's Linear -> GELU -> Linear, same parameter names), or a single `linear` layer."""
 
@@ -312,6 +324,7 @@ class PivotModel(LlavaModel):
         **kwargs,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Encoder features at the feature layer(s), before the projector (what PIVOT trains and exports)."""
+        _refuse_data_parallel_replica(self)
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         return encode_images(
             self.vision_tower,
@@ -384,6 +397,7 @@ class PivotModel(LlavaModel):
         sequences (chosen and rejected answers of a preference pair).
 
         `cache` is the key/value cache (`past_key_values` before transformers 5.24; both spellings are accepted)."""
+        _refuse_data_parallel_replica(self)
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_values", None)
