@@ -393,17 +393,44 @@ class AtomicCheckpointMixin:
         if resume_from_checkpoint is None:
             # A script that calls `trainer.train()` without passing the argument still honours the recipe key.
             resume_from_checkpoint = getattr(self.args, "resume_from_checkpoint", None)
-        output_dir = self.args.output_dir
-        if self.args.should_save:
-            for path in remove_stale_staging(output_dir):
-                logger.warning("Removed %s, left by a save that was interrupted", path)
-        resolved = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
+        resolved = self._resolve_resume_on_main_process(resume_from_checkpoint)
         if resolved is not None:
             how = "automatically " if resume_from_checkpoint is None else ""
             logger.warning("Resuming %sfrom the complete checkpoint %s", how, resolved)
             self._refuse_finished_run(resolved)
         # Passing the resolved folder (never True) keeps the stock `get_last_checkpoint` out of the way.
         return super().train(resolved, *args, **kwargs)
+
+    def _resolve_resume_on_main_process(self, resume_from_checkpoint: Any) -> str | None:
+        """The checkpoint every rank resumes from, decided once by the main process and broadcast.
+
+        Repairing the run folder (moving a staged checkpoint into place, deleting leftovers) and picking the newest
+        complete checkpoint must happen in one place, before any rank looks: a rank resolving on its own could see the
+        folder before or after the main process renamed a checkpoint into it, and ranks would resume from different
+        steps. A refusal (no complete checkpoint, a bad path) is raised on every rank with the main process's message,
+        so that no rank is left waiting in a collective.
+        """
+        output_dir = self.args.output_dir
+        accelerator = getattr(self, "accelerator", None)
+        distributed = accelerator is not None and accelerator.num_processes > 1
+        decision: dict[str, Any] = {}
+        if not distributed or accelerator.is_main_process:
+            try:
+                if self.args.should_save:
+                    for path in remove_stale_staging(output_dir):
+                        logger.warning("Removed %s, left by a save that was interrupted", path)
+                decision["path"] = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
+            except (ValueError, OSError) as error:
+                decision["error"] = f"{type(error).__name__}: {error}"
+                if not distributed:
+                    raise
+        if distributed:
+            from accelerate.utils import broadcast_object_list
+
+            decision = broadcast_object_list([decision], from_process=0)[0]
+        if "error" in decision:
+            raise ValueError(f"Cannot resume (decided on the main process): {decision['error']}")
+        return decision["path"]
 
     def _refuse_finished_run(self, checkpoint: str) -> None:
         """Resuming a checkpoint that already reached the end of its schedule would train past it (the stock loop

@@ -476,6 +476,9 @@ class FastDPOMixin:
                 # No reference given: the policy before its first step is the reference. A private copy (instead of
                 # TRL reloading `name_or_path`, which a freshly composed model may not have) lives only until the
                 # cache is written.
+                from .trainer.model_loading import refuse_copy_under_zero3
+
+                refuse_copy_under_zero3(model, "the policy, as the reference for `precompute_ref_log_probs`,")
                 ref_model = copy.deepcopy(model).requires_grad_(False).eval()
             if len(args) > 1:
                 args[1] = ref_model

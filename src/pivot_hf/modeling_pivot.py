@@ -16,7 +16,6 @@ Only `transformers`, `torch` and sibling files are imported here: this file is c
 they load with `trust_remote_code=True` where pivot_hf is not installed.
 """
 
-import contextlib
 import copy
 import dataclasses
 import inspect
@@ -121,22 +120,73 @@ def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
     return index
 
 
-@contextlib.contextmanager
-def _run_first_blocks(vision_tower: nn.Module, num_blocks: int):
-    """Temporarily keep only the first `num_blocks` blocks, so the tower stops at the feature layer.
+class _PassThrough(nn.Module):
+    """Stands in for a final norm or pooling head in a per-call view of the tower: returns its first input."""
 
-    The blocks themselves (and any DeepSpeed / FSDP hooks on them) are untouched; only the list the encoder iterates
-    over is swapped, so `state_dict()` outside this context is always the full tower.
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _CaptureOutput(nn.Module):
+    """Runs the (truncated) encoder of a per-call view and keeps its output, the feature layer, in `self.captured`."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.captured = None
+
+    def forward(self, *args, **kwargs):
+        output = self.encoder(*args, **kwargs)
+        self.captured = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+        return output
+
+
+def _shallow_view(module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
+    """A new module object sharing `module`'s parameters, buffers, hooks and children, except `children` replaced.
+
+    Only the new object's own child table differs: `module` itself is not touched, so other calls (other threads,
+    `nn.DataParallel` replicas) running the same module at the same time see it unchanged. `object.__new__` rather
+    than `copy.copy`, because a class swapped in by FSDP2's `fully_shard` overrides `__new__`.
+    """
+    view = object.__new__(type(module))
+    view.__dict__.update(module.__dict__)
+    view.__dict__["_modules"] = {**module._modules, **children}
+    return view
+
+
+def _post_encoder_pass_throughs(owner: nn.Module, keep: str) -> dict[str, nn.Module]:
+    return {
+        name: _PassThrough()
+        for name, child in owner._modules.items()
+        if name != keep and child is not None and _is_post_encoder_module(name)
+    }
+
+
+def _truncated_tower(vision_tower: nn.Module, num_blocks: int) -> tuple[nn.Module, _CaptureOutput]:
+    """A per-call view of `vision_tower` that runs its embeddings and first `num_blocks` blocks, and nothing after.
+
+    The view is made of shallow copies of the modules on the path from the tower down to its block list; the blocks,
+    embeddings and parameters are the tower's own (with any DeepSpeed / FSDP hooks on them). In the copies the block
+    list is cut to `num_blocks` and the final norms and pooling heads beside the path are pass-throughs, so the
+    tower's own `forward` computes exactly its hidden state after block `num_blocks` (0 = the embeddings) and skips
+    everything no feature depends on. Returns `(view, capture)`: after `view(...)`, `capture.captured` holds the
+    `(batch, tokens, hidden)` features. Nothing shared is mutated, so concurrent calls on one model are safe.
     """
     parent, attr, layers = find_encoder_layers(vision_tower)
-    if num_blocks >= len(layers):
-        yield layers
-        return
-    setattr(parent, attr, nn.ModuleList(list(layers)[:num_blocks]))
-    try:
-        yield layers
-    finally:
-        setattr(parent, attr, layers)
+    parent_name = next(name for name, module in vision_tower.named_modules() if module is parent)
+    path = parent_name.split(".") if parent_name else []
+    chain = [vision_tower]  # the modules from the tower down to the block list's owner
+    for name in path:
+        chain.append(chain[-1]._modules[name])
+    encoder = _shallow_view(
+        parent, {attr: nn.ModuleList(list(layers)[:num_blocks]), **_post_encoder_pass_throughs(parent, attr)}
+    )
+    capture = _CaptureOutput(encoder)
+    view = capture
+    for depth in range(len(path) - 1, -1, -1):
+        owner = chain[depth]
+        view = _shallow_view(owner, {**_post_encoder_pass_throughs(owner, path[depth]), path[depth]: view})
+    return view, capture
 
 
 def encode_images(
@@ -177,11 +227,6 @@ def encode_images(
     _, _, layers = find_encoder_layers(vision_tower)
     index = resolve_feature_layer(feature_layer, len(layers))
 
-    captured = {}
-
-    def _capture(_module, _args, output):
-        captured["features"] = output[0] if isinstance(output, tuple) else output
-
     inputs = dict(vision_kwargs)
     if spatial_shapes is not None:
         inputs["spatial_shapes"] = spatial_shapes
@@ -197,28 +242,46 @@ def encode_images(
             pixel_values.shape[0], -1
         )
 
-    if index == 0:
-        # The embeddings themselves: read the first block's input (the block still runs; its output is unused).
-
-        def _capture_input(_module, args, kwargs):
-            captured["features"] = args[0] if args else kwargs["hidden_states"]
-
-        hook = layers[0].register_forward_pre_hook(_capture_input, with_kwargs=True)
-        blocks = 1
-    else:
-        hook = layers[index - 1].register_forward_hook(_capture)
-        blocks = index
-    try:
-        with _run_first_blocks(vision_tower, blocks):
-            vision_tower(pixel_values=pixel_values, **inputs)
-    finally:
-        hook.remove()
-    features = captured["features"][:, num_prefix_tokens:]
+    # A per-call view of the tower that stops at the feature layer: no block above it, no final norm, no pooling head
+    # runs, and nothing on the shared model changes during the call.
+    view, capture = _truncated_tower(vision_tower, index)
+    view(pixel_values=pixel_values, **inputs)
+    features = capture.captured[:, num_prefix_tokens:]
 
     if pixel_attention_mask is not None:
         mask = pixel_attention_mask.to(torch.bool)
         return [feats[m] for feats, m in zip(features, mask)]
     return features
+
+
+def transformer_block_class_names(vision_tower: nn.Module, language_model: nn.Module) -> list[str]:
+    """The classes FSDP wraps one by one and `device_map` never splits: the tower's block and the LLM's decoder layer.
+
+    transformers' `post_init` gathers `_no_split_modules` from the children, which for a tower taken from a dual
+    encoder (SigLIP, SigLIP2, CLIP) names text-side classes that are not in a Pivot model; accelerate's FSDP2 wrap
+    policy (`TRANSFORMER_BASED_WRAP` without a class list) then stops with "Could not find the transformer layer
+    class ...". Every name returned here is the class of a module of the model.
+    """
+    _, _, blocks = find_encoder_layers(vision_tower)
+    names = [type(blocks[0]).__name__] if len(blocks) else []
+    present = {type(module).__name__ for module in language_model.modules()}
+    names += sorted(n for n in (getattr(language_model, "_no_split_modules", None) or ()) if n in present)
+    if len(names) < 2:  # an LLM that names no decoder layer: its block list, found as the tower's is
+        _, _, decoder_layers = find_encoder_layers(language_model)
+        names.append(type(decoder_layers[0]).__name__)
+    return list(dict.fromkeys(names))
+
+
+def _refuse_data_parallel_replica(module: nn.Module) -> None:
+    """`nn.DataParallel` runs replicas whose parameters are not registered as parameters, and transformers'
+    `PreTrainedModel.dtype` / `.device` then fail (StopIteration) deep inside the forward: stop with the fix."""
+    if getattr(module, "_is_replica", False):
+        raise RuntimeError(
+            "A Pivot model cannot run under torch.nn.DataParallel (the Trainer uses it when several GPUs are visible "
+            "to one process). Fix: start one process per GPU, e.g. `accelerate launch --num_processes N "
+            "recipes/dpo.py ...` or `torchrun --nproc_per_node N ...` (DDP, or the ZeRO-3 / FSDP2 configs in "
+            "accelerate_configs/), or make one GPU visible with CUDA_VISIBLE_DEVICES=0."
+        )
 
 
 class PivotMultiModalProjector(LlavaMultiModalProjector):
@@ -251,6 +314,7 @@ class PivotModel(LlavaModel):
         self.multi_modal_projector = PivotMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
+        self._no_split_modules = transformer_block_class_names(self.vision_tower, self.language_model)
 
     def get_vision_features(
         self,
@@ -261,6 +325,7 @@ class PivotModel(LlavaModel):
         **kwargs,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Encoder features at the feature layer(s), before the projector (what PIVOT trains and exports)."""
+        _refuse_data_parallel_replica(self)
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         return encode_images(
             self.vision_tower,
@@ -333,6 +398,7 @@ class PivotModel(LlavaModel):
         sequences (chosen and rejected answers of a preference pair).
 
         `cache` is the key/value cache (`past_key_values` before transformers 5.24; both spellings are accepted)."""
+        _refuse_data_parallel_replica(self)
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_values", None)
@@ -401,6 +467,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         self.model = PivotModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        self._no_split_modules = list(self.model._no_split_modules)
 
     # ----------------------------------------------------------------------------------------------------- features
     @property
@@ -773,4 +840,5 @@ __all__ = [
     "encode_images",
     "find_encoder_layers",
     "resolve_feature_layer",
+    "transformer_block_class_names",
 ]

@@ -165,6 +165,17 @@ def check_reference_model(policy, ref_model, ref_source: str) -> None:
         )
 
 
+def refuse_copy_under_zero3(model, what: str) -> None:
+    """`copy.deepcopy` of a ZeRO-3 partitioned model copies empty placeholders (each parameter lives in shards on
+    the ranks, marked by DeepSpeed's `ds_id`), not the network: stop with the fix instead of training against it."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise RecipeConfigError(
+            f"Under DeepSpeed ZeRO-3 {what} cannot be copied in memory (its parameters are partitioned across ranks). "
+            "Fix: save the composed (Stage-1) model and set `model_name_or_path` to it, or pass an explicit "
+            "`ref_model=load_reference_model(model_args, model)` loaded from a checkpoint."
+        )
+
+
 def load_reference_model(model_args: PivotModelConfig, policy) -> PivotForConditionalGeneration:
     """An explicit frozen copy of the starting checkpoint, vision tower included (loaded separately, not PEFT).
 
@@ -177,11 +188,7 @@ def load_reference_model(model_args: PivotModelConfig, policy) -> PivotForCondit
         if model_args.ref_model_name_or_path is None:
             apply_projector_init(ref_model, model_args)
     else:
-        if any(hasattr(p, "ds_id") for p in policy.parameters()):
-            raise RecipeConfigError(
-                "Under DeepSpeed ZeRO-3 the reference of a freshly composed MLLM cannot be copied in memory. Fix: "
-                "save the composed (Stage-1) model and set `model_name_or_path` to it."
-            )
+        refuse_copy_under_zero3(policy, "the reference of a freshly composed MLLM")
         source = "a copy of the composed policy"
         ref_model = copy.deepcopy(policy)
         # The policy's projector reuse is applied later (after its tunable parts); the copy needs it now, so that
@@ -198,6 +205,7 @@ __all__ = [
     "check_feature_layer",
     "check_max_length",
     "check_reference_model",
+    "refuse_copy_under_zero3",
     "load_model",
     "load_processor",
     "load_reference_model",

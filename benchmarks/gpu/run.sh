@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The prepared GPU check. On the device machine (torch + transformers + accelerate + peft, no network), after
+# `benchmarks/gpu/prepare.sh` filled .whl/ here and the call carried it:
+#
+#     bash benchmarks/gpu/run.sh            # real shape: SigLIP2-So400m/16 + Qwen2.5-1.5B, bf16, <= 9 minutes
+#     bash benchmarks/gpu/run.sh --tiny     # the same code path on a tiny config; runs on CPU (CI)
+#
+# It installs the carried wheels into /tmp/site (never into the machine's Python), then runs benchmarks/gpu/check.py:
+# 3 PIVOT DPO steps through `accelerate launch` under ZeRO-3 and under FSDP2 (one process), the DPO throughput
+# benchmark with and without Liger, and writes gpu_check.json, gpu_check.md and gpu_check.log under $OUT (default
+# ./gpu-check-out). Extra arguments go to check.py (e.g. `--stages fsdp2,throughput` for a rerun).
+set -u -o pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT" || exit 1
+OUT="${OUT:-$ROOT/gpu-check-out}"
+mkdir -p "$OUT"
+export OUT
+
+ARGS=("$@")
+TINY=0
+for arg in "$@"; do [[ "$arg" == "--tiny" ]] && TINY=1; done
+
+shopt -s nullglob
+WHEELS=("$ROOT"/.whl/*.whl)
+if (( ${#WHEELS[@]} > 0 )) && (( TINY == 0 )); then
+    echo "installing ${#WHEELS[@]} carried wheels into /tmp/site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "${WHEELS[@]}" || { echo "wheel install failed" >&2; exit 1; }
+    export PYTHONPATH="/tmp/site:$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+else
+    (( TINY == 0 )) && echo "no wheels in .whl/ (run benchmarks/gpu/prepare.sh where pip works): using the installed packages"
+    export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_DISABLED=true
+export PYTHONUNBUFFERED=1
+if (( TINY == 1 )); then
+    # CI box: one thread per process, results must not depend on the thread count.
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
+exec python3 "$ROOT/benchmarks/gpu/check.py" --out "$OUT" "${ARGS[@]}"

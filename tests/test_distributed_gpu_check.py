@@ -1,0 +1,51 @@
+"""`bash benchmarks/gpu/run.sh --tiny`: the prepared GPU check's code path on a tiny config, on CPU.
+
+What needs CUDA (ZeRO-3, Liger) is skipped with its reason; the FSDP2 DPO steps (2 gloo processes here, through
+`accelerate launch` and accelerate's own `fully_shard`) and the throughput benchmark run the code they run on the GPU.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_tiny_runs_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", str(REPO / "benchmarks" / "gpu" / "run.sh"), "--tiny", "--work", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=2700)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "gpu check: passed" in proc.stdout
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert (out / "gpu_check.md").read_text().startswith("# PIVOT GPU check on cpu")
+    stages = report["stages"]
+    # Skipped only where CUDA is missing, each with the reason printed.
+    assert stages["zero3"]["status"] == "skipped" and "needs CUDA" in stages["zero3"]["reason"]
+    assert stages["throughput_liger"]["status"] == "skipped" and "CUDA only" in stages["throughput_liger"]["reason"]
+    assert "[zero3] SKIPPED: needs CUDA" in proc.stdout and "[throughput_liger] SKIPPED" in proc.stdout
+
+    fsdp = stages["fsdp2"]
+    assert fsdp["status"] == "ok" and fsdp["checkpoint_saved"]
+    run = fsdp["report"]
+    assert run["distributed_type"] == "FSDP" and run["num_processes"] == 2
+    assert run["dtensor_parameters"] == run["parameters"] > 0 and "<root>" in run["fsdp_units"]
+    assert [g["name"] for g in run["optimizer_groups"]] == [
+        "language_model_no_decay",
+        "projector_no_decay",
+        "vision_tower_no_decay",
+    ]
+    assert run["global_step"] == 3 and len(run["losses"]) == 3
+    changed, total = run["tensors_changed"]["vision_tower"]
+    assert changed == total > 0
+
+    throughput = stages["throughput"]
+    assert throughput["status"] == "ok"
+    assert throughput["summary"]["loss_max_rel_diff"] < 1e-5
