@@ -21,6 +21,9 @@ _deps = [
     "scikit-learn>=1.3",
     "matplotlib>=3.7",
     "psutil",
+    # The recipes' default `report_to`: TRL's recommended tracker, local-first (SQLite under ~/.cache/huggingface/trackio
+    # or $TRACKIO_DIR; nothing leaves the machine unless a Space is configured). No gradio, only its light client.
+    "trackio>=0.43,<1",
 ]
 
 extras = {
