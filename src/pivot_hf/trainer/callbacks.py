@@ -206,7 +206,11 @@ class TrainingCurvesCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and state.log_history:
             try:
-                path = plot_training_curves(state.log_history, os.path.join(args.output_dir, CURVES_FILENAME))
+                path = plot_training_curves(
+                    state.log_history,
+                    os.path.join(args.output_dir, CURVES_FILENAME),
+                    title=f"{args.run_name or args.output_dir}  (step {state.global_step})",
+                )
             except Exception as err:  # a plot must never fail a finished run
                 logger.warning("Could not draw %s: %s", CURVES_FILENAME, err)
             else:
@@ -275,14 +279,15 @@ def plot_training_curves(history: list[dict], path: str, title: str | None = Non
             ax.text(0.5, 0.5, "no accuracy or reward logged", ha="center", va="center", transform=ax.transAxes)
         _finish(ax)
 
+    # LRs of different parts differ by orders of magnitude: log scale, with zeros (warmup's first step) left out.
     ax = axes[1, 0]
     for part, color in colors.items():
         steps, values = _series(history, f"lr/{part}")
         if steps:
-            ax.plot(steps, values, color=color, marker="o", markersize=3, label=part)
+            ax.plot(steps, _positive(values), color=color, marker="o", markersize=3, label=part)
     if not ax.lines:
         steps, values = _series(history, "learning_rate")
-        ax.plot(steps, values, marker="o", markersize=3, label="learning_rate")
+        ax.plot(steps, _positive(values), marker="o", markersize=3, label="learning_rate")
     if any(v > 0 for line in ax.lines for v in line.get_ydata()):
         ax.set_yscale("log")
     ax.set_title("Learning rate per part")
@@ -297,8 +302,8 @@ def plot_training_curves(history: list[dict], path: str, title: str | None = Non
         if all(v == 0 for v in values):
             frozen.append(part)
             continue
-        ax.plot(steps, values, color=color, marker="o", markersize=3, label=part)
-    if ax.lines:
+        ax.plot(steps, _positive(values), color=color, marker="o", markersize=3, label=part)
+    if any(v > 0 for line in ax.lines for v in line.get_ydata()):
         ax.set_yscale("log")
     if frozen:
         ax.text(0.02, 0.02, "frozen (update 0): " + ", ".join(frozen), transform=ax.transAxes, fontsize=9, va="bottom")
@@ -309,6 +314,10 @@ def plot_training_curves(history: list[dict], path: str, title: str | None = Non
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def _positive(values: list[float]) -> list[float]:
+    return [v if v > 0 else float("nan") for v in values]
 
 
 def _finish(ax) -> None:
