@@ -217,3 +217,25 @@ def test_missing_tracker_is_a_warning_not_a_crash(monkeypatch, caplog):
         monitor._drop_missing_trackers(args)
     assert args.report_to == ["tensorboard"]
     assert "trackio" in caplog.text and "pip install trackio" in caplog.text and "report_to: none" in caplog.text
+
+
+def test_two_process_run_logs_the_same_update_norms_on_every_rank(tiny, tmp_path):
+    """DDP on two CPU processes: each rank measures its own replica; the numbers agree and every part moved."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    cmd += [str(Path(__file__).parent / "monitor_ddp_child.py"), "--model_name_or_path", tiny]
+    cmd += ["--dataset_name", str(FIXTURES / "mmpr-mini"), "--output_dir", str(out), "--max_steps", "2"]
+    cmd += ["--per_device_train_batch_size", "1", "--gradient_checkpointing", "false", "--logging_steps", "1"]
+    cmd += ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--max_length", "512"]
+    cmd += ["--learning_rate", "1e-4", "--projector_lr", "5e-4", "--vision_tower_lr", "1e-3", "--use_cpu", "true"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (json.loads((out / f"logs_rank{r}.json").read_text()) for r in (0, 1))
+    assert [e["step"] for e in rank0] == [1, 2]
+    for a, b in zip(rank0, rank1):
+        for part in LRS:
+            assert a[f"update_norm/{part}"] == b[f"update_norm/{part}"] > 0, part
+    assert (out / monitor.CURVES_FILENAME).is_file()
