@@ -239,3 +239,80 @@ def test_two_process_run_logs_the_same_update_norms_on_every_rank(tiny, tmp_path
         for part in LRS:
             assert a[f"update_norm/{part}"] == b[f"update_norm/{part}"] > 0, part
     assert (out / monitor.CURVES_FILENAME).is_file()
+
+
+SHARDED_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from transformers.trainer_utils import IntervalStrategy
+
+    from pivot_hf.trainer.callbacks import UpdateNormCallback
+
+
+    def worker(rank, world, port, out):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        full = {  # the same full weights on every rank; each rank holds one half, as a ZeRO-3 partition
+            "model.vision_tower.w": torch.arange(8.0) + 1,
+            "model.multi_modal_projector.w": torch.arange(6.0) - 2,
+            "model.language_model.w": torch.ones(4),
+        }
+        model = torch.nn.Module()
+        params = {}
+        for i, (name, value) in enumerate(full.items()):
+            param = torch.nn.Parameter(torch.empty(0), requires_grad=name != "model.language_model.w")
+            param.ds_tensor = value.chunk(world)[rank].clone()
+            model.register_parameter(f"p{i}", param)
+            params[name] = param
+        model.named_parameters = lambda: iter(params.items())
+        groups = [{"name": "vision_tower", "lr": 1e-3, "params": [params["model.vision_tower.w"]]},
+                  {"name": "projector_no_decay", "lr": 5e-4, "params": [params["model.multi_modal_projector.w"]]}]
+        trainer = SimpleNamespace(model=model, optimizer=SimpleNamespace(param_groups=groups), is_fsdp_enabled=False,
+                                  is_deepspeed_enabled=True, args=SimpleNamespace(device=torch.device("cpu")),
+                                  is_world_process_zero=lambda: rank == 0)
+        callback = UpdateNormCallback(trainer)
+        args = SimpleNamespace(logging_strategy=IntervalStrategy.STEPS, logging_first_step=False)
+        state = SimpleNamespace(global_step=0, logging_steps=1)
+        callback.on_step_begin(args, state, None)
+        with torch.no_grad():  # the "optimizer step", on the local shards only
+            params["model.vision_tower.w"].ds_tensor.add_(0.5 * (rank + 1))
+            params["model.multi_modal_projector.w"].ds_tensor.mul_(1.01)
+        state.global_step = 1
+        callback.on_step_end(args, state, None)
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump(callback.pop_metrics(), f)
+        dist.destroy_process_group()
+
+
+    if __name__ == "__main__":
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.multiprocessing.spawn(worker, args=(2, port, sys.argv[1]), nprocs=2)
+    """
+)
+
+
+def test_sharded_parameters_sum_over_ranks(tmp_path):
+    """The ZeRO-3 / FSDP path: each rank sums its shard, the sums are all-reduced, every rank logs the full-model value."""
+    script = tmp_path / "worker.py"
+    script.write_text(SHARDED_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1
+    vision = torch.arange(8.0, dtype=torch.float64) + 1
+    vision_update = torch.cat([torch.full((4,), 0.5), torch.full((4,), 1.0)]).double()
+    assert rank0["update_norm/vision_tower"] == pytest.approx(float(vision_update.norm() / vision.norm()), rel=1e-6)
+    assert rank0["update_norm/projector"] == pytest.approx(0.01, rel=1e-4)  # x -> 1.01 x: |0.01 x| / |x|
+    assert rank0["update_norm/language_model"] == 0.0  # frozen, unchanged
+    assert rank0["lr/vision_tower"] == 1e-3 and rank0["lr/projector"] == 5e-4
