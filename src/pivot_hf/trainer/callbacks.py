@@ -10,7 +10,8 @@
   A part with no trainable tensor logs exactly 0 when its weights are bit-identical across the step, NaN (and a
   warning) when something outside the optimizer changed them. Cost: on logged steps only, one transient copy of the
   trainable weights (of the local shard under ZeRO-3/FSDP), taken after the backward pass so it does not add to the
-  activation peak, plus two reductions; no extra forward.
+  activation peak (under DeepSpeed, which steps inside the backward, before the forward), plus float64 reductions in
+  bounded chunks; no extra forward.
 - `lr/<part>`: the learning rate each part's parameter group used on that step (the Trainer logs group 0 only).
 
 At the end of `train()`, rank 0 draws `training_curves.png` into `output_dir` from `state.log_history` (matplotlib's
@@ -40,6 +41,16 @@ from .tunable import _local, part_of
 logger = logging.getLogger(__name__)
 
 CURVES_FILENAME = "training_curves.png"
+
+
+_CHUNK = 1 << 24  # elements per float64 chunk: bounds the temporary memory of a reduction to 128 MiB
+
+
+def _chunks(tensor: torch.Tensor):
+    """Float64 pieces of a tensor's values, so a large embedding is never copied whole in float64."""
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        yield flat[start : start + _CHUNK].double()
 
 
 def _group_part(group: dict, names_by_id: dict[int, str]) -> str | None:
@@ -139,10 +150,11 @@ class UpdateNormCallback(TrainerCallback):
     @staticmethod
     def _checksum(tensors) -> torch.Tensor:
         """(sum, sum of squares) in float64 over local values: equal before and after <=> unchanged, to rounding."""
-        if not tensors:
-            return torch.zeros(2, dtype=torch.float64)
-        x = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).sum(0)
-        return x.cpu()
+        total = torch.zeros(2, dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+        for t in tensors:
+            for chunk in _chunks(t):
+                total += torch.stack([chunk.sum(), chunk.square().sum()]).to(total.device)
+        return total.cpu()
 
     # -- after the step: measure -------------------------------------------------------------------------------------
     def on_step_end(self, args, state, control, **kwargs):
@@ -154,19 +166,23 @@ class UpdateNormCallback(TrainerCallback):
 
     def _measure(self, snapshot) -> dict[str, float]:
         parts = list(TUNABLE_PARTS)
-        # Per part: squared update norm, squared weight norm (trainable), then the frozen checksums before and after.
-        sums = torch.zeros(len(parts), 2, dtype=torch.float64)
+        # Per part: squared update norm and squared weight norm of the trainable tensors, accumulated where the weights
+        # live (one host transfer per measured step, not one per tensor).
+        sums = None
         for i, part in enumerate(parts):
             for current, before in snapshot["trainable"].get(part, []):
-                b = before.double()
-                sums[i, 0] += (current.double() - b).square().sum().cpu()
-                sums[i, 1] += b.square().sum().cpu()
+                if sums is None:
+                    sums = torch.zeros(len(parts), 2, dtype=torch.float64, device=current.device)
+                for now, then in zip(_chunks(current), _chunks(before)):
+                    sums[i, 0] += (now - then).square().sum().to(sums.device)
+                    sums[i, 1] += then.square().sum().to(sums.device)
+        sums = torch.zeros(len(parts), 2, dtype=torch.float64) if sums is None else sums.cpu()
+        # ... then the frozen tensors' checksums before and after the step.
         frozen_before = torch.stack([snapshot["frozen"][p][1] for p in parts])
         frozen_after = torch.stack([self._checksum(snapshot["frozen"][p][0]) for p in parts])
         packed = torch.cat([sums, frozen_before, frozen_after], dim=1)
         if snapshot["sharded"] and torch.distributed.is_available() and torch.distributed.is_initialized():
-            device = self.trainer.args.device
-            packed = packed.to(device)
+            packed = packed.to(self.trainer.args.device)  # NCCL reduces device tensors
             torch.distributed.all_reduce(packed)  # shards: the global sums; padding is zero
             packed = packed.cpu()
         metrics = {}
