@@ -326,6 +326,10 @@ def plot_training_curves(history: list[dict], path: str, title: str | None = Non
     ax.set_title("Relative update norm ||Δθ|| / ||θ|| per part")
     _finish(ax)
 
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps
     fig.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(path))) or "training curves")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
