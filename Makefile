@@ -1,4 +1,4 @@
-.PHONY: install test demo quality style clean
+.PHONY: install test demo quality style clean test-eval
 
 PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
@@ -19,6 +19,21 @@ install:
 test: install
 	$(PYTHON) -m pytest tests -n 2 --dist loadfile -q
 
+# The real lmms-eval harness on the `pivot` adapter, on a CPU machine: lmms-eval and the few pure-Python modules it
+# imports go into an isolated folder (requirements-eval-cpu.txt says why: no torchvision/CUDA torch, filelock 3.x
+# only there); the HF stack and pytest come from the environment (`make install`). PIVOT_HF_REQUIRE_LMMS_EVAL=1 turns
+# the tests' "lmms-eval is not installed" skip into a failure. GPU machines: `pip install -e ".[eval]"` (README).
+EVAL_TARGET ?= .venvs/lmms-eval
+
+$(EVAL_TARGET)/.installed: requirements-eval-cpu.txt
+	rm -rf $(EVAL_TARGET)
+	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps --target $(EVAL_TARGET) -r requirements-eval-cpu.txt
+	cp requirements-eval-cpu.txt $@
+
+test-eval: $(EVAL_TARGET)/.installed
+	PYTHONPATH="$(CURDIR)/src:$(CURDIR)/$(EVAL_TARGET)$${PYTHONPATH:+:$$PYTHONPATH}" PIVOT_HF_REQUIRE_LMMS_EVAL=1 \
+		OMP_NUM_THREADS=1 $(PYTHON) -m pytest tests/test_eval_mllm_adapter.py -p no:xdist -q -rs
+
 demo: install
 	$(PYTHON) scripts/demo.py
 
@@ -31,4 +46,4 @@ style:
 	ruff format $(check_dirs)
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache demo_output
+	rm -rf build dist *.egg-info .pytest_cache demo_output .venvs

@@ -21,6 +21,9 @@ _deps = [
     "scikit-learn>=1.3",
     "matplotlib>=3.7",
     "psutil",
+    # The recipes' default `report_to`: TRL's recommended tracker, local-first (SQLite under ~/.cache/huggingface/trackio
+    # or $TRACKIO_DIR; nothing leaves the machine unless a Space is configured). No gradio, only its light client.
+    "trackio>=0.43,<1",
 ]
 
 extras = {
@@ -29,7 +32,9 @@ extras = {
     # Triton kernels: CUDA only. Installed on GPU machines; gated at runtime everywhere.
     "liger": ["liger-kernel>=0.5"],
     # The paper's 16 MLLM benchmarks (issue: MLLM benchmark evaluation).
-    "eval": ["lmms-eval"],
+    # lmms-eval 0.7.3's `simple_evaluate` patches `filelock._api`, which filelock 4 removed: keep the last 3.x
+    # (huggingface_hub and datasets accept it). CPU machines: requirements-eval-cpu.txt (no torchvision).
+    "eval": ["lmms-eval>=0.7.3,<0.8", "filelock>=3.16,<4"],
     "deepspeed": ["deepspeed>=0.15"],
 }
 extras["dev"] = extras["tests"] + extras["quality"]

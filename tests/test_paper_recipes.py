@@ -107,7 +107,7 @@ def test_stage2_pairs_differ_only_in_the_objective():
     sft = yaml.safe_load((RECIPES / "paper/stages/siglip2-so400m+qwen2.5-1.5b/2_sft.yaml").read_text())
     dpo = yaml.safe_load((RECIPES / "paper/stages/siglip2-so400m+qwen2.5-1.5b/2_pivot.yaml").read_text())
     objective = {"learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "beta", "loss_type"}
-    objective |= {"output_dir"}
+    objective |= {"output_dir", "run_name"}  # names of the run
     assert {k: v for k, v in sft.items() if k not in objective} == {k: v for k, v in dpo.items() if k not in objective}
     assert (dpo["learning_rate"], dpo["beta"], dpo["num_train_epochs"]) == (1e-6, 0.1, 3)
     assert dpo["loss_type"] == ["sigmoid"]

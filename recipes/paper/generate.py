@@ -96,7 +96,10 @@ COMMON = {
     "save_strategy": "steps",
     "save_steps": 500,
     "save_total_limit": 1,
-    "report_to": "none",
+    # TRL's recommended tracker; local-first: a SQLite file under $TRACKIO_DIR (default ~/.cache/huggingface/trackio),
+    # nothing leaves the machine unless `trackio_space_id` is set. `trackio show` opens the dashboard.
+    "report_to": "trackio",
+    "project": "pivot-hf",
     "seed": 42,
 }
 ALL_PARTS = ["vision_tower", "projector", "language_model"]
@@ -261,6 +264,8 @@ def build() -> dict[str, str]:
     def put(rel: str, script: str, what: str, body: dict, extra: list[str] | None = None):
         folder, name = rel.rsplit("/", 1)
         zero = "zero3" if "model_name_or_path" in body and "dataset_seed" in body else "zero2"  # Stage 2 = MMPR rows
+        if body.get("report_to") == "trackio":
+            body = {**body, "run_name": rel.removesuffix(".yaml")}  # the tracker's name for the run
         files[rel] = to_yaml(_header(script, what, folder, name, zero, extra), body)
 
     for pair in pairs():

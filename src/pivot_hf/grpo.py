@@ -29,6 +29,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .checkpointing import AtomicCheckpointMixin
 from .configs import PivotScriptArguments, PivotTrainingFields, RecipeConfigError
+from .trainer.callbacks import TrainingMonitorMixin
 from .trainer.tunable import TunablePartsMixin
 
 
@@ -333,7 +334,7 @@ class PivotGRPOConfig(PivotTrainingFields, GRPOConfig):
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
-class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, GRPOTrainer):
+class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, GRPOTrainer):
     """`PivotGRPOTrainer(model, reward_funcs, args=PivotGRPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     The tunable parts, per-part learning-rate groups and the end-of-run check that the vision tower changed are the

@@ -28,9 +28,9 @@ REDACTED = "<redacted>"
 # Values shorter than this are not treated as secrets by value (a stray "1" in HF_TOKEN would redact every digit).
 _MIN_SECRET_LEN = 8
 
-# What a folder published by this project may contain: weights, configs, tokenizer/vocab, docs, chat templates and
-# the remote code a Pivot checkpoint carries.
-PUBLISHABLE_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".jinja", ".py", ".model", ".tiktoken")
+# What a folder published by this project may contain: weights, configs, tokenizer/vocab, docs, chat templates, the
+# remote code a Pivot checkpoint carries and the run's training_curves.png (an image: no code).
+PUBLISHABLE_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".jinja", ".py", ".model", ".tiktoken", ".png")
 # Formats that are (or usually wrap) Python pickles: loading them can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".dill")
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # pickle protocols 2-5

@@ -15,7 +15,10 @@ import importlib.util
 
 MODEL_NAME = "pivot"
 ADAPTER_CLASS_PATH = "pivot_hf.mllm_eval.adapter.PivotLMM"
-INSTALL_HINT = 'pip install -e ".[eval]"  (or: pip install lmms-eval)'
+INSTALL_HINT = (
+    'pip install -e ".[eval]" (GPU); on CPU: pip install --no-deps --target .venvs/lmms-eval -r requirements-eval-cpu.txt '
+    "and PYTHONPATH=.venvs/lmms-eval"
+)
 
 _import_error: Exception | None = None
 try:

@@ -12,12 +12,13 @@ from trl import DPOTrainer
 from ..checkpointing import AtomicCheckpointMixin
 from ..configs import RecipeConfigError
 from ..fast_dpo import FastDPOMixin
+from .callbacks import TrainingMonitorMixin
 from .model_loading import check_reference_model
 from .preflight import check_model_processor
 from .tunable import TunablePartsMixin
 
 
-class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, DPOTrainer):
+class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer):
     """`PivotDPOTrainer(model, ref_model, args=PivotDPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     `ref_model` must be given unless `precompute_ref_log_probs` is set: PIVOT's reference is a separately loaded

@@ -9,11 +9,12 @@ from __future__ import annotations
 from trl import SFTTrainer
 
 from ..checkpointing import AtomicCheckpointMixin
+from .callbacks import TrainingMonitorMixin
 from .preflight import check_model_processor
 from .tunable import TunablePartsMixin
 
 
-class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, SFTTrainer):
+class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, SFTTrainer):
     """`PivotSFTTrainer(model, args=PivotSFTConfig(...), train_dataset=..., processing_class=processor)`."""
 
     _tag_names = ["trl", "sft", "pivot"]
