@@ -226,10 +226,25 @@ class EvalVisionArguments:
                 self.seeds = [0, 1, 2] if self.alignment_max_samples else [0]
             else:
                 self.seeds = DEFAULT_SEEDS.get(self.task, [0])
+        if len(set(self.seeds)) != len(self.seeds):
+            dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            raise ValueError(
+                f"--seeds {self.seeds} repeats {dup}: a repeated seed reruns the same draw, so the mean counts it twice "
+                "and the std understates the spread. Pass distinct seeds."
+            )
+        if not 0.0 < self.clamp_quantile <= 1.0:
+            raise ValueError(f"--clamp_quantile must lie in (0, 1] (1 = no clamp), got {self.clamp_quantile}")
+        if self.knn_k < 1:
+            raise ValueError(f"--knn_k must be >= 1, got {self.knn_k}")
         if self.task == "alignment":
             from .alignment import check_alignment_seeds
 
             check_alignment_seeds(self.seeds, self.alignment_max_samples)
+            if self.alignment_max_samples is not None and self.alignment_max_samples <= self.knn_k:
+                raise ValueError(
+                    f"--alignment_max_samples {self.alignment_max_samples} leaves no room for --knn_k {self.knn_k} "
+                    "neighbours among the other pairs: draw more than knn_k pairs."
+                )
         if self.task == "prototype" and len(self.seeds) > 1:
             raise ValueError(
                 f"prototype with seeds {self.seeds}: the prototype probe has no randomness (class means of all train "
@@ -280,7 +295,7 @@ def _settings(args: EvalVisionArguments, keys: list[str]) -> dict:
 def _run_classification(args: EvalVisionArguments, backbones=None) -> dict:
     from .data import load_classification_dataset
     from .features import CACHE_STATS, extract_features
-    from .linear_probe import linear_probe, prototype_classifier, stratified_split
+    from .linear_probe import check_classification_data, linear_probe, prototype_classifier, stratified_split
     from .protocol import classification_protocol
     from .reporting import write_results
 
@@ -294,6 +309,9 @@ def _run_classification(args: EvalVisionArguments, backbones=None) -> dict:
     else:  # no test split: a fixed stratified share of train
         tr, te = stratified_split(train.labels, args.test_fraction, args.subset_seed)
         train, test = train.subset(tr), train.subset(te)
+    check_classification_data(  # before any image is encoded
+        args.task, train.labels, test.labels, train.class_names, args.val_fraction, tuple(args.seeds)
+    )
     cache = _cache(args)
     runs = []
     for i, (name, label) in enumerate(zip(args.model_name_or_path, args.labels())):
@@ -476,7 +494,7 @@ def _text_model(args: EvalVisionArguments, bb):
 def _run_alignment(args: EvalVisionArguments, backbones=None) -> dict:
     from .alignment import alignment_over_seeds, check_alignment_seeds, language_features
     from .data import load_caption_pairs
-    from .features import extract_features, resolve_pooling
+    from .features import extract_features, model_prefix_tokens, resolve_pooling
     from .protocol import alignment_protocol
     from .reporting import write_results
 
@@ -484,7 +502,20 @@ def _run_alignment(args: EvalVisionArguments, backbones=None) -> dict:
         args.dataset_name, args.test_split, args.image_column, args.text_column, args.dataset_config,
         args.dataset_revision,
     )  # fmt: skip
-    check_alignment_seeds(args.seeds, args.alignment_max_samples, len(pairs))  # before any model runs
+    # Everything a run can be refused for is checked before any model runs.
+    check_alignment_seeds(args.seeds, args.alignment_max_samples, len(pairs))
+    n_pairs = min(len(pairs), args.alignment_max_samples or len(pairs))
+    if args.knn_k >= n_pairs:
+        raise ValueError(
+            f"--knn_k {args.knn_k} needs more than {args.knn_k} pairs per seed, but each seed scores {n_pairs} "
+            f"(of {len(pairs)} in {args.dataset_name}): lower --knn_k or use more pairs."
+        )
+    for i, name in enumerate(args.model_name_or_path):  # a family without CLS refuses cls pooling up front
+        prefix = backbones[i].num_prefix_tokens() if backbones else model_prefix_tokens(name)
+        try:
+            resolve_pooling(prefix, args.alignment_pooling)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     cache = _cache(args)
     runs, text_cache, pooled_with, text_dtypes = [], {}, [], []
     for i, (name, label) in enumerate(zip(args.model_name_or_path, args.labels())):
