@@ -470,7 +470,7 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
     settings["selection"] = "best epoch by validation macro recall (classes with >= 1 positive patch)"
     return write_results(
         args.output_dir, args.task, runs, "macro_recall_mean", settings, args.seeds, data,
-        protocol=segmentation_protocol(args, cfg, device),
+        protocol=segmentation_protocol(args, cfg, device, [r["model"]["feature_layer"] for r in runs]),
     )  # fmt: skip
 
 
