@@ -137,3 +137,17 @@ def test_unreadable_image_names_the_file_and_caches_nothing(assets, tmp_path):
         run(args, backbones=[bb])
     cached = [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs]
     assert not any(f.endswith(".safetensors") or f.endswith(".npy") for f in cached), cached
+
+
+def test_empty_caption_is_refused_before_encoding(assets, tmp_path):
+    caps = tmp_path / "caps"
+    shutil.copytree(assets["base"] / "caps", caps)
+    rows = [json.loads(line) for line in open(caps / "metadata.jsonl")]
+    rows[3]["text"] = "  "  # no token to average: a zero feature vector whose neighbours would be arbitrary
+    with open(caps / "metadata.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    bb = VisionBackbone.from_pretrained(assets["siglip"], device="cpu")
+    args = _args(tmp_path, task="alignment", model_name_or_path=["m"], dataset_name=str(caps), knn_k=2)
+    with pytest.raises(ValueError, match=r"1 of 5 captions .* are empty or not text \(rows \[3\]\)"):
+        run(args, backbones=[bb])
+    assert bb.num_images_encoded == 0

@@ -503,6 +503,12 @@ def _run_alignment(args: EvalVisionArguments, backbones=None) -> dict:
         args.dataset_revision,
     )  # fmt: skip
     # Everything a run can be refused for is checked before any model runs.
+    empty = [i for i, c in enumerate(pairs.captions) if not isinstance(c, str) or not c.strip()]
+    if empty:  # an empty caption has no token to average: its feature would be a zero vector with arbitrary neighbours
+        raise ValueError(
+            f"{len(empty)} of {len(pairs)} captions in {args.dataset_name} are empty or not text (rows {empty[:10]}"
+            f"{' ...' if len(empty) > 10 else ''}): give every image a caption or remove those pairs."
+        )
     check_alignment_seeds(args.seeds, args.alignment_max_samples, len(pairs))
     n_pairs = min(len(pairs), args.alignment_max_samples or len(pairs))
     if args.knn_k >= n_pairs:
