@@ -151,3 +151,10 @@ def test_empty_caption_is_refused_before_encoding(assets, tmp_path):
     with pytest.raises(ValueError, match=r"1 of 5 captions .* are empty or not text \(rows \[3\]\)"):
         run(args, backbones=[bb])
     assert bb.num_images_encoded == 0
+
+
+def test_gradcam_with_several_seeds_is_refused(tmp_path):
+    # fixed weights, fixed sample: the seeds used to be recorded in results.json though nothing they seed exists
+    with pytest.raises(ValueError, match=r"gradcam with seeds \[0, 1\]: .* no randomness"):
+        _args(tmp_path, task="gradcam", model_name_or_path=["m"], seeds=[0, 1])
+    assert _args(tmp_path, task="gradcam", model_name_or_path=["m"]).seeds == [0]

@@ -70,7 +70,7 @@ class EvalVisionArguments:
         metadata={
             "help": "Seeds: linear_probe -> the validation split; segmentation -> head init + batch order (default "
             "6); alignment -> the pairs drawn (needs alignment_max_samples; default 3 then, else 1); prototype has "
-            "no randomness (1). The paper's seeds are trained encoders: pass them as several models."
+            "no randomness (1), nor has gradcam. The paper's seeds are trained encoders: pass them as several models."
         },
     )
     # features
@@ -250,6 +250,11 @@ class EvalVisionArguments:
                 f"prototype with seeds {self.seeds}: the prototype probe has no randomness (class means of all train "
                 "features), so every seed gives the same number. Pass one seed; --subset_seed draws the train/test "
                 "subsets, and the paper's seeds are trained encoders -- pass each as a --model_name_or_path."
+            )
+        if self.task == "gradcam" and len(self.seeds) > 1:
+            raise ValueError(
+                f"gradcam with seeds {self.seeds}: a gradient map of fixed weights on a fixed sample has no "
+                "randomness, so every seed gives the same map. Pass one seed (or none)."
             )
 
     def labels(self) -> list[str]:
