@@ -158,3 +158,33 @@ def test_gradcam_with_several_seeds_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"gradcam with seeds \[0, 1\]: .* no randomness"):
         _args(tmp_path, task="gradcam", model_name_or_path=["m"], seeds=[0, 1])
     assert _args(tmp_path, task="gradcam", model_name_or_path=["m"]).seeds == [0]
+
+
+def test_mask_ids_outside_num_classes_are_refused_before_encoding(assets, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from test_eval_vision_recipe import _picture
+
+    root = tmp_path / "ade"
+    for split, names in (("training", ("astronaut", "chelsea")), ("validation", ("coffee",))):
+        os.makedirs(root / "images" / split)
+        os.makedirs(root / "annotations" / split)
+        for n in names:
+            img = _picture(n).resize((64, 64))
+            img.save(root / "images" / split / f"{n}.jpg")
+            Image.fromarray((np.asarray(img.convert("L")) // 32).astype(np.uint8)).save(
+                root / "annotations" / split / f"{n}.png"
+            )  # ids 0..7
+    bb = VisionBackbone.from_pretrained(assets["siglip"], device="cpu")
+    args = _args(
+        tmp_path, task="segmentation", model_name_or_path=["m"], dataset_name=str(root), num_classes=4,
+        seg_batch_size=1, seeds=[0],
+    )  # fmt: skip
+    # ids 4..7 used to be dropped from the labels without a word
+    with pytest.raises(ValueError, match=r"astronaut.png holds class ids 0\.\.7, outside 0\.\.3 \(--num_classes 4\)"):
+        run(args, backbones=[bb])
+    assert bb.num_images_encoded == 0
+    args.num_classes = 8
+    run(args, backbones=[bb])
+    assert bb.num_images_encoded == 3

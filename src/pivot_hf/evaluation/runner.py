@@ -422,6 +422,22 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
             return {"pixel_values": torch.from_numpy(x)}
 
         feats, labels = {}, {}
+        # Labels first: a mask with class ids outside --num_classes stops the run before any image is encoded.
+        for split_name, split in (("train", train), ("test", test)):
+            lkey = FeatureCache.make_key(
+                kind="seg-labels", data=split.fingerprint, size=size, patch=patch, c=cfg.num_classes
+            )
+            hit = cache.load(lkey)
+            if hit is None:
+                w = cache.writer(lkey, {"kind": "segmentation labels"})
+                try:
+                    lab = segmentation_labels(split, size, patch, cfg.num_classes, desc=f"masks {split_name}")
+                except BaseException:
+                    w.abort()
+                    raise
+                w.array("labels", lab.shape, lab.dtype)[:] = lab
+                hit = w.commit()
+            labels[split_name] = hit["labels"]
         for split_name, split in (("train", train), ("test", test)):
             feats[split_name] = extract_features(
                 bb, lambda j, s=split: s[j][0], len(split), split.fingerprint, "none", args.batch_size, cache,
@@ -429,16 +445,6 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
                 extra_key={"crop": "center-square", "size": size, "resample": "bilinear"},
                 desc=f"{label} {split_name}",
             )  # fmt: skip
-            lkey = FeatureCache.make_key(
-                kind="seg-labels", data=split.fingerprint, size=size, patch=patch, c=cfg.num_classes
-            )
-            hit = cache.load(lkey)
-            if hit is None:
-                w = cache.writer(lkey, {"kind": "segmentation labels"})
-                lab = segmentation_labels(split, size, patch, cfg.num_classes, desc=f"masks {split_name}")
-                w.array("labels", lab.shape, lab.dtype)[:] = lab
-                hit = w.commit()
-            labels[split_name] = hit["labels"]
             if labels[split_name].shape[1] != feats[split_name].shape[1]:
                 raise ValueError(
                     f"{feats[split_name].shape[1]} visual tokens but a {labels[split_name].shape[1]}-patch label grid "
