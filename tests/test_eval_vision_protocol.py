@@ -285,3 +285,25 @@ def test_seg_training_runs_the_reference_schedule_and_drops_the_last_batch():
     assert out16["history"][0]["train_loss"] != out["history"][0]["train_loss"]
     with pytest.raises(ValueError, match="no full batch"):
         train_segmentation_probe(feats[:3], labels[:3], feats, labels, cfg)
+
+
+def test_protocol_records_the_segmentation_feature_layer_and_public_sources():
+    from pivot_hf.evaluation.protocol import classification_protocol, segmentation_protocol
+
+    args = runner.EvalVisionArguments(task="segmentation", model_name_or_path=["a", "b"], output_dir="o")
+    proto = segmentation_protocol(args, SegProbeConfig(), "cpu", [-2, -1])
+    # patch-seg reads the last block after the final LayerNorm; we read the checkpoint's feature layer: said, flagged
+    feat = proto["knobs"]["features"]
+    assert feat["value"] == "hidden_states[-1, -2] (the checkpoint's feature layer), no final norm"
+    assert (
+        feat["reference"] == "last block output after the final LayerNorm"
+        and "features" in proto["differs_from_reference"]
+    )
+    args.source = "projector"
+    assert segmentation_protocol(args, SegProbeConfig(), "cpu", [-2])["knobs"]["features"]["value"].startswith(
+        "projector output"
+    )
+    # every source names a public reference, not a path of the developers' workspace
+    for task in ("linear_probe", "prototype"):
+        p = classification_protocol(runner.EvalVisionArguments(task=task, model_name_or_path=["m"], output_dir="o"))
+        assert all("../" not in k["source"] for k in p["knobs"].values()) and "../" not in p["reference"]

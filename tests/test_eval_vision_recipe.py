@@ -138,7 +138,8 @@ def test_segmentation_smoke(assets, tmp_path):
     assert all(s["num_steps"] == 4 and s["warmup_steps"] == 500 for s in det["per_seed"])
     proto = res["protocol"]
     assert proto["knobs"]["min_learning_rate"]["value"] == 1e-4 and proto["knobs"]["drop_last"]["value"] is True
-    assert set(proto["differs_from_reference"]) == {"batch_size", "epochs", "autocast", "head"}
+    assert set(proto["differs_from_reference"]) == {"batch_size", "epochs", "autocast", "head", "features"}
+    assert proto["knobs"]["features"]["value"].startswith("hidden_states[-2]")
 
 
 def test_alignment_smoke(assets, tmp_path):

@@ -113,11 +113,15 @@ def _find_split_dirs(root: str) -> dict[str, str]:
     return found
 
 
-def _image_folder_split(split_dir: str, class_names: list[str] | None = None) -> ClassificationSplit:
+def _class_dirs(split_dir: str) -> list[str]:
     # Hidden folders (`.ipynb_checkpoints`, `.git`, ...) are not classes.
-    classes = class_names or sorted(
+    return sorted(
         e for e in os.listdir(split_dir) if not e.startswith(".") and os.path.isdir(os.path.join(split_dir, e))
     )
+
+
+def _image_folder_split(split_dir: str, class_names: list[str] | None = None) -> ClassificationSplit:
+    classes = class_names or _class_dirs(split_dir)
     paths, labels = [], []
     for ci, c in enumerate(classes):
         cdir = os.path.join(split_dir, c)
@@ -187,6 +191,12 @@ def load_classification_dataset(
             dirs = {"train": dataset_name}
         out = {"train": _image_folder_split(dirs["train"])}
         if "test" in dirs:
+            extra = sorted(set(_class_dirs(dirs["test"])) - set(out["train"].class_names))
+            if extra:  # their images could never be predicted right; dropping them silently would shrink the test set
+                raise ValueError(
+                    f"Test classes {extra} under {dirs['test']} have no train folder under {dirs['train']}: a probe "
+                    "cannot predict a class it never saw. Add their train images or remove the folders."
+                )
             out["test"] = _image_folder_split(dirs["test"], out["train"].class_names)
         return out
 

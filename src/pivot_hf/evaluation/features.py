@@ -108,6 +108,20 @@ def resolve_pooling(num_prefix_tokens: int | None, requested: str) -> str:
     return requested
 
 
+def model_prefix_tokens(model_name_or_path: str) -> int | None:
+    """Leading non-patch tokens (CLS, registers) of a checkpoint's vision tower, read from its config alone (no
+    weights), as `VisionBackbone.num_prefix_tokens` gives once loaded; None for an unknown family."""
+    from transformers import AutoConfig
+
+    import pivot_hf  # noqa: F401  (registers the Pivot config with AutoConfig)
+
+    cfg = AutoConfig.from_pretrained(model_name_or_path)
+    if _is_mllm_config(cfg.to_dict()):
+        prefix = getattr(cfg, "vision_num_prefix_tokens", None)
+        return _num_prefix_tokens(cfg.vision_config) if prefix is None else prefix
+    return _num_prefix_tokens(cfg)
+
+
 def _read_config(path: str) -> dict:
     cfg = os.path.join(path, "config.json")
     if os.path.isfile(cfg):
@@ -377,7 +391,13 @@ class _IndexDataset(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> Image.Image:
-        return self.get(i)
+        try:
+            return self.get(i)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: unreadable, truncated or not an image
+            raise ValueError(
+                f"image {i} cannot be read ({type(e).__name__}: {e}). Replace or remove that file and rerun; "
+                "nothing of this extraction was cached."
+            ) from e
 
 
 def extract_features(

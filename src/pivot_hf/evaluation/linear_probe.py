@@ -103,6 +103,50 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
 
 
+def check_classification_data(
+    task: str,
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    class_names: list[str] | None = None,
+    val_fraction: float = 0.1,
+    seeds: tuple[int, ...] = (0,),
+) -> None:
+    """Refuse, before any image is encoded, splits a probe cannot score: fewer than 2 train classes, test classes
+    with no train image, and (linear probe) a validation split that comes out empty or leaves fewer than 2 classes
+    to fit on for some seed. Raises ValueError naming the classes and counts."""
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+
+    def name(c) -> str:
+        return class_names[int(c)] if class_names and int(c) < len(class_names) else str(int(c))
+
+    present = np.unique(train_labels)
+    if len(present) < 2:
+        raise ValueError(
+            f"{task}: the train split holds {len(present)} class ({[name(c) for c in present]}, {len(train_labels)} "
+            "images); a classifier needs at least 2. Check --dataset_name / --train_split / --max_train_samples."
+        )
+    unseen = np.setdiff1d(np.unique(test_labels), present)
+    if len(unseen):
+        n = int(np.isin(test_labels, unseen).sum())
+        raise ValueError(
+            f"{task}: test classes {[name(c) for c in unseen]} ({n} images) have no train image, so they can never be "
+            "predicted. Add train images for them, drop them from the test split, or raise --max_train_samples."
+        )
+    if task != "linear_probe":
+        return
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val_fraction must lie in (0, 1), got {val_fraction}")
+    for seed in seeds:
+        tr, va = stratified_split(train_labels, val_fraction, seed)
+        if len(va) == 0 or len(np.unique(train_labels[tr])) < 2:
+            counts = {name(c): int((train_labels == c).sum()) for c in present}
+            raise ValueError(
+                f"linear_probe: seed {seed} leaves no usable validation split to choose C from (train images per "
+                f"class: {counts}; a class gives a validation image only when it has at least 2). Add train images, "
+                "or use --task prototype, which needs no validation split."
+            )
+
+
 def _logreg(c: float, max_iter: int, seed: int):
     from sklearn.linear_model import LogisticRegression
 

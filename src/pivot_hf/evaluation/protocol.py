@@ -11,7 +11,7 @@ from __future__ import annotations
 PLATONIC = "platonic-rep (Huh et al. 2024), extract_features.py + measure_alignment.py as its README runs them"
 CLIP_LP = "CLIP linear-probe recipe (Radford et al. 2021, App. A.3) as ported by CLIP_benchmark"
 PATCH_SEG = "patch-seg (Covert et al. 2025), scripts/train.py defaults with --output-head mlp --dataset ade20k"
-PAPER = "paper text (../shared/paper/eval_protocols.md)"
+PAPER = "PIVOT paper, App. E.3 (ImageNet classification)"
 
 
 def _knob(value, reference, source: str) -> dict:
@@ -78,9 +78,22 @@ def classification_protocol(args) -> dict:
     return protocol_record(CLIP_LP, knobs)
 
 
-def segmentation_protocol(args, cfg, device: str) -> dict:
+def _seg_features(feature_layers: list, source: str) -> str:
+    if source == "projector":
+        return "projector output (LLM visual tokens)"
+    layers = sorted({str(x) for x in feature_layers})
+    return f"hidden_states[{', '.join(layers)}] (the checkpoint's feature layer), no final norm"
+
+
+def segmentation_protocol(args, cfg, device: str, feature_layers: list | None = None) -> dict:
+    """`feature_layers`: the hidden-state index each compared model was read at (`VisionBackbone.feature_layer`)."""
     amp = cfg.autocast_dtype(device)
+    layers = feature_layers if feature_layers is not None else [args.vision_feature_layer]
     knobs = {
+        # patch-seg reads timm `forward_features`: the last block's tokens after the final LayerNorm. We read the
+        # layer the MLLM was trained on, which differs, so every run says so.
+        "features": _knob(_seg_features(layers, args.source), "last block output after the final LayerNorm",
+                          "patchseg.vision_backbones.modify_backbone: timm forward_features, prefix tokens dropped"),
         "learning_rate": _knob(args.learning_rate, 1e-3, "--lr 1e-3"),
         "min_learning_rate": _knob(cfg.min_lr, 1e-4, "--min-lr 1e-4"),
         "warmup": _knob(f"{cfg.warmup_ratio} x steps" if cfg.warmup_ratio is not None else f"{cfg.warmup_steps} steps",

@@ -70,7 +70,7 @@ class EvalVisionArguments:
         metadata={
             "help": "Seeds: linear_probe -> the validation split; segmentation -> head init + batch order (default "
             "6); alignment -> the pairs drawn (needs alignment_max_samples; default 3 then, else 1); prototype has "
-            "no randomness (1). The paper's seeds are trained encoders: pass them as several models."
+            "no randomness (1), nor has gradcam. The paper's seeds are trained encoders: pass them as several models."
         },
     )
     # features
@@ -226,15 +226,35 @@ class EvalVisionArguments:
                 self.seeds = [0, 1, 2] if self.alignment_max_samples else [0]
             else:
                 self.seeds = DEFAULT_SEEDS.get(self.task, [0])
+        if len(set(self.seeds)) != len(self.seeds):
+            dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            raise ValueError(
+                f"--seeds {self.seeds} repeats {dup}: a repeated seed reruns the same draw, so the mean counts it twice "
+                "and the std understates the spread. Pass distinct seeds."
+            )
+        if not 0.0 < self.clamp_quantile <= 1.0:
+            raise ValueError(f"--clamp_quantile must lie in (0, 1] (1 = no clamp), got {self.clamp_quantile}")
+        if self.knn_k < 1:
+            raise ValueError(f"--knn_k must be >= 1, got {self.knn_k}")
         if self.task == "alignment":
             from .alignment import check_alignment_seeds
 
             check_alignment_seeds(self.seeds, self.alignment_max_samples)
+            if self.alignment_max_samples is not None and self.alignment_max_samples <= self.knn_k:
+                raise ValueError(
+                    f"--alignment_max_samples {self.alignment_max_samples} leaves no room for --knn_k {self.knn_k} "
+                    "neighbours among the other pairs: draw more than knn_k pairs."
+                )
         if self.task == "prototype" and len(self.seeds) > 1:
             raise ValueError(
                 f"prototype with seeds {self.seeds}: the prototype probe has no randomness (class means of all train "
                 "features), so every seed gives the same number. Pass one seed; --subset_seed draws the train/test "
                 "subsets, and the paper's seeds are trained encoders -- pass each as a --model_name_or_path."
+            )
+        if self.task == "gradcam" and len(self.seeds) > 1:
+            raise ValueError(
+                f"gradcam with seeds {self.seeds}: a gradient map of fixed weights on a fixed sample has no "
+                "randomness, so every seed gives the same map. Pass one seed (or none)."
             )
 
     def labels(self) -> list[str]:
@@ -280,7 +300,7 @@ def _settings(args: EvalVisionArguments, keys: list[str]) -> dict:
 def _run_classification(args: EvalVisionArguments, backbones=None) -> dict:
     from .data import load_classification_dataset
     from .features import CACHE_STATS, extract_features
-    from .linear_probe import linear_probe, prototype_classifier, stratified_split
+    from .linear_probe import check_classification_data, linear_probe, prototype_classifier, stratified_split
     from .protocol import classification_protocol
     from .reporting import write_results
 
@@ -294,6 +314,9 @@ def _run_classification(args: EvalVisionArguments, backbones=None) -> dict:
     else:  # no test split: a fixed stratified share of train
         tr, te = stratified_split(train.labels, args.test_fraction, args.subset_seed)
         train, test = train.subset(tr), train.subset(te)
+    check_classification_data(  # before any image is encoded
+        args.task, train.labels, test.labels, train.class_names, args.val_fraction, tuple(args.seeds)
+    )
     cache = _cache(args)
     runs = []
     for i, (name, label) in enumerate(zip(args.model_name_or_path, args.labels())):
@@ -399,6 +422,22 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
             return {"pixel_values": torch.from_numpy(x)}
 
         feats, labels = {}, {}
+        # Labels first: a mask with class ids outside --num_classes stops the run before any image is encoded.
+        for split_name, split in (("train", train), ("test", test)):
+            lkey = FeatureCache.make_key(
+                kind="seg-labels", data=split.fingerprint, size=size, patch=patch, c=cfg.num_classes
+            )
+            hit = cache.load(lkey)
+            if hit is None:
+                w = cache.writer(lkey, {"kind": "segmentation labels"})
+                try:
+                    lab = segmentation_labels(split, size, patch, cfg.num_classes, desc=f"masks {split_name}")
+                except BaseException:
+                    w.abort()
+                    raise
+                w.array("labels", lab.shape, lab.dtype)[:] = lab
+                hit = w.commit()
+            labels[split_name] = hit["labels"]
         for split_name, split in (("train", train), ("test", test)):
             feats[split_name] = extract_features(
                 bb, lambda j, s=split: s[j][0], len(split), split.fingerprint, "none", args.batch_size, cache,
@@ -406,16 +445,6 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
                 extra_key={"crop": "center-square", "size": size, "resample": "bilinear"},
                 desc=f"{label} {split_name}",
             )  # fmt: skip
-            lkey = FeatureCache.make_key(
-                kind="seg-labels", data=split.fingerprint, size=size, patch=patch, c=cfg.num_classes
-            )
-            hit = cache.load(lkey)
-            if hit is None:
-                w = cache.writer(lkey, {"kind": "segmentation labels"})
-                lab = segmentation_labels(split, size, patch, cfg.num_classes, desc=f"masks {split_name}")
-                w.array("labels", lab.shape, lab.dtype)[:] = lab
-                hit = w.commit()
-            labels[split_name] = hit["labels"]
             if labels[split_name].shape[1] != feats[split_name].shape[1]:
                 raise ValueError(
                     f"{feats[split_name].shape[1]} visual tokens but a {labels[split_name].shape[1]}-patch label grid "
@@ -452,7 +481,7 @@ def _run_segmentation(args: EvalVisionArguments, backbones=None) -> dict:
     settings["selection"] = "best epoch by validation macro recall (classes with >= 1 positive patch)"
     return write_results(
         args.output_dir, args.task, runs, "macro_recall_mean", settings, args.seeds, data,
-        protocol=segmentation_protocol(args, cfg, device),
+        protocol=segmentation_protocol(args, cfg, device, [r["model"]["feature_layer"] for r in runs]),
     )  # fmt: skip
 
 
@@ -476,7 +505,7 @@ def _text_model(args: EvalVisionArguments, bb):
 def _run_alignment(args: EvalVisionArguments, backbones=None) -> dict:
     from .alignment import alignment_over_seeds, check_alignment_seeds, language_features
     from .data import load_caption_pairs
-    from .features import extract_features, resolve_pooling
+    from .features import extract_features, model_prefix_tokens, resolve_pooling
     from .protocol import alignment_protocol
     from .reporting import write_results
 
@@ -484,7 +513,26 @@ def _run_alignment(args: EvalVisionArguments, backbones=None) -> dict:
         args.dataset_name, args.test_split, args.image_column, args.text_column, args.dataset_config,
         args.dataset_revision,
     )  # fmt: skip
-    check_alignment_seeds(args.seeds, args.alignment_max_samples, len(pairs))  # before any model runs
+    # Everything a run can be refused for is checked before any model runs.
+    empty = [i for i, c in enumerate(pairs.captions) if not isinstance(c, str) or not c.strip()]
+    if empty:  # an empty caption has no token to average: its feature would be a zero vector with arbitrary neighbours
+        raise ValueError(
+            f"{len(empty)} of {len(pairs)} captions in {args.dataset_name} are empty or not text (rows {empty[:10]}"
+            f"{' ...' if len(empty) > 10 else ''}): give every image a caption or remove those pairs."
+        )
+    check_alignment_seeds(args.seeds, args.alignment_max_samples, len(pairs))
+    n_pairs = min(len(pairs), args.alignment_max_samples or len(pairs))
+    if args.knn_k >= n_pairs:
+        raise ValueError(
+            f"--knn_k {args.knn_k} needs more than {args.knn_k} pairs per seed, but each seed scores {n_pairs} "
+            f"(of {len(pairs)} in {args.dataset_name}): lower --knn_k or use more pairs."
+        )
+    for i, name in enumerate(args.model_name_or_path):  # a family without CLS refuses cls pooling up front
+        prefix = backbones[i].num_prefix_tokens() if backbones else model_prefix_tokens(name)
+        try:
+            resolve_pooling(prefix, args.alignment_pooling)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     cache = _cache(args)
     runs, text_cache, pooled_with, text_dtypes = [], {}, [], []
     for i, (name, label) in enumerate(zip(args.model_name_or_path, args.labels())):

@@ -253,6 +253,13 @@ def segmentation_labels(
     out = None
     for i in tqdm(range(len(dataset)), desc=desc):
         _, mask = dataset[i]
+        if mask.size and (mask.max() >= num_classes or mask.min() < 0):
+            # out-of-range ids would be dropped from the labels without a word (ADE20K: 0..150 for 151 outputs)
+            where = getattr(dataset, "mask_paths", None)
+            raise ValueError(
+                f"mask {where[i] if where else i} holds class ids {int(mask.min())}..{int(mask.max())}, outside "
+                f"0..{num_classes - 1} (--num_classes {num_classes}): raise --num_classes or remap the mask."
+            )
         lab = patch_multihot(preprocess_mask(mask, size), patch, num_classes)
         packed = np.packbits(lab, axis=-1)
         if out is None:
