@@ -22,7 +22,8 @@ class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, SFTTrainer):
             from ..configs import PivotSFTConfig
 
             args = PivotSFTConfig(output_dir="pivot-sft")
-        self._setup_tunable_parts(model, args, after_tunable_parts)
+        train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
         super().__init__(model, args, *trainer_args, **kwargs)
 
 
