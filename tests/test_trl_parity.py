@@ -60,7 +60,7 @@ CASES = [
     Case("dpo-naflex-tower", tower="siglip2_naflex", data="wide_image"),
     Case("dpo-clip-tower", tower="clip"),
     Case("dpo-eager-attention", attn="eager"),
-    Case("dpo-no-prefix-sharing", config={"share_prompt_prefix": False, "share_image_features": False}),
+    Case("dpo-no-prefix-sharing", pivot_config={"share_prompt_prefix": False, "share_image_features": False}),
     Case("dpo-eval-steps", config={"eval_strategy": "steps", "eval_steps": 1}, eval="steps"),
     Case("dpo-evaluate-raw-dataset", eval="evaluate_raw"),
     Case("dpo-compute-metrics-logits", config={"eval_strategy": "steps", "eval_steps": 1}, eval="compute_metrics"),
@@ -160,9 +160,10 @@ def test_parity(case, models, tmp_path):
     if case.parent_overrides is not None:
         # TRL refuses the configuration itself (checked), and ours must give TRL's numbers of the overridden one.
         refused = run(case, True, models, tmp_path / "original")
+        assert refused.error is not None, "TRL accepted the configuration the table says it refuses"
         assert refused.stage == "init" and isinstance(refused.error, ValueError), refused.error
         assert re.search(case.refused, str(refused.error)), refused.error
-    theirs = run(case, True, models, tmp_path)
+    theirs = run(case, True, models, tmp_path, overrides=case.parent_overrides)
     ours = run(case, False, models, tmp_path)
     assert_same(case, theirs, ours)
     if ours.accepted and case.kind in ("dpo", "sft") and "text" in case.data and case.model == "pivot":
@@ -177,7 +178,7 @@ def _losses(trainer):
 
 def test_sync_ref_model_with_full_mix_in_keeps_the_loss_at_ln2(models, tmp_path):
     """TR-DPO with mix-in 1 every step: the reference is the policy at every step, so every loss is ln 2."""
-    case = Case("sync", config=SYNC, steps=3)
+    case = Case("sync", config=SYNC, steps=3, ref="none")
     trainer = build(case, False, models, str(tmp_path))
     trainer.train()
     assert _losses(trainer) == pytest.approx([math.log(2)] * 3, rel=1e-6)
@@ -215,18 +216,24 @@ def test_evaluate_and_predict_with_vision_precompute(models, tmp_path):
     """Raw datasets handed to evaluate/predict get their reference log-probs: TRL's live-reference numbers before
     training; after a step (the reference is freed) a clear refusal, as TRL's for text data."""
     eval_set = make_dataset("image", seed=1)
-    live = build(Case("live"), False, models, str(tmp_path / "live"))
+    live = build(Case("live", ref="none"), True, models, str(tmp_path / "live"))  # stock TRL, live reference
     expected = live.evaluate(eval_dataset=eval_set)
-    cached = build(Case("cached", config={"precompute_ref_log_probs": True}), False, models, str(tmp_path / "c"))
+    precompute = {"precompute_ref_log_probs": True}
+    cached = build(Case("cached", config=precompute, ref="none"), False, models, str(tmp_path / "c"))
     assert cached.ref_model is None
     assert_metrics_equal(expected, cached.evaluate(eval_dataset=eval_set), "evaluate before training")
     prediction = cached.predict(eval_set)
     assert prediction.metrics["test_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
     cached.train()
-    with pytest.raises(ValueError, match="after training has started.*eval_dataset.*precompute_ref_log_probs=False"):
+    refusal = "(?s)cannot stand in for it \\(training has started \\(step 1\\)\\).*eval_dataset.*=False"
+    with pytest.raises(ValueError, match=refusal):
         cached.evaluate(eval_dataset=make_dataset("image", seed=2))
-    with pytest.raises(ValueError, match="after training has started"):
+    with pytest.raises(ValueError, match=refusal):
         cached.predict(make_dataset("image", seed=2))
+    # An explicit reference with other weights than the policy: the policy cannot stand in for it even at step 0.
+    other = build(Case("other", config=precompute), False, models, str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="reference has other weights than the policy"):
+        other.evaluate(eval_dataset=eval_set)
 
 
 def test_text_rows_with_default_tunable_parts_train_and_save(models, tmp_path, caplog):

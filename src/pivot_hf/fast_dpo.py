@@ -480,11 +480,13 @@ class FastDPOMixin:
             return super()._precompute_ref_logps(dataset, name, 1)  # TRL's own refusal
         if all(column in (dataset.column_names or []) for column in REF_COLUMNS):
             return dataset
-        if self.ref_model is None and not (self._reference_is_policy and self.state.global_step == 0):
+        step = self.state.global_step
+        if self.ref_model is None and not (self._reference_is_policy and step == 0):
+            why = f"training has started (step {step})" if step else "the reference has other weights than the policy"
             raise ValueError(
-                f"Cannot compute reference log-probs for a dataset passed to `evaluate()`/`predict()` after training "
-                f"has started (step {self.state.global_step}): with `precompute_ref_log_probs=True` on vision data the "
-                "reference model is freed once its log-probs are cached. Provide this dataset as `eval_dataset` at "
+                "Cannot compute reference log-probs for a dataset passed to `evaluate()`/`predict()`: with "
+                "`precompute_ref_log_probs=True` on vision data the reference model is freed once its log-probs are "
+                f"cached, and the policy cannot stand in for it ({why}). Provide this dataset as `eval_dataset` at "
                 "initialization, or set `precompute_ref_log_probs=False` to keep a live reference."
             )
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
