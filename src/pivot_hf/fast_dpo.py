@@ -380,7 +380,7 @@ class FastDPOMixin:
 
     def __init__(self, *args, **kwargs):
         dpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
-        train_dataset = kwargs.get("train_dataset") if "train_dataset" in kwargs else (args[4] if len(args) > 4 else None)
+        train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
         want_cache = bool(getattr(dpo_args, "precompute_ref_log_probs", False))
         is_vision = False
         if want_cache and train_dataset is not None:
@@ -459,7 +459,9 @@ class FastDPOMixin:
     # ------------------------------------------------------------------------------------------ evaluate / predict
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         eval_dataset = self._with_reference_columns(eval_dataset, "eval")
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         test_dataset = self._with_reference_columns(test_dataset, "test")
