@@ -159,15 +159,6 @@ def test_reference_model_with_another_architecture(tiny_pivot_factory):
     check_reference_model(policy, PivotForConditionalGeneration.from_pretrained(tiny_pivot_factory("siglip")), "same")
 
 
-def test_dpo_trainer_requires_an_explicit_reference(tiny_pivot_factory, tmp_path):
-    from pivot_hf import PivotForConditionalGeneration
-    from pivot_hf.trainer import PivotDPOTrainer
-
-    model = PivotForConditionalGeneration.from_pretrained(tiny_pivot_factory("siglip"))
-    with pytest.raises(RecipeConfigError, match="explicit reference model"):
-        PivotDPOTrainer(model, None, args=PivotDPOConfig(output_dir=str(tmp_path), report_to="none"))
-
-
 def test_missing_or_placeholder_model_path():
     from pivot_hf.configs import check_model_source
 

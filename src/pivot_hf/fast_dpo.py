@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import IterableDataset
 
 from .modeling_pivot import model_output, output_image_features
 
@@ -434,6 +435,28 @@ def _describe_stale_caches(folder: Path, name: str, payload: dict) -> str:
     return "; ".join(notes) if notes else "No earlier cache."
 
 
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two models hold equal tensors under the same names (then the policy can stand in for the reference)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].detach().cpu(), sb[k].detach().cpu()) for k in sa
+    )
+
+
+@contextlib.contextmanager
+def _pair_forward_disabled(model):
+    inner = find_pivot_model(model)
+    hook = getattr(inner, "pair_forward", None) if inner is not None else None
+    if hook is None:
+        yield
+        return
+    inner.pair_forward = None
+    try:
+        yield
+    finally:
+        inner.pair_forward = hook
+
+
 class _RefLogpsCollator:
     """Wraps the vision collator so cached reference log-probs ride along with their rows."""
 
@@ -457,16 +480,21 @@ class FastDPOMixin:
 
     def __init__(self, *args, **kwargs):
         dpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
-        train_dataset = kwargs.get("train_dataset")
+        train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
         want_cache = bool(getattr(dpo_args, "precompute_ref_log_probs", False))
         is_vision = False
         if want_cache and train_dataset is not None:
             sample = next(iter(train_dataset))
             is_vision = "image" in sample or "images" in sample
-        # TRL refuses `precompute_ref_log_probs` for vision data: hide the flag from its constructor, which then keeps a
-        # reference model that this mixin uses once and frees.
+        self._vision_precompute = want_cache and is_vision
+        self._ref_logps_cached = False
+        self._reference_is_policy = False
+        # TRL refuses `precompute_ref_log_probs` for vision data. The flag is hidden from that one check only:
+        # `create_accelerator_and_postprocess` (the first thing `Trainer.__init__` does, after TRL's vision check) puts
+        # it back, so every other validation of TRL's (sync_ref_model, IterableDataset, ...) still sees it.
         if want_cache and is_vision:
             dpo_args.precompute_ref_log_probs = False
+            self._hidden_precompute_args = dpo_args
             args = list(args)
             ref_model = (
                 kwargs.pop("ref_model", None) if "ref_model" in kwargs else (args[1] if len(args) > 1 else None)
@@ -480,6 +508,11 @@ class FastDPOMixin:
 
                 refuse_copy_under_zero3(model, "the policy, as the reference for `precompute_ref_log_probs`,")
                 ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+            self._reference_is_policy = (
+                isinstance(model, torch.nn.Module)
+                and isinstance(ref_model, torch.nn.Module)
+                and _same_weights(model, ref_model)
+            )
             if len(args) > 1:
                 args[1] = ref_model
             else:
@@ -492,6 +525,7 @@ class FastDPOMixin:
         finally:
             if want_cache and is_vision:
                 dpo_args.precompute_ref_log_probs = True
+                self._hidden_precompute_args = None
         share_image = bool(getattr(self.args, "share_image_features", True))
         share_prefix = bool(getattr(self.args, "share_prompt_prefix", True))
         self._fast_pairs = install_pair_forward(self.model, share_image, share_prefix)
@@ -504,8 +538,67 @@ class FastDPOMixin:
         return compact_lm_head_scoring(bool(getattr(self.args, "compact_lm_head", True)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self._compact_head():
+        # With `return_outputs` (logits for `compute_metrics`), TRL runs an extra plain forward whose logits include
+        # padding positions; the pair path leaves those at 0, so it stands aside for that call.
+        plain = _pair_forward_disabled(self.model) if return_outputs else contextlib.nullcontext()
+        with self._compact_head(), plain:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------------------------------ parent validation
+    def create_accelerator_and_postprocess(self):
+        # Called by `Trainer.__init__` right after TRL's vision check: from here on TRL sees the real flag, so its own
+        # guards (sync_ref_model, IterableDataset, FSDP, ...) apply to vision precompute exactly as to text data.
+        hidden = getattr(self, "_hidden_precompute_args", None)
+        if hidden is not None:
+            hidden.precompute_ref_log_probs = True
+            self._hidden_precompute_args = None
+        return super().create_accelerator_and_postprocess()
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        if not getattr(self, "_vision_precompute", False):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        if isinstance(dataset, IterableDataset):
+            return super()._precompute_ref_logps(dataset, name, batch_size)  # TRL's own refusal, before any compute
+        # Vision rows: computed by `_cache_reference_log_probs` once the pair forward is installed.
+        return dataset
+
+    # ------------------------------------------------------------------------------------------ evaluate / predict
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        eval_dataset = self._with_reference_columns(eval_dataset, "eval")
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        test_dataset = self._with_reference_columns(test_dataset, "test")
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def _with_reference_columns(self, dataset, name: str):
+        """A dataset handed to `evaluate`/`predict` after vision precompute, with its reference log-probs.
+
+        The reference was freed after the cache pass; before any training step the policy still is the reference
+        (when it was built from it, or has the same weights), after one it is not: then the dataset must come with
+        the trainer (`eval_dataset=`) or the run must keep a live reference, as TRL says for text data.
+        """
+        if not getattr(self, "_ref_logps_cached", False) or dataset is None or isinstance(dataset, str):
+            return dataset
+        if isinstance(dataset, dict):
+            return {key: self._with_reference_columns(ds, key) for key, ds in dataset.items()}
+        if isinstance(dataset, IterableDataset):
+            return super()._precompute_ref_logps(dataset, name, 1)  # TRL's own refusal
+        if all(column in (dataset.column_names or []) for column in REF_COLUMNS):
+            return dataset
+        step = self.state.global_step
+        if self.ref_model is None and not (self._reference_is_policy and step == 0):
+            why = f"training has started (step {step})" if step else "the reference has other weights than the policy"
+            raise ValueError(
+                "Cannot compute reference log-probs for a dataset passed to `evaluate()`/`predict()`: with "
+                "`precompute_ref_log_probs=True` on vision data the reference model is freed once its log-probs are "
+                f"cached, and the policy cannot stand in for it ({why}). Provide this dataset as `eval_dataset` at "
+                "initialization, or set `precompute_ref_log_probs=False` to keep a live reference."
+            )
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        return self._cached_ref_logps(dataset, name, batch_size, self._ref_identity)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -526,6 +619,7 @@ class FastDPOMixin:
 
     def _cache_reference_log_probs(self):
         identity = self._reference_identity()
+        self._ref_identity = identity  # `evaluate`/`predict` datasets are keyed the same way
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         self.train_dataset = self._cached_ref_logps(self.train_dataset, "train", batch_size, identity)
         if self.eval_dataset is not None:

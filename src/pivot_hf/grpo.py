@@ -347,7 +347,7 @@ class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitor
     def __init__(self, model, reward_funcs, args: PivotGRPOConfig | None = None, **kwargs):
         if args is None:
             args = PivotGRPOConfig(output_dir="pivot-grpo")
-        self._setup_tunable_parts(model, args)
+        self._setup_tunable_parts(model, args, train_dataset=kwargs.get("train_dataset"))
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
 
 

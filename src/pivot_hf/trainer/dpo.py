@@ -1,4 +1,4 @@
-"""`PivotDPOTrainer`: TRL's DPOTrainer with the vision tower training (PIVOT), against an explicit frozen reference.
+"""`PivotDPOTrainer`: TRL's DPOTrainer with the vision tower training (PIVOT), against a frozen reference.
 
 The loss is TRL's: sigmoid DPO with `beta` and sequence log-probs summed over response tokens is PIVOT (Eq. 1); the
 other `loss_type`s (and lists of them with `loss_weights`, e.g. MPO) pass through. `FastDPOMixin` (shared image
@@ -7,10 +7,12 @@ features, shared-prefix forward, cached reference log-probs) sits ahead of TRL s
 
 from __future__ import annotations
 
+import copy
+
+from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 
 from ..checkpointing import AtomicCheckpointMixin
-from ..configs import RecipeConfigError
 from ..fast_dpo import FastDPOMixin
 from .callbacks import TrainingMonitorMixin
 from .model_loading import check_reference_model
@@ -21,8 +23,9 @@ from .tunable import TunablePartsMixin
 class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer):
     """`PivotDPOTrainer(model, ref_model, args=PivotDPOConfig(...), train_dataset=..., processing_class=processor)`.
 
-    `ref_model` must be given unless `precompute_ref_log_probs` is set: PIVOT's reference is a separately loaded
-    frozen copy of the starting checkpoint (`pivot_hf.trainer.load_reference_model`), never the policy itself.
+    `ref_model=None` does what TRL does: the reference is a frozen copy of the policy as passed (vision tower
+    included; with `precompute_ref_log_probs` it lives only until the log-probs are cached, with PEFT the adapter is
+    switched off instead). The recipes load PIVOT's reference explicitly (`pivot_hf.trainer.load_reference_model`).
     """
 
     _tag_names = ["trl", "dpo", "pivot"]
@@ -32,18 +35,28 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
             from ..configs import PivotDPOConfig
 
             args = PivotDPOConfig(output_dir="pivot-dpo")
-        if ref_model is None and not args.precompute_ref_log_probs:
-            raise RecipeConfigError(
-                "PivotDPOTrainer needs an explicit reference model (a frozen copy of the starting checkpoint). Fix: "
-                "pass `ref_model=load_reference_model(model_args, model)`, or set `precompute_ref_log_probs: true`."
-            )
-        if ref_model is not None:
+        train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        if ref_model is not None and ref_model is not model:
             check_reference_model(model, ref_model, "ref_model")
             ref_model.requires_grad_(False)
             ref_model.eval()
         check_model_processor(getattr(model, "config", None), kwargs.get("processing_class"))
-        self._setup_tunable_parts(model, args, after_tunable_parts)
+        self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
+        if ref_model is None and _needs_reference_copy(model, args, kwargs):
+            # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a
+            # copy of the model as passed is the reference TRL means. (Precompute and PEFT need no separate model.)
+            ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         super().__init__(model, ref_model, args, *trainer_args, **kwargs)
+
+
+def _needs_reference_copy(model, args, kwargs) -> bool:
+    if isinstance(model, str) or args.precompute_ref_log_probs:
+        return False
+    if kwargs.get("peft_config") is not None or is_peft_model(model):
+        return False
+    # Under DeepSpeed ZeRO-3 parameters are partitioned and cannot be deep-copied: TRL's reload from the checkpoint
+    # path is the way there.
+    return not any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 __all__ = ["PivotDPOTrainer"]

@@ -132,15 +132,16 @@ def apply_projector_init(model, model_args: PivotModelConfig) -> None:
 
 def _architecture(model) -> dict:
     config = model.config
-    vision, text = config.vision_config, config.text_config
+    # A text-only LLM (which TRL's trainers also take) has no vision half: those entries are None.
+    vision, text = getattr(config, "vision_config", None), config.get_text_config()
     summary = {
         "model_type": config.model_type,
-        "vision.model_type": vision.model_type,
-        "vision.hidden_size": vision.hidden_size,
-        "vision.num_hidden_layers": vision.num_hidden_layers,
-        "vision_feature_layer": config.vision_feature_layer,
+        "vision.model_type": getattr(vision, "model_type", None),
+        "vision.hidden_size": getattr(vision, "hidden_size", None),
+        "vision.num_hidden_layers": getattr(vision, "num_hidden_layers", None),
+        "vision_feature_layer": getattr(config, "vision_feature_layer", None),
         "projector_type": getattr(config, "projector_type", None),
-        "image_token_id": config.image_token_id,
+        "image_token_id": getattr(config, "image_token_id", None),
         "text.model_type": text.model_type,
         "text.hidden_size": text.hidden_size,
         "text.num_hidden_layers": text.num_hidden_layers,

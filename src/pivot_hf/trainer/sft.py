@@ -25,7 +25,8 @@ class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorM
 
             args = PivotSFTConfig(output_dir="pivot-sft")
         check_model_processor(getattr(model, "config", None), kwargs.get("processing_class"))
-        self._setup_tunable_parts(model, args, after_tunable_parts)
+        train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
         super().__init__(model, args, *trainer_args, **kwargs)
 
 

@@ -19,6 +19,7 @@ import re
 import torch
 
 from ..configs import TUNABLE_PARTS, RecipeConfigError
+from .data_checks import check_vision_data_needs_vlm, dataset_has_images
 
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,11 @@ def apply_tunable_parts(model, tunable_parts: list[str]) -> dict[str, dict[str, 
     unknown = [p for p in tunable_parts if p not in TUNABLE_PARTS]
     if unknown:
         raise RecipeConfigError(f"Unknown tunable_parts {unknown}. Fix: choose from {list(TUNABLE_PARTS)}.")
-    unreached = set(model.unreached_vision_parameter_names()) if "vision_tower" in tunable_parts else set()
+    # A text-only LLM (TRL's trainers take one too) has no vision tower: all its weights are the language model's.
+    unreached_names = getattr(model, "unreached_vision_parameter_names", None)
+    unreached = set(unreached_names()) if unreached_names is not None and "vision_tower" in tunable_parts else set()
     for name, param in model.named_parameters():
-        part = part_of(name)
+        part = part_of(name) or "language_model"
         param.requires_grad_(part in tunable_parts and name not in unreached)
     return trainable_split(model)
 
@@ -57,9 +60,7 @@ def apply_tunable_parts(model, tunable_parts: list[str]) -> dict[str, dict[str, 
 def trainable_split(model) -> dict[str, dict[str, int]]:
     split = {part: {"total": 0, "trainable": 0} for part in TUNABLE_PARTS}
     for name, param in model.named_parameters():
-        part = part_of(name)
-        if part is None:
-            continue
+        part = part_of(name) or "language_model"
         split[part]["total"] += _numel(param)
         if param.requires_grad:
             split[part]["trainable"] += _numel(param)
@@ -148,10 +149,22 @@ def check_distributed_config(args) -> None:
 class TunablePartsMixin:
     """Tunable parts, per-part LR groups and the did-it-train check, for `PivotSFTTrainer` and `PivotDPOTrainer`."""
 
-    def _setup_tunable_parts(self, model, args, after_tunable_parts=None):
+    def _setup_tunable_parts(self, model, args, after_tunable_parts=None, train_dataset=None):
         if isinstance(model, str):
             raise TypeError("Pivot trainers take an instantiated model; build it with pivot_hf.trainer.load_model.")
         check_part_lrs(args)
+        check_vision_data_needs_vlm(model, train_dataset)
+        # Rows without images (TRL's rule: no `image`/`images` key in the first row) never reach the vision tower: it
+        # gets no gradient and stays as it is, as in TRL. Known now, so the end-of-run check does not fail on it.
+        self._vision_tower_gets_no_gradient = (
+            "vision_tower" in args.tunable_parts and dataset_has_images(train_dataset) is False
+        )
+        if self._vision_tower_gets_no_gradient and int(os.environ.get("RANK", "0")) == 0:
+            logger.warning(
+                "The training rows have no images (no `image`/`images` column): the vision tower gets no gradient and "
+                "stays unchanged, although tunable_parts=%s lists it. Train on image rows to train the tower.",
+                args.tunable_parts,
+            )
         apply_tunable_parts(model, args.tunable_parts)
         if after_tunable_parts is not None:
             # e.g. Stage 3's projector reuse, whose freeze must win over `tunable_parts`
@@ -267,8 +280,10 @@ class TunablePartsMixin:
             logger.info("\n".join(lines))
         trained_steps = self.state.global_step
         vision = report.get("vision_tower")
+        no_images = getattr(self, "_vision_tower_gets_no_gradient", False)
         if (
             "vision_tower" in self.args.tunable_parts
+            and not no_images
             and trained_steps > 0
             and (vision is None or vision["changed"] == 0)
         ):
@@ -279,6 +294,8 @@ class TunablePartsMixin:
                 "in bf16 can round small updates away). Disable the check with `check_tunable_parts_changed: false`."
             )
         for part, entry in report.items():
+            if part == "vision_tower" and no_images:
+                continue  # said at construction
             if trained_steps > 0 and entry["changed"] == 0:
                 logger.warning("Tunable part %s did not change in %d steps.", part, trained_steps)
             elif entry["unchanged"]:
