@@ -410,7 +410,7 @@ def worker(args) -> None:
         "use_liger_kernel": bool(args.liger and on_gpu),
     }
     ref_seconds = {"value": 0.0}
-    ref_batches = []
+    ref_batches, ref_cpu = [], []
     # A previous run's cached reference log-probs would be reused (that is the resume path): start clean so the
     # reference pass is timed.
     shutil.rmtree(Path(common["output_dir"]) / "ref_logps", ignore_errors=True)
@@ -441,11 +441,12 @@ def worker(args) -> None:
             # Each reference batch is timed: the pass is charged as its median batch time x batches, the same
             # steady-state convention as the training steps (the first call of a process pays one-off warm-up).
             def compute_ref_log_probs(self, *a, **k):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 try:
                     return super().compute_ref_log_probs(*a, **k)
                 finally:
                     ref_batches.append(time.perf_counter() - t0)
+                    ref_cpu.append(time.process_time() - c0)
 
             def _run_reference_pass(self, *a, **k):
                 t0 = time.perf_counter()
@@ -458,13 +459,14 @@ def worker(args) -> None:
         model = PivotForConditionalGeneration.from_pretrained(paths["pivot"], dtype=dtype, attn_implementation=attn)
         ref = None  # the policy before its first step is the reference; cached, then freed
 
-    step_times, losses = [], []
+    step_times, step_cpu, losses = [], [], []
 
     class _Clock(TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
             if on_gpu:
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter())
+            step_cpu.append(time.process_time())
 
         def on_log(self, _args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -502,6 +504,10 @@ def worker(args) -> None:
         "init_seconds": init_seconds,
         "reference_pass_seconds_wall": ref_seconds["value"],
         "reference_pass_seconds": _median(ref_batches) * len(ref_batches) if ref_batches else 0.0,
+        # CPU time of the process (all threads): on a machine shared with other jobs it measures the work done,
+        # whatever share of the cores the process got; the wall-clock figures above are what users see.
+        "step_cpu_seconds": _median([b - a for a, b in zip(step_cpu, step_cpu[1:])]),
+        "reference_pass_cpu_seconds": _median(ref_cpu) * len(ref_cpu) if ref_cpu else 0.0,
         "dataset_pairs": len(dataset),
         "losses": losses,
         "shapes": shapes,
@@ -575,6 +581,11 @@ def summarize(results: dict, config, epochs: int, compact_stock: bool, compact_o
         if not is_stock:  # `epochs` passes over the dataset plus one cached reference pass
             ref_per_pair = res["reference_pass_seconds"] / res["dataset_pairs"]
             pps = 1.0 / (1.0 / train_pps + ref_per_pair / epochs)
+        cpu_pps = None
+        if res.get("step_cpu_seconds"):
+            cpu_pps = res["pairs_per_step"] / res["step_cpu_seconds"]
+            if not is_stock:
+                cpu_pps = 1.0 / (1.0 / cpu_pps + res["reference_pass_cpu_seconds"] / res["dataset_pairs"] / epochs)
         compact = compact_stock if is_stock else compact_ours
         useful = dpo_step_flops(config, shapes, "stock" if is_stock else "ours", compact_head=compact, epochs=epochs)
         executed = sum(
@@ -599,6 +610,8 @@ def summarize(results: dict, config, epochs: int, compact_stock: bool, compact_o
             "step_seconds": res["step_seconds"],
             "reference_pass_seconds": res.get("reference_pass_seconds", 0.0),
             "ratio": pps / rows["stock"]["pairs_per_s"] if not is_stock else 1.0,
+            "pairs_per_cpu_s": cpu_pps,
+            "cpu_ratio": cpu_pps / rows["stock"]["pairs_per_cpu_s"] if cpu_pps and not is_stock else None,
         }
     return {
         "rows": rows,
@@ -737,6 +750,7 @@ def main(argv=None) -> None:
                 f"{name}: training only {row['train_only_pairs_per_s']:.3f} pairs/s; cached reference pass "
                 f"{row['reference_pass_seconds']:.1f}s for {results[name]['dataset_pairs']} pairs, amortised over "
                 f"{args.epochs} epochs; ratio to stock {row['ratio']:.2f}"
+                + (f" (per CPU-second of the process: {row['cpu_ratio']:.2f})" if row["cpu_ratio"] else "")
             )
     print(f"max relative loss difference to stock, every step: {summary['loss_max_rel_diff']:.2e}")
     mem = "peak RSS" if not on_gpu else "CUDA max allocated"
