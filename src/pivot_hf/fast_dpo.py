@@ -11,6 +11,9 @@ tokens + the question) four times through the LLM. Everything here works *below*
   The hidden states are scattered back into the collator's layout, so the fused LM head and the loss see exactly what
   the unshared forward gives (causal attention makes prefix states identical in both rows). Rows that are not pairs
   (odd batch, different prompts, custom position ids, ...) take the plain path.
+- With `padding_free` (the default) the pairs of a batch are packed back to back into rows as wide as the longest
+  pair (`pack_pairs`), each pair attending to its own blocks only, so no compute goes to padding and attention per
+  row stays bounded; with flash attention the rows become varlen sequences delimited by position ids (`pack_rows`).
 - `FastDPOMixin` (mixed into `PivotDPOTrainer` ahead of `trl.DPOTrainer`) installs the hook, scores only completion
   positions in the LM head on every device (TRL does that on CUDA only), and makes `precompute_ref_log_probs=True`
   work for vision datasets: one pass with a progress bar, stored with the run as safetensors + JSON keyed by the
@@ -690,6 +693,7 @@ __all__ = [
     "compact_lm_head_scoring",
     "install_pair_forward",
     "pack_pairs",
+    "pack_rows",
     "pair_forward",
     "plan_pairs",
 ]
