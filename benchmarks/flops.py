@@ -13,6 +13,13 @@ left out, as in the usual MFU convention). Per forward pass:
 A training pass costs 3x its forward (backward = 2x forward), a reference pass 1x. The stock path runs the reference
 every step; ours runs it once per cached schedule, so its per-step share is `1 / epochs` of one reference pass.
 MFU = executed FLOPs per second / the accelerator's dense peak.
+
+`dpo_step_flops` counts the useful work (valid tokens only). `padded_step_flops` counts what the kernels execute once
+the batch is laid out in rows: every slot of a row, padding included, runs the dense layers (and the LM head where it
+scores every position), and attention runs over the causal triangle of each row, `W(W+1)/2` keys for a row of width
+`W` (what a causal or dense-masked kernel computes; the block structure of a packed row is not skipped). Padding share =
+1 - valid tokens / row slots. Stock pads 2B rows to the longest row of the batch; ours without padding-free pads B
+packed pairs to the longest pair; ours padding-free packs the pairs back to back into rows as wide as the longest pair.
 """
 
 from __future__ import annotations
@@ -92,3 +99,32 @@ def dpo_step_flops(config, pairs: list[dict], path: str, compact_head: bool, epo
     if path != "stock":
         reference /= epochs  # cached once for the whole schedule
     return {"train": train, "reference": reference, "total": train + reference}
+
+
+def rows_forward_flops(config, widths: list[int]) -> float:
+    """LLM forward FLOPs of rows of the given widths (tokens), padding slots included (see the module docstring)."""
+    dense, per_key = _llm_token_flops(config)
+    return sum(w * dense + _causal_keys(w) * per_key for w in widths)
+
+
+def padded_step_flops(config, batch: dict, path: str, image_tokens: int, compact_head: bool, epochs: int = 3) -> dict:
+    """Executed FLOPs of one optimizer step laid out as `path` runs it, padding included.
+
+    `batch`: `pairs`, `answer_tokens` (chosen + rejected tokens of all pairs) and `rows` (path -> widths of the LLM rows
+    that path processes). Stock encodes each image twice per model, ours once; the LM head scores the answer tokens
+    (compact) or every slot of the stock rows (TRL off CUDA).
+    """
+    widths = batch["rows"][path]
+    images = batch["pairs"] * (2 if path == "stock" else 1)
+    head_rows = batch["answer_tokens"] if compact_head else sum(batch["rows"]["stock"])
+    head = 2 * config.text_config.hidden_size * config.text_config.vocab_size * head_rows
+    fwd = images * _vision_flops(config, image_tokens) + rows_forward_flops(config, widths) + head
+    reference = fwd if path == "stock" else fwd / epochs
+    return {"train": 3 * fwd, "reference": reference, "total": 3 * fwd + reference}
+
+
+def padding_share(batches: list[dict], path: str) -> float:
+    """Share of the processed row slots that are padding, over `batches` (see `padded_step_flops`)."""
+    valid = sum(b["tokens"] if path == "stock" else b["packed_tokens"] for b in batches)
+    slots = sum(sum(b["rows"][path]) for b in batches)
+    return 1.0 - valid / slots

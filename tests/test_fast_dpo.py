@@ -14,7 +14,16 @@ from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from pivot_hf import PivotForConditionalGeneration, PivotProcessor
-from pivot_hf.fast_dpo import FastDPOMixin, compact_lm_head_scoring, install_pair_forward, plan_pairs
+from pivot_hf.fast_dpo import (
+    FastDPOMixin,
+    _place_units,
+    compact_lm_head_scoring,
+    find_pivot_model,
+    install_pair_forward,
+    pack_pairs,
+    pack_rows,
+    plan_pairs,
+)
 
 
 def _trainer_and_config():
@@ -239,3 +248,123 @@ def test_gpu_benchmark_code_path_runs_on_cpu_with_a_tiny_config(tmp_path):
     assert report["loss_max_rel_diff"] < 1e-5
     assert set(report["rows"]) == {"stock", "ours"}
     assert report["rows"]["stock"]["losses"] == pytest.approx(report["rows"]["ours"]["losses"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ padding-free
+def _mixed_rows(seed=0):
+    """Pairs of very different lengths: single-token answers, a long answer, two images, no image."""
+    rng = np.random.default_rng(seed)
+    long_answer = " ".join(["the cat sits on the red table near a small blue cup"] * 6)
+
+    def row(images, question, chosen, rejected):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        return {
+            "images": images,
+            "prompt": [{"role": "user", "content": content}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
+        }
+
+    return [
+        row([_image(rng)], "What is in the picture?", "A", "B"),  # single-token answers
+        row([_image(rng), _image(rng)], "Compare the two pictures", long_answer, "They differ."),  # two images
+        row([], "Say something without a picture", "Nothing to see here at all.", "Hi"),  # no image
+        row([_image(rng)], "Count the objects please", "Three", long_answer[:90]),
+        row([_image(rng)], "Color?", "Green", "Yellow and a bit of green"),
+    ]
+
+
+def _plain_positions(batch):
+    start = batch["attention_mask"].argmax(1, keepdim=True)
+    return (torch.arange(batch["input_ids"].shape[1])[None] - start).clamp(min=0)
+
+
+def _vision_grads_present(grads):
+    return any(name.startswith("model.vision_tower") for name in grads)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_padding_free_pairs_match_plain(tiny, truncate):
+    """Several pairs per packed row (mixed lengths, single-token answers, two images, no image; rows truncated by
+    `max_length`): log-probs and gradients, vision tower included, equal the plain padded forward."""
+    path, processor = tiny
+    max_length = None
+    if truncate:  # cut inside the answers, two tokens after the longest prompt (image tokens are never cut)
+        full = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_mixed_rows()))
+        max_length = int(full["completion_mask"].argmax(1).max()) + 2
+    batch = DataCollatorForVisionPreference(processor=processor, max_length=max_length)(copy.deepcopy(_mixed_rows()))
+    model = _model(path)
+    plain = _logps_and_grads(model, batch, position_ids=_plain_positions(batch))
+    assert _vision_grads_present(plain[1])
+
+    plan = plan_pairs(batch["input_ids"], batch["attention_mask"], model.config.image_token_id)
+    assert plan is not None
+    lengths = (plan["lengths"][: plan["pairs"]] + plan["lengths"][plan["pairs"] :] - plan["prefix"]).tolist()
+    # Rows are as wide as the longest pair by default; with room for two pairs, several pairs share a row.
+    assert pack_pairs(plan, batch["input_ids"], padding_free=True)["input_ids"].shape[1] == max(lengths)
+    wide = pack_pairs(plan, batch["input_ids"], padding_free=True, max_row_tokens=2 * max(lengths))["input_ids"]
+    assert wide.shape[0] < plan["pairs"] and wide.shape[1] <= 2 * max(lengths)
+    if max_length is not None:
+        assert int(batch["attention_mask"].sum(1).max()) == max_length  # some rows really were truncated
+
+    for max_row_tokens in (None, 2 * max(lengths)):
+        install_pair_forward(model, padding_free=True, max_row_tokens=max_row_tokens)
+        with compact_lm_head_scoring(True):
+            _assert_close(plain, _logps_and_grads(model, batch))
+
+
+def test_padding_free_varlen_rows_match_plain(tiny):
+    """The layout flash-attention-2 reads (sequences back to back, positions restarting, no mask), run through sdpa's
+    packed-sequence mask: the path taken without prefix sharing or with a flash-attention backend."""
+    path, processor = tiny
+    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_mixed_rows(1)))
+    model = _model(path)
+    plain = _logps_and_grads(model, batch, position_ids=_plain_positions(batch))
+    spans = (batch["attention_mask"].argmax(1), batch["attention_mask"].sum(1))
+    one_row = pack_rows(*spans, batch["input_ids"])
+    assert one_row["input_ids"].shape == (1, int(batch["attention_mask"].sum()))
+    bounded = pack_rows(*spans, batch["input_ids"], max_row_tokens=int(spans[1].max()))
+    assert bounded["input_ids"].shape[1] == int(spans[1].max()) and bounded["input_ids"].shape[0] > 1
+    install_pair_forward(model, share_prefix=False, padding_free=True)
+    _assert_close(plain, _logps_and_grads(model, batch))
+
+
+def test_row_placement_is_bounded_and_first_fit():
+    lengths = torch.tensor([5, 9, 3, 4, 1, 9])
+    rows, offsets, width, n_rows = _place_units(lengths, True, None)
+    assert width == 9 and n_rows == 4  # 9 | 9 | 5+4 | 3+1
+    ends = {}
+    for r, o, n in zip(rows.tolist(), offsets.tolist(), lengths.tolist()):
+        assert o + n <= 9
+        ends.setdefault(r, []).append((o, o + n))
+    for spans in ends.values():  # no overlaps inside a row
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert _place_units(lengths, True, 16)[3] == 2  # a larger budget: fewer, wider rows
+    assert _place_units(lengths, False, None)[3] == 6  # not padding-free: one unit per row
+
+
+def test_padding_free_trainer_is_on_by_default_and_silences_trl(tiny, tmp_path, monkeypatch):
+    """`padding_free` (TRL's own key, which TRL's DPO turns off with a warning) is on and reaches the pair forward."""
+    import trl.trainer.dpo_trainer as trl_dpo
+
+    path, processor = tiny
+    cls, config_class = _trainer_and_config()
+    if config_class is DPOConfig:
+        pytest.skip("the project's PivotDPOConfig is not importable")
+    config = _config(tmp_path, config_class)
+    assert config.padding_free is True
+    warnings = []
+    monkeypatch.setattr(trl_dpo.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+    model = PivotForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    ref = PivotForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    dataset = Dataset.from_list(_rows(2))
+    trainer = cls(model=model, ref_model=ref, args=config, train_dataset=dataset, processing_class=processor)
+    assert not [w for w in warnings if "padding_free" in w] and trainer.args.padding_free is True
+    seen = []
+    hook = find_pivot_model(trainer.model).pair_forward
+    monkeypatch.setattr("pivot_hf.fast_dpo.pack_pairs", lambda *a, **k: seen.append(k) or pack_pairs(*a, **k))
+    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(2)))
+    with torch.no_grad():
+        hook(find_pivot_model(trainer.model), **{k: v for k, v in batch.items() if k != "completion_mask"})
+    assert seen and seen[0]["padding_free"] is True

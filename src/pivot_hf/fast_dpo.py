@@ -11,6 +11,9 @@ tokens + the question) four times through the LLM. Everything here works *below*
   The hidden states are scattered back into the collator's layout, so the fused LM head and the loss see exactly what
   the unshared forward gives (causal attention makes prefix states identical in both rows). Rows that are not pairs
   (odd batch, different prompts, custom position ids, ...) take the plain path.
+- With `padding_free` (the default) the pairs of a batch are packed back to back into rows as wide as the longest
+  pair (`pack_pairs`), each pair attending to its own blocks only, so no compute goes to padding and attention per
+  row stays bounded; with flash attention the rows become varlen sequences delimited by position ids (`pack_rows`).
 - `FastDPOMixin` (mixed into `PivotDPOTrainer` ahead of `trl.DPOTrainer`) installs the hook, scores only completion
   positions in the LM head on every device (TRL does that on CUDA only), and makes `precompute_ref_log_probs=True`
   work for vision datasets: one pass with a progress bar, stored with the run as safetensors + JSON keyed by the
@@ -66,6 +69,22 @@ class FastDPOArguments:
         default=None,
         metadata={"help": "Where cached reference log-probs live (default: <output_dir>/ref_logps)."},
     )
+    # TRL's own `DPOConfig.padding_free` (disabled in TRL's DPO since its refactor), implemented by the pair forward.
+    padding_free: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack the pairs of a micro-batch back to back (no padding): rows hold several [prefix | chosen | "
+            "rejected] pairs, each attending to its own blocks only (eager/sdpa), or sequences delimited by "
+            "position ids (flash attention)."
+        },
+    )
+    padding_free_row_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest packed row with padding_free (tokens). Default: the longest pair of the micro-batch, so "
+            "attention cost grows with the batch linearly, not quadratically. A pair longer than this gets a row alone."
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------- pair planning
@@ -118,38 +137,91 @@ def plan_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, ima
     return {"starts": starts, "lengths": lengths, "prefix": prefix, "pairs": pairs, "length": length}
 
 
-def pack_pairs(plan: dict, input_ids: torch.Tensor, pad_id: int = 0):
-    """One packed row per pair: `[prefix | chosen tail | rejected tail]`, position ids, block mask and the index that
-    maps every original (row, column) back to its packed position."""
+def _first_fit(lengths: list[int], capacity: int) -> tuple[list[int], list[int], list[int]]:
+    """Row and offset of each unit (first-fit decreasing, ties by index, so deterministic), and each row's fill."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    fill: list[int] = []
+    rows, offsets = [0] * len(lengths), [0] * len(lengths)
+    for i in order:
+        row = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        rows[i], offsets[i] = row, fill[row]
+        fill[row] += lengths[i]
+    return rows, offsets, fill
+
+
+def _place_units(unit_len: torch.Tensor, padding_free: bool, max_row_tokens: int | None):
+    """Row / offset of each unit (a packed pair or a sequence) in the packed layout, and the row width.
+
+    Without `padding_free` every unit has a row of its own (padded to the longest unit). With it units are packed
+    back to back into rows of `max(max_row_tokens, longest unit)` tokens (default: the longest unit), so the attention
+    of a row (quadratic in its width) stays bounded by the longest unit whatever the batch size.
+    """
+    units = unit_len.numel()
+    device = unit_len.device
+    if not padding_free:
+        rows = torch.arange(units, device=device)
+        return rows, torch.zeros_like(rows), int(unit_len.max()), units
+    lengths = unit_len.tolist()
+    capacity = max(max(lengths), int(max_row_tokens or 0))
+    rows, offsets, fill = _first_fit(lengths, capacity)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return as_tensor(rows), as_tensor(offsets), max(fill), len(fill)
+
+
+def pack_pairs(
+    plan: dict, input_ids: torch.Tensor, pad_id: int = 0, padding_free: bool = False, max_row_tokens: int | None = None
+):
+    """Pack each pair as `[prefix | chosen tail | rejected tail]`: position ids, block mask and the index that maps
+    every original (row, column) back to its packed position.
+
+    Without `padding_free` each pair has a row (`(pairs, width)`, padded to the longest pair). With it the pairs are
+    packed back to back into `(n_rows, width)` rows (see `_place_units`); a token attends causally to the prefix of its
+    own pair and to its own tail only, and positions restart at 0 for every pair (and after the prefix for the
+    rejected tail). Returns `input_ids`, `position_ids`, `allowed` (bool `(n_rows, width, width)`), `flat_index` and
+    `valid` (`(rows, length)`: where each original token sits in the flattened packed rows) and `unit_order` (pairs in
+    the packed rows' reading order, which is the order their images are consumed in).
+    """
     starts, lengths, prefix, pairs = plan["starts"], plan["lengths"], plan["prefix"], plan["pairs"]
     device = input_ids.device
     tail_a = lengths[:pairs] - prefix
     tail_b = lengths[pairs:] - prefix
     packed_len = prefix + tail_a + tail_b
-    width = int(packed_len.max())
-    q = torch.arange(width, device=device)[None, :].expand(pairs, -1)
-    p, ta = prefix[:, None], tail_a[:, None]
-    segment = torch.full((pairs, width), -1, dtype=torch.long, device=device)
-    segment = torch.where(q < p, 0, segment)
-    segment = torch.where((q >= p) & (q < p + ta), 1, segment)
-    segment = torch.where((q >= p + ta) & (q < packed_len[:, None]), 2, segment)
-    # Source of each packed token: the chosen row for prefix + chosen tail, the rejected row for the rejected tail.
-    src_row = torch.where(
-        segment == 2, torch.arange(pairs, device=device)[:, None] + pairs, torch.arange(pairs, device=device)[:, None]
-    )
-    src_offset = torch.where(segment == 2, q - ta, q)
-    src_col = (starts[src_row] + src_offset).clamp(0, input_ids.shape[1] - 1)
-    packed_ids = input_ids[src_row, src_col].masked_fill(segment < 0, pad_id)
-    # Positions restart after the prefix for the rejected tail: it continues the prompt, not the chosen answer.
-    position_ids = torch.where(segment == 2, q - ta, q).masked_fill(segment < 0, 0)
+    row_of, offset_of, width, n_rows = _place_units(packed_len, padding_free, max_row_tokens)
 
+    # Every packed token: its pair, its offset inside the pair's block, its segment (0 prefix, 1 chosen, 2 rejected).
+    unit = torch.repeat_interleave(torch.arange(pairs, device=device), packed_len)
+    block_start = torch.cumsum(packed_len, 0) - packed_len
+    local = torch.arange(unit.numel(), device=device) - block_start[unit]
+    p, ta = prefix[unit], tail_a[unit]
+    seg = torch.where(local < p, 0, torch.where(local < p + ta, 1, 2))
+    dest = row_of[unit] * width + offset_of[unit] + local
+    # Source of each packed token: the chosen row for prefix + chosen tail, the rejected row for the rejected tail.
+    src_row = torch.where(seg == 2, unit + pairs, unit)
+    src_offset = torch.where(seg == 2, local - ta, local)
+    src_col = (starts[src_row] + src_offset).clamp(0, input_ids.shape[1] - 1)
+
+    size = n_rows * width
+    packed_ids = torch.full((size,), pad_id, dtype=input_ids.dtype, device=device)
+    packed_ids[dest] = input_ids[src_row, src_col]
+    # Positions restart after the prefix for the rejected tail: it continues the prompt, not the chosen answer.
+    position_ids = torch.zeros(size, dtype=torch.long, device=device)
+    position_ids[dest] = src_offset
+    segment = torch.full((size,), -1, dtype=torch.long, device=device)
+    segment[dest] = seg
+    owner = torch.full((size,), -1, dtype=torch.long, device=device)
+    owner[dest] = unit
+    segment, owner = segment.view(n_rows, width), owner.view(n_rows, width)
+
+    q = torch.arange(width, device=device)
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-    causal = q[:, None, :] <= q[:, :, None]
-    allowed = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    causal = (q[None, :] <= q[:, None])[None]
+    allowed = causal & (seg_k >= 0) & (owner[:, None, :] == owner[:, :, None]) & ((seg_k == 0) | (seg_k == seg_q))
     # Padding queries attend to themselves only, so no softmax row is empty (an empty row gives NaN gradients).
     allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
 
-    # Back-mapping: original row r, aligned offset t -> packed index (pair * width + position).
+    # Back-mapping: original row r, aligned offset t -> packed index (row * width + offset of its pair + position).
     rows, length = input_ids.shape
     offsets = torch.arange(length, device=device)[None, :]
     pair_of_row = torch.arange(rows, device=device) % pairs
@@ -158,14 +230,74 @@ def pack_pairs(plan: dict, input_ids: torch.Tensor, pad_id: int = 0):
     t = offsets - starts[:, None]  # aligned offset of each original column
     valid = (t >= 0) & (t < lengths[:, None])
     packed_pos = torch.where(is_rejected & (t >= row_prefix), t + tail_a.repeat(2)[:, None], t)
-    flat_index = (pair_of_row[:, None] * width + packed_pos).masked_fill(~valid, 0)
+    base = (row_of * width + offset_of)[pair_of_row][:, None]
+    flat_index = (base + packed_pos).masked_fill(~valid, 0)
     return {
-        "input_ids": packed_ids,
-        "position_ids": position_ids,
+        "input_ids": packed_ids.view(n_rows, width),
+        "position_ids": position_ids.view(n_rows, width),
         "allowed": allowed,
         "flat_index": flat_index,
         "valid": valid,
+        "unit_order": torch.argsort(row_of * width + offset_of),
     }
+
+
+def pack_rows(
+    starts: torch.Tensor, lengths: torch.Tensor, input_ids: torch.Tensor, pad_id: int = 0, max_row_tokens=None
+):
+    """Padding-free layout without prefix sharing: the valid tokens of every row back to back, positions restarting
+    at 0 for each sequence, no attention mask. This is the layout flash-attention-2 reads as varlen sequences
+    (transformers derives `cu_seqlens` from the position ids) and that sdpa/eager turn into a block-causal mask.
+
+    `max_row_tokens=None` puts everything in one row (varlen kernels cost nothing for that); an int bounds the rows
+    (at least the longest sequence) for dense-mask attention. Trailing padding of a row is a sequence of its own.
+    Returns `input_ids`/`position_ids` `(n_rows, width)`, `flat_index`/`valid` `(rows, length)`, `unit_order`.
+    """
+    device = input_ids.device
+    rows, length = input_ids.shape
+    capacity = int(lengths.sum()) if max_row_tokens is None else max_row_tokens
+    row_of, offset_of, width, n_rows = _place_units(lengths, True, capacity)
+    unit = torch.repeat_interleave(torch.arange(rows, device=device), lengths)
+    local = torch.arange(unit.numel(), device=device) - (torch.cumsum(lengths, 0) - lengths)[unit]
+    dest = row_of[unit] * width + offset_of[unit] + local
+    size = n_rows * width
+    packed_ids = torch.full((size,), pad_id, dtype=input_ids.dtype, device=device)
+    packed_ids[dest] = input_ids[unit, starts[unit] + local]
+    taken = torch.zeros(size, dtype=torch.bool, device=device)
+    taken[dest] = True
+    # Padding positions count 0, 1, 2, ... from each run of padding, so they never extend the sequence before them.
+    column = torch.arange(size, device=device)
+    run_start = torch.cummax(torch.where(taken, column + 1, 0), 0).values
+    position_ids = torch.where(taken, 0, column - run_start)
+    position_ids[dest] = local
+    t = torch.arange(length, device=device)[None, :] - starts[:, None]
+    valid = (t >= 0) & (t < lengths[:, None])
+    flat_index = ((row_of * width + offset_of)[:, None] + t).masked_fill(~valid, 0)
+    return {
+        "input_ids": packed_ids.view(n_rows, width),
+        "position_ids": position_ids.view(n_rows, width),
+        "flat_index": flat_index,
+        "valid": valid,
+        "unit_order": torch.argsort(row_of * width + offset_of),
+    }
+
+
+def _features_in_order(features: list[torch.Tensor], image_rows: torch.Tensor, unit_order: torch.Tensor):
+    """The projected image tokens (one tensor per image, images ordered by row) re-ordered to follow `unit_order`.
+
+    `image_rows[u]` is the number of image tokens unit `u` consumes (its images' tokens, in order)."""
+    flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    if torch.equal(unit_order, torch.arange(unit_order.numel(), device=unit_order.device)):
+        return flat
+    first = torch.cumsum(image_rows, 0) - image_rows
+    counts = image_rows[unit_order]
+    index = torch.repeat_interleave(first[unit_order], counts)
+    index = (
+        index
+        + torch.arange(index.numel(), device=index.device)
+        - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    )
+    return flat.index_select(0, index.to(flat.device))
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -207,9 +339,15 @@ def pair_forward(
     spatial_shapes=None,
     vision_feature_layer=None,
     share_prefix: bool = True,
+    padding_free: bool = False,
+    max_row_tokens: int | None = None,
     **kwargs,
 ):
-    """`PivotModel.forward` for preference pairs (see the module docstring). `model` is the PivotModel."""
+    """`PivotModel.forward` for preference pairs (see the module docstring). `model` is the PivotModel.
+
+    `padding_free` packs the pairs of the batch back to back (`pack_pairs`; rows of at most `max_row_tokens` tokens,
+    default the longest pair); with a flash-attention backend, or without `share_prefix`, the rows are packed as
+    varlen sequences instead (`pack_rows`), as the block mask of a shared prefix needs eager or sdpa attention."""
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:
         image_token_id = getattr(model.config, "image_token_index", None)
@@ -249,24 +387,43 @@ def pair_forward(
     if share_prefix and position_ids is None and attn_impl in ("eager", "sdpa"):
         plan = plan_pairs(input_ids, attention_mask, image_token_id)
     if plan is None:
+        spans = None
+        if padding_free and position_ids is None and input_ids is not None and input_ids.dim() == 2:
+            spans = _row_spans(attention_mask, input_ids.shape[0], input_ids.shape[1], input_ids.device)
+        if spans is not None:
+            varlen_rows = None if attn_impl not in ("eager", "sdpa") else (max_row_tokens or int(spans[1].max()))
+            packed = pack_rows(*spans, input_ids, max_row_tokens=varlen_rows)
+            call = {**kwargs, "attention_mask": None, "position_ids": packed["position_ids"]}
+            image_rows = (input_ids == image_token_id).sum(1) if image_token_id is not None else None
+            out = _packed_call(model, packed, features + features if features else None, image_rows, call)
+            return _unpack(out, packed, input_ids.shape)
         # Image sharing only: the same features serve the chosen and the rejected rows.
         if features is not None:
             return model(image_features=features + features, **plain)
         return model(inputs_embeds=model.get_input_embeddings()(input_ids), **{**plain, "input_ids": None})
 
-    packed = pack_pairs(plan, input_ids)
+    packed = pack_pairs(plan, input_ids, padding_free=padding_free, max_row_tokens=max_row_tokens)
     dtype = model.get_input_embeddings().weight.dtype
     mask = _additive_mask(packed["allowed"], dtype)
     call = {**kwargs, "attention_mask": mask, "position_ids": packed["position_ids"]}
+    image_rows = (input_ids[: plan["pairs"]] == image_token_id).sum(1) if image_token_id is not None else None
+    out = _packed_call(model, packed, features, image_rows, call, vision_feature_layer=vision_feature_layer)
+    return _unpack(out, packed, input_ids.shape)
+
+
+def _packed_call(model, packed, features, image_rows, call, **extra):
+    """The PivotModel on packed rows; image tokens are consumed in the packed rows' order."""
     if features is not None:
-        out = model(
-            input_ids=packed["input_ids"], image_features=features, vision_feature_layer=vision_feature_layer, **call
-        )
-    else:
-        out = model(inputs_embeds=model.get_input_embeddings()(packed["input_ids"]), **call)
+        ordered = _features_in_order(features, image_rows, packed["unit_order"])
+        return model(input_ids=packed["input_ids"], image_features=ordered, **extra, **call)
+    return model(inputs_embeds=model.get_input_embeddings()(packed["input_ids"]), **call)
+
+
+def _unpack(out, packed, shape):
+    """Hidden states of packed rows scattered back into the collator's `(rows, length)` layout (zeros at padding)."""
     hidden = out.last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
-    rows, length = input_ids.shape
+    rows, length = shape
     unpacked = flat.index_select(0, packed["flat_index"].reshape(-1)).view(rows, length, -1)
     unpacked = unpacked * packed["valid"][..., None].to(unpacked.dtype)
     return model_output(unpacked, image_features=output_image_features(out))
@@ -282,17 +439,25 @@ def find_pivot_model(model) -> torch.nn.Module | None:
     return None
 
 
-def install_pair_forward(model, share_image: bool = True, share_prefix: bool = True) -> bool:
-    """Install (or remove, when both flags are off) the pair path on a Pivot model. Returns whether it applied."""
+def install_pair_forward(
+    model,
+    share_image: bool = True,
+    share_prefix: bool = True,
+    padding_free: bool = False,
+    max_row_tokens: int | None = None,
+) -> bool:
+    """Install (or remove, when all flags are off) the pair path on a Pivot model. Returns whether it applied."""
     inner = find_pivot_model(model)
     if inner is None:
         return False
-    if not (share_image or share_prefix):
+    if not (share_image or share_prefix or padding_free):
         inner.pair_forward = None
         return True
 
     def _hook(module, **kwargs):
-        return pair_forward(module, share_prefix=share_prefix, **kwargs)
+        return pair_forward(
+            module, share_prefix=share_prefix, padding_free=padding_free, max_row_tokens=max_row_tokens, **kwargs
+        )
 
     inner.pair_forward = _hook
     return True
@@ -520,16 +685,24 @@ class FastDPOMixin:
             # The reference's identity is taken now, before DeepSpeed / FSDP prepare (shard) it.
             processor = kwargs.get("processing_class", args[6] if len(args) > 6 else None)
             self._ref_identity = reference_identity(ref_model if ref_model is not None else model, processor)
+        # TRL's DPOTrainer switches its own (currently disabled) `padding_free` off with a warning; the pair forward
+        # implements it, so TRL's constructor does not see the flag either.
+        padding_free = bool(getattr(dpo_args, "padding_free", False))
+        if padding_free:
+            dpo_args.padding_free = False
         try:
             super().__init__(*args, **kwargs)
         finally:
             if want_cache and is_vision:
                 dpo_args.precompute_ref_log_probs = True
                 self._hidden_precompute_args = None
+            if padding_free:
+                dpo_args.padding_free = True
         share_image = bool(getattr(self.args, "share_image_features", True))
         share_prefix = bool(getattr(self.args, "share_prompt_prefix", True))
-        self._fast_pairs = install_pair_forward(self.model, share_image, share_prefix)
-        install_pair_forward(self.ref_model, share_image, share_prefix)
+        row_tokens = getattr(self.args, "padding_free_row_tokens", None)
+        self._fast_pairs = install_pair_forward(self.model, share_image, share_prefix, padding_free, row_tokens)
+        install_pair_forward(self.ref_model, share_image, share_prefix, padding_free, row_tokens)
         if want_cache and is_vision:
             self._cache_reference_log_probs()
 
@@ -749,6 +922,7 @@ __all__ = [
     "compact_lm_head_scoring",
     "install_pair_forward",
     "pack_pairs",
+    "pack_rows",
     "pair_forward",
     "plan_pairs",
 ]
