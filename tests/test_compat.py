@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import transformers
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -95,29 +96,38 @@ def test_untested_transformers_message(version, inside):
 
 
 def test_remote_code_outside_the_range_warns_once(tiny_pivot_factory, tmp_path):
-    """Two checkpoints (two copies of the remote code) loaded under a transformers that says 5.99: one warning."""
+    """Two checkpoints whose remote code was tested with transformers 4.0 only (as if written years ago), loaded where
+    pivot_hf is not installed: one warning for the process, naming the range and the alternatives."""
     import shutil
 
-    folders = [shutil.copytree(tiny_pivot_factory("siglip"), tmp_path / name) for name in ("a", "b")]
+    folders = []
+    for name in ("a", "b"):
+        folder = shutil.copytree(tiny_pivot_factory("siglip"), tmp_path / name)
+        config_file = folder / "configuration_pivot.py"
+        source = config_file.read_text()
+        assert source.count("TESTED_TRANSFORMERS_RANGE = (") == 1
+        config_file.write_text(
+            re.sub(r"TESTED_TRANSFORMERS_RANGE = \(.*\)", 'TESTED_TRANSFORMERS_RANGE = ("4.0", "4.1")', source)
+        )
+        folders.append(str(folder))
     script = textwrap.dedent(
         f"""
         import sys, warnings
         sys.modules["pivot_hf"] = None
-        import transformers
-        transformers.__version__ = "5.99.0"
         from transformers import AutoModelForImageTextToText
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
-            for folder in {[str(f) for f in folders]!r}:
+            for folder in {folders!r}:
                 AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
         ours = [w for w in caught if "Pivot model code was tested" in str(w.message)]
         print("WARNINGS", len(ours))
-        print(ours[0].message)
+        print(ours[0].message if ours else "")
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "WARNINGS 1" in result.stdout, result.stdout + result.stderr[-3000:]
-    assert "transformers 5.99.0 is installed" in result.stdout and "to_llava()" in result.stdout
+    assert f"transformers>=4.0,<4.1; transformers {transformers.__version__} is installed" in result.stdout
+    assert "to_llava()" in result.stdout and "exported vision encoder" in result.stdout
 
 
 # ------------------------------------------------------------------------- checkpoints across the range
