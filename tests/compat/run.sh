@@ -47,7 +47,9 @@ for end in $ENDS; do
 done
 for end in $ENDS; do
   start=$SECONDS
-  if ! "$VENVS/compat-$end/bin/python" -m pytest tests -m compat -n 2 --dist loadfile -q -p no:cacheprovider; then
+  # The checkpoint round trip runs once, across the ends, below.
+  if ! "$VENVS/compat-$end/bin/python" -m pytest tests -m compat -k "not across_versions" -n 2 --dist loadfile -q \
+      -p no:cacheprovider; then
     echo "compat[$end]: smoke subset FAILED" >&2
     status=1
   fi
