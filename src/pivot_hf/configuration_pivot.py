@@ -43,12 +43,14 @@ def untested_transformers_message(version: str | None = None) -> str | None:
 def warn_if_untested_transformers() -> None:
     """Warn once per process when the installed transformers is outside `TESTED_TRANSFORMERS_RANGE`.
 
-    Every checkpoint's remote code is its own copy of this file, so the stdlib's "once" action (one registry for the
-    whole process, keyed by the text) is what keeps it to one warning however many checkpoints are loaded."""
+    Every checkpoint's remote code is its own copy of this file, so the flag lives in `sys` (one per process); the
+    stdlib's "once" registry would not do: any warnings filter change (transformers makes many) resets it."""
+    import sys
+
     message = untested_transformers_message()
-    if message is None:
+    if message is None or getattr(sys, "_pivot_untested_transformers_warned", False):
         return
-    warnings.filterwarnings("once", message=re.escape(message), category=UserWarning)
+    sys._pivot_untested_transformers_warned = True
     warnings.warn(message, UserWarning, stacklevel=2)
 
 
