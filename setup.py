@@ -1,17 +1,36 @@
 """pivot-hf: PIVOT (Preference-Instructed Vision OpTimization) on the Hugging Face stack."""
 
+import ast
+import os
+import re
+
 from setuptools import find_packages, setup
 
-# torch is deliberately not pinned to a build: `make install` puts the CPU wheel (torch==2.13.0) on machines without
-# CUDA before this runs, so pip never resolves a multi-gigabyte CUDA build there.
+
+def _tested_transformers_range():
+    """`TESTED_TRANSFORMERS_RANGE` from configuration_pivot.py (read, not imported: that needs torch), the one place it
+    is written: the same file travels with checkpoints and warns when loaded outside the range."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src", "pivot_hf", "configuration_pivot.py")
+    source = open(path, encoding="utf-8").read()
+    match = re.search(r"^TESTED_TRANSFORMERS_RANGE = (.+)$", source, re.MULTILINE)
+    return ast.literal_eval(match.group(1))
+
+
+_lower, _upper = _tested_transformers_range()
+
+# The tested range: both ends run in CI (`make test-compat`: requirements/lower.txt, and the newest releases pip picks
+# here), upper bounds exclusive at the first untested minor. requirements/lock.txt pins the newest end exactly.
+# torch: only the 2.13.0 CPU wheel is available to CI, so 2.13 is both ends. `make install` puts that wheel on machines
+# without CUDA before this runs, so pip never resolves a multi-gigabyte CUDA build there.
 _deps = [
-    "torch>=2.4",
-    "transformers>=5.0,<6",
-    "trl>=1.0,<2",
-    "peft>=0.15",
-    "accelerate>=1.0",
-    "datasets>=3.0",
-    "huggingface_hub>=1.0",
+    "torch>=2.13,<2.14",
+    f"transformers>={_lower},<{_upper}",
+    "trl>=1.16,<1.17",  # 1.16: the fused LM head the trainers score through runs without Triton (CPU)
+    "peft>=0.21,<0.22",
+    "accelerate>=1.15,<1.16",
+    "datasets>=5.0.1,<5.3",
+    "huggingface_hub>=1.33,<2.5",
+    "tokenizers>=0.23.2,<0.24",
     "evaluate>=0.4",
     "safetensors>=0.4",
     "pyyaml>=6.0",

@@ -181,6 +181,7 @@ def test_exports_match_the_trained_tower(exports, trained, sample_images):
             torch.testing.assert_close(last, torch.stack(reference), rtol=0, atol=0)
 
 
+@pytest.mark.compat
 def test_exports_load_in_a_process_without_pivot_hf(exports, tmp_path):
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(exports))

@@ -109,6 +109,7 @@ def _group_lrs(optimizer):
 
 
 # ------------------------------------------------------------------------------------------------ the recipe scripts
+@pytest.mark.compat
 def test_dpo_script_trains_vision_tower_with_per_part_lrs(tiny, mmpr, tmp_path):
     from dpo import main as dpo_main
 
@@ -134,6 +135,7 @@ def test_dpo_script_trains_vision_tower_with_per_part_lrs(tiny, mmpr, tmp_path):
     assert (out / "trainer_state.json").is_file() and (out / "data_report.json").is_file()
 
 
+@pytest.mark.compat
 def test_sft_script_trains_on_answers_with_vision_tower(tiny, mmpr, tmp_path):
     from sft import main as sft_main
 

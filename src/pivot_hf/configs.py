@@ -21,6 +21,10 @@ from .fast_dpo import FastDPOArguments
 
 
 TUNABLE_PARTS = ("vision_tower", "projector", "language_model")
+_RENAMED_TRAINING_ARGS = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
 
 
 class RecipeConfigError(ValueError):
@@ -223,6 +227,14 @@ class PivotTrainingFields:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise RecipeConfigError(f"`{name}` must be >= 0, got {value}.")
+        # transformers 5.23 renamed `gradient_checkpointing(_kwargs)` -> `activation_checkpointing(_kwargs)` and warns
+        # on the old names. Recipes keep the old key, valid across the tested range; it is handed to the new field
+        # where that exists, so no deprecated argument reaches transformers.
+        for old, new in _RENAMED_TRAINING_ARGS:
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old, None) is not None:
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+
         from .trainer.tunable import check_part_lrs  # a tunable part at LR 0 is refused at parse time, before compute
 
         check_part_lrs(self)

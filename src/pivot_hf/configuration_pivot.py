@@ -5,8 +5,53 @@ are copied next to saved checkpoints (`auto_map`) so that a process which never 
 checkpoint with `trust_remote_code=True`.
 """
 
+import re
+import warnings
+
+import transformers
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, PreTrainedConfig
+
+
+# The transformers versions this file and modeling_pivot.py are tested with: `[lower, upper)`, upper exclusive at the
+# first untested minor release. setup.py reads this constant, and it travels with every checkpoint (`auto_map`), so a
+# checkpoint loaded years later under another transformers says what it was tested with.
+TESTED_TRANSFORMERS_RANGE = ("5.18", "5.25")
+
+
+def _minor_version(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def untested_transformers_message(version: str | None = None) -> str | None:
+    """The warning for a transformers `version` (default: the installed one) outside `TESTED_TRANSFORMERS_RANGE`, or
+    None inside it. Pre-releases of the upper minor (`5.25.0.dev0`) are outside: nothing of them was tested."""
+    version = transformers.__version__ if version is None else version
+    lower, upper = TESTED_TRANSFORMERS_RANGE
+    if _minor_version(lower) <= _minor_version(version) < _minor_version(upper):
+        return None
+    return (
+        f"This Pivot model code was tested with transformers>={lower},<{upper}; transformers {version} is installed, "
+        "so loading or running it may fail or differ. Either install a tested version "
+        f"(`pip install 'transformers>={lower},<{upper}'`), or use the plain-transformers forms, which need no "
+        "remote code: `model.to_llava()` (a LlavaForConditionalGeneration, saved with save_pretrained) or the "
+        "exported vision encoder (recipes/export_encoder.py, loads with AutoModel)."
+    )
+
+
+def warn_if_untested_transformers() -> None:
+    """Warn once per process when the installed transformers is outside `TESTED_TRANSFORMERS_RANGE`.
+
+    Every checkpoint's remote code is its own copy of this file, so the flag lives in `sys` (one per process); the
+    stdlib's "once" registry would not do: any warnings filter change (transformers makes many) resets it."""
+    import sys
+
+    message = untested_transformers_message()
+    if message is None or getattr(sys, "_pivot_untested_transformers_warned", False):
+        return
+    sys._pivot_untested_transformers_warned = True
+    warnings.warn(message, UserWarning, stacklevel=2)
 
 
 # Leading tokens each vision family puts before its patch tokens. They are dropped before the projector: the LLM only
@@ -126,4 +171,4 @@ class PivotConfig(LlavaConfig):
                     )
 
 
-__all__ = ["PivotConfig"]
+__all__ = ["PivotConfig", "TESTED_TRANSFORMERS_RANGE"]

@@ -35,8 +35,17 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaMultiModalProjector
 
-from .configuration_pivot import PivotConfig, num_vision_prefix_tokens, vision_config_from_any
+from .configuration_pivot import (
+    PivotConfig,
+    num_vision_prefix_tokens,
+    vision_config_from_any,
+    warn_if_untested_transformers,
+)
+
 from .processing_pivot import DEFAULT_IMAGE_TOKEN, prepare_tokenizer
+
+
+warn_if_untested_transformers()
 
 
 # transformers 5.24 renamed the key/value cache argument and output field `past_key_values` -> `cache`, and replaced the
