@@ -320,7 +320,7 @@ def _batch_shapes(trainer, dataset, batch_size: int) -> tuple[list[dict], list[d
     the same)."""
     import torch
 
-    from pivot_hf.fast_dpo import _place_units, _RefLogpsCollator, plan_pairs
+    from pivot_hf.trainer.fast_dpo import _place_units, _RefLogpsCollator, plan_pairs
 
     collator = trainer.data_collator
     collator = collator.inner if isinstance(collator, _RefLogpsCollator) else collator
@@ -420,7 +420,7 @@ def worker(args) -> None:
         config = trl.DPOConfig(**common)
         trainer_cls = trl.DPOTrainer
     else:
-        from pivot_hf.fast_dpo import FastDPOMixin
+        from pivot_hf.trainer.fast_dpo import FastDPOMixin
 
         try:
             from pivot_hf.configs import PivotDPOConfig

@@ -20,14 +20,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 from pivot_hf.configs import PivotModelConfig, start_recipe  # noqa: E402
-from pivot_hf.grpo import (  # noqa: E402
+from pivot_hf.trainer import load_model, load_processor, preflight_model  # noqa: E402
+from pivot_hf.trainer.grpo import (  # noqa: E402
     PivotGRPOConfig,
     PivotGRPOScriptArguments,
     PivotGRPOTrainer,
     build_reward_funcs,
     load_grpo_dataset,
 )
-from pivot_hf.trainer import load_model, load_processor, preflight_model  # noqa: E402
 from pivot_hf.trainer.preflight import run_preflight  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 

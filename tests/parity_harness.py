@@ -230,7 +230,7 @@ def config_for(case: Case, parent: bool, output_dir: str, overrides: dict | None
     from trl import DPOConfig, GRPOConfig, SFTConfig
 
     from pivot_hf.configs import PivotDPOConfig, PivotSFTConfig
-    from pivot_hf.grpo import PivotGRPOConfig
+    from pivot_hf.trainer.grpo import PivotGRPOConfig
 
     classes = {
         "dpo": (DPOConfig, PivotDPOConfig),
@@ -251,8 +251,8 @@ def length_reward(completions, **kwargs):
 def _trainer_class(kind: str, parent: bool):
     from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-    from pivot_hf.grpo import PivotGRPOTrainer
     from pivot_hf.trainer import PivotDPOTrainer, PivotSFTTrainer
+    from pivot_hf.trainer.grpo import PivotGRPOTrainer
 
     return {
         "dpo": (DPOTrainer, PivotDPOTrainer),

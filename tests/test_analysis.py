@@ -1,4 +1,4 @@
-"""Encoder analysis tools: per-layer relative change and weight merging (issue 10)."""
+"""Encoder analysis tools: per-layer relative change and weight merging."""
 
 import json
 

@@ -378,7 +378,7 @@ def test_naflex_length_filter_measures_each_image(tiny_pivot_factory, tmp_path):
 def test_model_card_describes_the_real_run(tmp_path, summary, needle, absent):
     from transformers import SiglipVisionConfig
 
-    from pivot_hf.model_card import FEATURE_LAYER_KEY, PREFIX_TOKENS_KEY, build_model_card, read_run_metadata
+    from pivot_hf.export.model_card import FEATURE_LAYER_KEY, PREFIX_TOKENS_KEY, build_model_card, read_run_metadata
 
     config = SiglipVisionConfig()
     setattr(config, FEATURE_LAYER_KEY, -2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pivot_hf.checkpointing import STAGING_PREFIX, get_last_complete_checkpoint
+from pivot_hf.trainer.checkpointing import STAGING_PREFIX, get_last_complete_checkpoint
 from test_distributed_fsdp import _recipe_args, cpu_accelerate_config, run_launched
 
 

@@ -1,4 +1,4 @@
-"""Encoder export (issue 5): drop-in and truncated exports per family, fresh-process loading without pivot_hf, model
+"""Encoder export: drop-in and truncated exports per family, fresh-process loading without pivot_hf, model
 card, Hub upload through a recording fake HfApi, atomic writes, projector reuse and a Stage-3 run from the export."""
 
 import importlib.util
@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor, AutoModel
 
-import pivot_hf.export as export_mod
+import pivot_hf.export.encoder as export_mod
 from pivot_hf import PivotForConditionalGeneration, PivotProcessor
 from pivot_hf.export import (
     apply_projector_reuse,

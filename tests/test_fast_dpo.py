@@ -1,4 +1,4 @@
-"""Fast PIVOT DPO (issue 8): shared images / shared prefixes are exact, cached reference log-probs give the same loss."""
+"""Fast PIVOT DPO: shared images / shared prefixes are exact, cached reference log-probs give the same loss."""
 
 import copy
 import importlib.util
@@ -14,7 +14,7 @@ from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from pivot_hf import PivotForConditionalGeneration, PivotProcessor
-from pivot_hf.fast_dpo import (
+from pivot_hf.trainer.fast_dpo import (
     FastDPOMixin,
     _place_units,
     compact_lm_head_scoring,
@@ -363,7 +363,7 @@ def test_padding_free_trainer_is_on_by_default_and_silences_trl(tiny, tmp_path, 
     assert not [w for w in warnings if "padding_free" in w] and trainer.args.padding_free is True
     seen = []
     hook = find_pivot_model(trainer.model).pair_forward
-    monkeypatch.setattr("pivot_hf.fast_dpo.pack_pairs", lambda *a, **k: seen.append(k) or pack_pairs(*a, **k))
+    monkeypatch.setattr("pivot_hf.trainer.fast_dpo.pack_pairs", lambda *a, **k: seen.append(k) or pack_pairs(*a, **k))
     batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(2)))
     with torch.no_grad():
         hook(find_pivot_model(trainer.model), **{k: v for k, v in batch.items() if k != "completion_mask"})

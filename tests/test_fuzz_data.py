@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the data path (issue 9 §5): random MMPR / LLaVA rows and image files go through
+"""Property-based fuzzing of the data path: random MMPR / LLaVA rows and image files go through
 `load_pivot_dataset` and then TRL's vision collators with a `PivotProcessor` from a tiny checkpoint.
 
 Properties: no exception escapes, and every input row is accounted for (`kept + skipped == total`, `kept` equals the

@@ -1,4 +1,4 @@
-"""GRPO on the Pivot model: rule-based rewards, data, and a few real steps with the vision tower training (issue 10)."""
+"""GRPO on the Pivot model: rule-based rewards, data, and a few real steps with the vision tower training."""
 
 import json
 import math
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pivot_hf.configs import RecipeConfigError
-from pivot_hf.grpo import (
+from pivot_hf.trainer.grpo import (
     PivotGRPOConfig,
     PivotGRPOScriptArguments,
     accuracy_reward,

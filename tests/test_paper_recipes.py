@@ -17,7 +17,7 @@ from pivot_hf.configs import (
     PivotSFTConfig,
     parse_recipe_args,
 )
-from pivot_hf.grpo import PivotGRPOConfig, PivotGRPOScriptArguments
+from pivot_hf.trainer.grpo import PivotGRPOConfig, PivotGRPOScriptArguments
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Recipes (issue 3) and configuration errors raised before any compute (issue 9, section 4)."""
+"""Recipes and configuration errors raised before any compute."""
 
 import sys
 from pathlib import Path

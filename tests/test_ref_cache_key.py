@@ -114,7 +114,7 @@ def test_rerun_after_a_change_recomputes_the_reference(tiny, tmp_path, caplog, c
     first = _run(tiny, tmp_path, dataset)
     assert first == pytest.approx(LN2, abs=1e-5)
     [old] = _caches(tmp_path)
-    caplog.set_level(logging.INFO, logger="pivot_hf.fast_dpo")
+    caplog.set_level(logging.INFO, logger="pivot_hf.trainer.fast_dpo")
     loss = _run(tiny, tmp_path, dataset, **CHANGES[change])
     assert loss == pytest.approx(LN2, abs=1e-5)
     assert "computing them" in caplog.text and "is stale" in caplog.text
@@ -129,7 +129,7 @@ def test_rerun_without_change_reuses_the_cache(tiny, tmp_path, caplog):
     _run(tiny, tmp_path, dataset)
     [cache] = _caches(tmp_path)
     stamp = cache.stat().st_mtime_ns
-    caplog.set_level(logging.INFO, logger="pivot_hf.fast_dpo")
+    caplog.set_level(logging.INFO, logger="pivot_hf.trainer.fast_dpo")
     loss = _run(tiny, tmp_path, dataset)
     assert loss == pytest.approx(LN2, abs=1e-5)
     assert "reusing the cache" in caplog.text
@@ -138,7 +138,7 @@ def test_rerun_without_change_reuses_the_cache(tiny, tmp_path, caplog):
 
 def test_identity_covers_image_size_dtype_and_weights(tiny):
     """What the end-to-end reruns above do not vary: image size (NaFlex patch budget), dtype, one changed weight."""
-    from pivot_hf.fast_dpo import reference_identity
+    from pivot_hf.trainer.fast_dpo import reference_identity
 
     processor = PivotProcessor.from_pretrained(tiny)
     model = PivotForConditionalGeneration.from_pretrained(tiny, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Atomic checkpoints, resume selection and rotation (issue 9 §1-§2), in-process on a tiny Llama (seconds).
+"""Atomic checkpoints, resume selection and rotation, in-process on a tiny Llama (seconds).
 
 The subprocess SIGKILL tests of the real recipes are in test_reliability_resume.py; here the same mixin is driven
 through `transformers.Trainer` directly, so every corner (a save interrupted by an exception, a non-atomic partial
@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from pivot_hf import checkpointing
-from pivot_hf.checkpointing import (
+from pivot_hf.trainer.checkpointing import (
     CHECKPOINT_MARKER,
     AtomicCheckpointMixin,
     checkpoint_problem,
@@ -235,7 +235,7 @@ def test_resume_with_explicit_incomplete_path_fails_before_training(reference, t
 def test_stale_staging_is_recovered_when_complete_else_removed(reference, tmp_path):
     """A crash between the completion marker and the rename (or while an older folder was moved aside) leaves a
     complete checkpoint under a hidden name: it is moved back into place; half-written ones are deleted."""
-    from pivot_hf.checkpointing import remove_stale_staging
+    from pivot_hf.trainer.checkpointing import remove_stale_staging
 
     src, _ = reference
     out = tmp_path / "run"

@@ -74,8 +74,8 @@ def _tiny(argv: list[str]) -> None:
     import trl
 
     from pivot_hf import PivotForConditionalGeneration, PivotProcessor
-    from pivot_hf.checkpointing import AtomicCheckpointMixin
     from pivot_hf.data import load_pivot_dataset
+    from pivot_hf.trainer.checkpointing import AtomicCheckpointMixin
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--kind", choices=["sft", "dpo"], required=True)

@@ -1,4 +1,4 @@
-"""Kill-and-resume of the real recipes (issue 9 §1-§3): SIGKILL a tiny SFT / DPO run mid-training, resume it, and
+"""Kill-and-resume of the real recipes: SIGKILL a tiny SFT / DPO run mid-training, resume it, and
 compare the final weights tensor by tensor with an uninterrupted run; the data order and the cached reference
 log-probs must match too. The same runs carry a fake Hub token, which must never reach a log or a written file.
 
@@ -114,7 +114,7 @@ def _kill_and_resume(kind, tiny_model, tmp_path, fault_env, resume_args, expect_
     rc = _run(kind, tiny_model, run, logs[1], env_extra=fault_env)
     assert rc == -9, f"the run was meant to die by SIGKILL, got rc={rc}: {logs[1].read_text()[-4000:]}"
     assert not (run / "model.safetensors").exists(), "the killed run must not have finished"
-    from pivot_hf.checkpointing import get_last_complete_checkpoint
+    from pivot_hf.trainer.checkpointing import get_last_complete_checkpoint
 
     assert get_last_complete_checkpoint(str(run)) == str(run / expect_resume_from)
     cache_before = {p.name: p.stat().st_mtime_ns for p in (run / "ref_logps").glob("*.safetensors")}

@@ -1,4 +1,4 @@
-"""Safe loading audit and safety helpers (issue 9 §3).
+"""Safe loading audit and safety helpers.
 
 Static audits parse every Python file under `src/` and `recipes/` (AST, so multi-line calls are handled):
 no pickle-family imports, `torch.load` only with `weights_only=True`, YAML only through a SafeLoader, no

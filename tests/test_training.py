@@ -1,4 +1,4 @@
-"""Training (issue 3): SFT, DPO (= PIVOT) and MPO with the vision tower training, on tiny models and the MMPR fixture.
+"""Training: SFT, DPO (= PIVOT) and MPO with the vision tower training, on tiny models and the MMPR fixture.
 
 Runs are kept to 1-2 optimizer steps on one thread each (the CI box has 2 shared cores).
 """

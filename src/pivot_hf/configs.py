@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-from .fast_dpo import FastDPOArguments
-
 
 TUNABLE_PARTS = ("vision_tower", "projector", "language_model")
 _RENAMED_TRAINING_ARGS = (
@@ -255,6 +253,47 @@ class PivotSFTConfig(PivotTrainingFields, SFTConfig):
     def __post_init__(self):
         self._pivot_post_init()
         super().__post_init__()
+
+
+@dataclass
+class FastDPOArguments:
+    """Fields of the fast path. `PivotDPOConfig` inherits them (`class PivotDPOConfig(FastDPOArguments, DPOConfig)`);
+    the mixin reads them with `getattr` defaults, so a plain `DPOConfig` works too.
+
+    `precompute_ref_log_probs` itself is TRL's `DPOConfig` field: with the mixin it also works for vision datasets.
+    """
+
+    share_image_features: bool = field(
+        default=True, metadata={"help": "Encode each image once per preference pair (policy and reference)."}
+    )
+    share_prompt_prefix: bool = field(
+        default=True,
+        metadata={"help": "Run the image + prompt prefix once per pair (packed sequence with a block mask)."},
+    )
+    compact_lm_head: bool = field(
+        default=True,
+        metadata={"help": "Project only completion positions through the LM head on every device (TRL: CUDA only)."},
+    )
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where cached reference log-probs live (default: <output_dir>/ref_logps)."},
+    )
+    # TRL's own `DPOConfig.padding_free` (disabled in TRL's DPO since its refactor), implemented by the pair forward.
+    padding_free: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack the pairs of a micro-batch back to back (no padding): rows hold several [prefix | chosen | "
+            "rejected] pairs, each attending to its own blocks only (eager/sdpa), or sequences delimited by "
+            "position ids (flash attention)."
+        },
+    )
+    padding_free_row_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest packed row with padding_free (tokens). Default: the longest pair of the micro-batch, so "
+            "attention cost grows with the batch linearly, not quadratically. A pair longer than this gets a row alone."
+        },
+    )
 
 
 @dataclass

@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .export import ExportEncoderArguments, run_export
 
     # The tiny tower has no Hub id, which the export would warn about once per encoder.
-    logging.getLogger("pivot_hf.export").setLevel(logging.ERROR)
+    logging.getLogger("pivot_hf.export.encoder").setLevel(logging.ERROR)
     encoders = {"base": out / "encoders" / "base"}
     encoders |= {name: out / "encoders" / name for name in runs}
     for name, folder in encoders.items():

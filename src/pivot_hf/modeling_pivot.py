@@ -41,7 +41,6 @@ from .configuration_pivot import (
     vision_config_from_any,
     warn_if_untested_transformers,
 )
-
 from .processing_pivot import DEFAULT_IMAGE_TOKEN, prepare_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Safety helpers (issue 9 §3): secret redaction for logs and written files, path confinement, pickle-free folders.
+"""Safety helpers: secret redaction for logs and written files, path confinement, pickle-free folders.
 
 - `redact_secrets(text)` removes Hugging Face tokens (`hf_` followed by 20+ letters/digits) and the current values of
   the token environment variables (`HF_TOKEN`, ...), whatever their shape.

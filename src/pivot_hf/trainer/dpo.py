@@ -12,9 +12,9 @@ import copy
 from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 
-from ..checkpointing import AtomicCheckpointMixin
-from ..fast_dpo import FastDPOMixin
 from .callbacks import TrainingMonitorMixin
+from .checkpointing import AtomicCheckpointMixin
+from .fast_dpo import FastDPOMixin
 from .model_loading import check_reference_model
 from .preflight import check_model_processor
 from .tunable import TunablePartsMixin

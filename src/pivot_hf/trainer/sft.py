@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from trl import SFTTrainer
 
-from ..checkpointing import AtomicCheckpointMixin
 from .callbacks import TrainingMonitorMixin
+from .checkpointing import AtomicCheckpointMixin
 from .preflight import check_model_processor
 from .tunable import TunablePartsMixin
 

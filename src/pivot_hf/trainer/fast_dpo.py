@@ -1,4 +1,4 @@
-"""Fast PIVOT DPO (issue 8): one image encoding and one prompt prefix per preference pair, cached reference log-probs.
+"""Fast PIVOT DPO: one image encoding and one prompt prefix per preference pair, cached reference log-probs.
 
 TRL's vision DPO collator repeats every prompt (and image) for the chosen and the rejected answer, so a stock step
 encodes each image four times (chosen/rejected x policy/reference) and runs the shared prefix (hundreds of image
@@ -29,14 +29,14 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import IterableDataset
 
-from .modeling_pivot import model_output, output_image_features
+from ..configs import FastDPOArguments  # the fields live with the other recipe arguments
+from ..modeling_pivot import model_output, output_image_features
 
 
 logger = logging.getLogger(__name__)
@@ -44,47 +44,6 @@ logger = logging.getLogger(__name__)
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Bumped whenever the cached values could change meaning (keeps stale caches from being reused).
 REF_CACHE_VERSION = 2
-
-
-@dataclass
-class FastDPOArguments:
-    """Fields of the fast path. `PivotDPOConfig` inherits them (`class PivotDPOConfig(FastDPOArguments, DPOConfig)`);
-    the mixin reads them with `getattr` defaults, so a plain `DPOConfig` works too.
-
-    `precompute_ref_log_probs` itself is TRL's `DPOConfig` field: with the mixin it also works for vision datasets.
-    """
-
-    share_image_features: bool = field(
-        default=True, metadata={"help": "Encode each image once per preference pair (policy and reference)."}
-    )
-    share_prompt_prefix: bool = field(
-        default=True,
-        metadata={"help": "Run the image + prompt prefix once per pair (packed sequence with a block mask)."},
-    )
-    compact_lm_head: bool = field(
-        default=True,
-        metadata={"help": "Project only completion positions through the LM head on every device (TRL: CUDA only)."},
-    )
-    ref_logps_cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where cached reference log-probs live (default: <output_dir>/ref_logps)."},
-    )
-    # TRL's own `DPOConfig.padding_free` (disabled in TRL's DPO since its refactor), implemented by the pair forward.
-    padding_free: bool = field(
-        default=True,
-        metadata={
-            "help": "Pack the pairs of a micro-batch back to back (no padding): rows hold several [prefix | chosen | "
-            "rejected] pairs, each attending to its own blocks only (eager/sdpa), or sequences delimited by "
-            "position ids (flash attention)."
-        },
-    )
-    padding_free_row_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "Longest packed row with padding_free (tokens). Default: the longest pair of the micro-batch, so "
-            "attention cost grows with the batch linearly, not quadratically. A pair longer than this gets a row alone."
-        },
-    )
 
 
 # ------------------------------------------------------------------------------------------------- pair planning
@@ -669,7 +628,7 @@ class FastDPOMixin:
                 # No reference given: the policy before its first step is the reference. A private copy (instead of
                 # TRL reloading `name_or_path`, which a freshly composed model may not have) lives only until the
                 # cache is written.
-                from .trainer.model_loading import refuse_copy_under_zero3
+                from .model_loading import refuse_copy_under_zero3
 
                 refuse_copy_under_zero3(model, "the policy, as the reference for `precompute_ref_log_probs`,")
                 ref_model = copy.deepcopy(model).requires_grad_(False).eval()

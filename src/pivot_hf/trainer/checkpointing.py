@@ -1,4 +1,4 @@
-"""Atomic checkpoints and safe resume (issue 9 §1-§2).
+"""Atomic checkpoints and safe resume.
 
 A PIVOT run is hours on many GPUs; a preemption during a save must cost one checkpoint interval, not the run.
 `transformers.Trainer` writes `checkpoint-N` in place, file by file, and `get_last_checkpoint` returns the highest
@@ -380,7 +380,7 @@ class AtomicCheckpointMixin:
     _pivot_staging_run_dir: str | None = None
 
     def __init__(self, *args, **kwargs):
-        from .safety import install_secret_redaction
+        from ..safety import install_secret_redaction
 
         # Before the parent builds anything that logs (model card, args dump), and again after it added handlers.
         install_secret_redaction()
@@ -505,7 +505,7 @@ class AtomicCheckpointMixin:
             return
         # `training_args.bin` is a pickle of TrainingArguments (unsafe to load, and nothing in a resume needs it):
         # keep the same information as JSON, with tokens redacted.
-        from .safety import redact_file, redact_secrets
+        from ..safety import redact_file, redact_secrets
 
         pickled = os.path.join(output_dir, TRAINING_ARGS_BIN)
         if os.path.isfile(pickled):

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer
 
+from ..configs import PivotScriptArguments, PivotTrainingFields, RecipeConfigError
+from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
-from .configs import PivotScriptArguments, PivotTrainingFields, RecipeConfigError
-from .trainer.callbacks import TrainingMonitorMixin
-from .trainer.tunable import TunablePartsMixin
+from .tunable import TunablePartsMixin
 
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def load_grpo_dataset(
     """
     import datasets
 
-    from .data import LazyImages, load_pivot_dataset
+    from ..data import LazyImages, load_pivot_dataset
 
     name = script_args.dataset_name
     if name and name.endswith(".jsonl") and os.path.isfile(name) and _jsonl_has(name, "question"):

@@ -148,7 +148,7 @@ def _pivot_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, Any]:
 
 
 def _feature_indices(feature_layer: int | list[int], num_layers: int) -> list[int]:
-    from .modeling_pivot import resolve_feature_layer
+    from ..modeling_pivot import resolve_feature_layer
 
     layers = feature_layer if isinstance(feature_layer, list) else [feature_layer]
     return [resolve_feature_layer(int(i), num_layers) for i in layers]
@@ -179,7 +179,7 @@ def extract_encoder(model: nn.Module, truncate_to_feature_layer: bool = False, b
     `pivot_*` keys: the feature layer to read from *this* model, the number of leading non-patch tokens to drop, the
     base model and whether it was truncated.
     """
-    from .modeling_pivot import find_encoder_layers
+    from ..modeling_pivot import find_encoder_layers
 
     tower, _, config = _pivot_parts(model)
     _, _, layers = find_encoder_layers(tower)
@@ -242,7 +242,7 @@ def feature_layer_of(vision_model_name_or_path: str, default: int | list[int] = 
     """
     from transformers import AutoConfig
 
-    from .configuration_pivot import vision_config_from_any
+    from ..configuration_pivot import vision_config_from_any
 
     config = vision_config_from_any(AutoConfig.from_pretrained(vision_model_name_or_path))
     value = getattr(config, FEATURE_LAYER_KEY, None)
@@ -259,7 +259,7 @@ def projector_state(model: nn.Module, num_layers: int = 1) -> tuple[dict[str, to
         raise ValueError(f"projector_layers must be 1 or 2, got {num_layers}")
     if num_layers == 2 and not hasattr(projector, "linear_2"):
         raise ValueError("This projector is a single linear layer (projector_type='linear'): export 1 layer.")
-    from .modeling_pivot import find_encoder_layers
+    from ..modeling_pivot import find_encoder_layers
 
     names = ["linear_1", "linear_2"][:num_layers]
     tensors = {}
@@ -337,7 +337,7 @@ def load_projector(path: str) -> tuple[dict[str, torch.Tensor], dict]:
             raise ValueError(f"{config_file} is not a pivot projector config (format={meta.get('format')!r}).")
         return load_file(str(folder / PROJECTOR_WEIGHTS_NAME)), meta
     # A full Pivot checkpoint: load the model (key names are whatever transformers maps them to) and take the MLP.
-    from .modeling_pivot import PivotForConditionalGeneration
+    from ..modeling_pivot import PivotForConditionalGeneration
 
     pivot = PivotForConditionalGeneration.from_pretrained(str(folder), dtype="auto")
     has_two = hasattr(pivot.model.multi_modal_projector, "linear_2")
@@ -369,7 +369,7 @@ def apply_projector_reuse(model: nn.Module, path: str | None, num_layers: int, f
             "--projector_layers 2, or reuse 1 layer."
         )
     tower, projector, config = _pivot_parts(model)
-    from .modeling_pivot import find_encoder_layers
+    from ..modeling_pivot import find_encoder_layers
 
     _, _, layers = find_encoder_layers(tower)
     indices = _feature_indices(config.vision_feature_layer, len(layers))
@@ -426,7 +426,7 @@ def _verify_export(folder: str, model: nn.Module, encoder: nn.Module) -> None:
     """Reload the written folder like a user would and compare it with the MLLM it came from."""
     from transformers import AutoImageProcessor, AutoModel
 
-    from .modeling_pivot import encode_images
+    from ..modeling_pivot import encode_images
 
     loaded = AutoModel.from_pretrained(folder, dtype="auto").eval()
     if type(loaded) is not type(encoder):
@@ -528,7 +528,7 @@ def export_encoder(
     if output_dir.exists() and not overwrite_output_dir:
         raise FileExistsError(f"{output_dir} exists; pass overwrite_output_dir to replace it.")
     if isinstance(model_or_path, str):
-        from .modeling_pivot import PivotForConditionalGeneration
+        from ..modeling_pivot import PivotForConditionalGeneration
 
         source_path = model_or_path
         model = PivotForConditionalGeneration.from_pretrained(model_or_path, dtype="auto")
