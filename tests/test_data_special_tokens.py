@@ -43,6 +43,9 @@ def test_case_d_convert_llava_counts_and_escapes(tmp_path, processor):
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["total"] == 3 and report["kept"] == 2 and report["invariant_ok"]
     assert report["skipped"] == {"special_token_in_response": 1}
+    assert report["examples"]["skipped:special_token_in_response"] == [
+        "llava-special-tokens.json:2 (id answer_contains_end_of_turn_marker)"
+    ]
     assert report["converted"]["special_token_escaped"] == 2
     dataset, _ = load_pivot_dataset(str(CASE_D / "llava-special-tokens.json"), "sft", lazy_images=False)
     rows = {row["id"]: row for row in dataset}

@@ -355,6 +355,8 @@ def convert_llava(path: str, config: LlavaConfig | None = None):
             stream = iter_records(file_path, config.parquet_image_dir)
         for idx, obj in tqdm(stream, desc=f"Converting {source}", disable=not config.show_progress):
             record_id = f"{source}:{idx}"
+            if isinstance(obj, dict) and isinstance(obj.get("id"), str | int):
+                record_id += f" (id {obj['id']})"  # the position and the dataset's own id, so a skip can be looked up
             report.add_total()
             if keep is not None and idx not in keep:
                 report.skip("not_sampled", record_id)

@@ -210,6 +210,11 @@ def run_method(run_metadata: dict) -> str:
     if isinstance(changed, list) and changed and changed[0] == 0:
         return "untrained"
     method = run.get("method")
+    loss = run.get("loss_type", hyper.get("loss_type"))
+    if method == "dpo" and loss and set(loss if isinstance(loss, list) else [loss]) == {"sft"}:
+        return (
+            "sft"  # TRL's DPO trainer with only its `sft` loss: next-token loss on the chosen answers, no preference
+        )
     if method in _METHODS:
         return method
     loss = hyper.get("loss_type")
