@@ -70,6 +70,13 @@ class Check:
         self.stages[stage] = {"status": "skipped", "reason": reason}
         self.say(f"[{stage}] SKIPPED: {reason}")
 
+    def missing(self, stage: str, package: str, error: ImportError) -> None:
+        """A carried package that does not import on the GPU machine fails the check: a skip would report "passed"
+        for a run whose ZeRO-3 or Liger half never ran."""
+        reason = f"{package} does not import ({error}); run benchmarks/gpu/prepare.sh and carry .whl"
+        self.stages[stage] = {"status": "failed", "reason": reason}
+        self.say(f"[{stage}] FAILED: {reason}")
+
     def run(self, stage: str, cmd: list[str], limit_s: float, env: dict | None = None) -> dict:
         # The limits are sized for the GPU; the tiny run on a shared CPU gets 6x as long (its budget is set to match).
         limit_s = limit_s * (6 if self.tiny else 1)
@@ -160,7 +167,7 @@ class Check:
             try:
                 import deepspeed  # noqa: F401
             except ImportError as error:
-                return self.skip(stage, f"deepspeed is not installed ({error}); run benchmarks/gpu/prepare.sh first")
+                return self.missing(stage, "deepspeed", error)
         # One GPU: one process. CPU: 2 gloo processes, so that the parameters are really split.
         num_processes = 1 if self.cuda else 2
         config = self._config(source, num_processes)
@@ -190,9 +197,7 @@ class Check:
             try:
                 import liger_kernel  # noqa: F401
             except ImportError as error:
-                return self.skip(
-                    stage, f"liger-kernel is not installed ({error}); run benchmarks/gpu/prepare.sh first"
-                )
+                return self.missing(stage, "liger-kernel", error)
         summary = self.work / f"{stage}.json"
         summary.unlink(missing_ok=True)
         cmd = [sys.executable, str(BENCH / "dpo_throughput.py"), "--setting", "gpu", "--repeats", "1"]
