@@ -119,7 +119,7 @@ class Check:
             return None
         return str(self.work / "bench" / "pivot")
 
-    def _recipe_args(self, model: str, output_dir: Path) -> list[str]:
+    def _recipe_args(self, model: str, output_dir: Path, stage: str) -> list[str]:
         args = {
             "model_name_or_path": model,
             "dataset_name": str(DATA),
@@ -138,7 +138,9 @@ class Check:
             "seed": 0,
         }
         if self.cuda:
-            args.update(bf16="true", dtype="bfloat16")
+            # bf16 compute for both. ZeRO-3 keeps fp32 master weights of bf16 parameters; FSDP2 optimises the
+            # parameters in their loaded dtype, where lr-1e-6-sized steps round away in bf16: load them in fp32.
+            args.update(bf16="true", dtype="float32" if stage == "fsdp2" else "bfloat16")
         else:
             args.update(use_cpu="true")
         flat = []
@@ -177,7 +179,7 @@ class Check:
         shutil.rmtree(output_dir, ignore_errors=True)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
         cmd += [str(BENCH / "gpu" / "dpo_steps.py"), "--report", str(report), str(ROOT / "recipes" / "dpo.py")]
-        cmd += self._recipe_args(model, output_dir)
+        cmd += self._recipe_args(model, output_dir, stage)
         env = {"PIVOT_FSDP_ON_CPU": "1"} if not self.cuda else {}
         result = self.run(stage, cmd, limit_s, env)
         if report.exists():
