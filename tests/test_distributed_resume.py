@@ -59,3 +59,32 @@ def test_two_process_sigkill_then_resume_matches_uninterrupted(tiny, tmp_path):
     assert worst <= 1e-6
     start = load_file(str(Path(tiny) / "model.safetensors"))
     assert any(not torch.equal(start[k], b[k]) for k in start if "vision_tower" in k)
+
+
+@pytest.mark.parametrize("bad_value", [1, ["checkpoint-2"]])
+def test_main_process_failure_reaches_the_broadcast_so_no_rank_waits(bad_value, tmp_path, monkeypatch):
+    """Whatever the main process's resolution raises (here the TypeError of a non-path value), it must still take
+    part in the broadcast the other ranks are waiting in, and every rank then raises its message: a main process that
+    raised before the collective would leave the others blocked until the process-group timeout."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    from pivot_hf.checkpointing import AtomicCheckpointMixin
+
+    broadcasts = []
+
+    def broadcast_object_list(objects, from_process=0):
+        broadcasts.append(list(objects))
+        return objects
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast_object_list)
+    trainer = object.__new__(AtomicCheckpointMixin)
+    trainer.args = SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+    trainer.accelerator = SimpleNamespace(num_processes=2, is_main_process=True)
+    with pytest.raises(ValueError, match="decided on the main process.*TypeError"):
+        trainer._resolve_resume_on_main_process(bad_value)
+    assert len(broadcasts) == 1 and "TypeError" in broadcasts[0][0]["error"], broadcasts
+    trainer.accelerator = SimpleNamespace(num_processes=1, is_main_process=True)
+    with pytest.raises(TypeError):  # one process: the original error, unchanged
+        trainer._resolve_resume_on_main_process(bad_value)

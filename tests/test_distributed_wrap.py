@@ -190,3 +190,29 @@ def test_data_parallel_is_refused_with_the_fix(tiny_pivot_factory):
     with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
         replica(input_ids=torch.tensor([[1, 2]]), pixel_values=pixels)
     model.get_vision_features(pixels)  # the model itself is unaffected
+
+
+@pytest.mark.parametrize("patch", ["device_map_hook", "hook_removed", "module_compile"])
+def test_features_follow_the_view_when_the_tower_forward_is_patched_per_instance(patch, tiny_pivot_factory):
+    """accelerate's device-map / offload hooks replace `forward` on the instance with a partial bound to the module
+    (and `remove_hook_from_module` leaves a bound `forward` behind); `module.compile()` stores a compiled call bound
+    to the module. In the per-call view those must run the view (feature layer, no final norm), not the full tower."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    model = PivotForConditionalGeneration.from_pretrained(tiny_pivot_factory("siglip")).eval()
+    tower = model.vision_tower
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = {layer: _hidden_state_reference(tower, pixels, layer, 0) for layer in (-2, 1)}
+    inner = find_encoder_layers(tower)[0]  # the blocks' owner, on the view's path: a device map hooks it too
+    if patch == "module_compile":
+        tower.compile(backend="eager")
+    else:
+        for module in (tower, inner):
+            add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+        if patch == "hook_removed":
+            for module in (tower, inner):
+                remove_hook_from_module(module)
+    for layer in (-2, 1):
+        with torch.no_grad():
+            feats = model.get_vision_features(pixels, vision_feature_layer=layer)
+        torch.testing.assert_close(feats, expected[layer], rtol=0, atol=0)

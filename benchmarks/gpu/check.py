@@ -70,6 +70,13 @@ class Check:
         self.stages[stage] = {"status": "skipped", "reason": reason}
         self.say(f"[{stage}] SKIPPED: {reason}")
 
+    def missing(self, stage: str, package: str, error: ImportError) -> None:
+        """A carried package that does not import on the GPU machine fails the check: a skip would report "passed"
+        for a run whose ZeRO-3 or Liger half never ran."""
+        reason = f"{package} does not import ({error}); run benchmarks/gpu/prepare.sh and carry .whl"
+        self.stages[stage] = {"status": "failed", "reason": reason}
+        self.say(f"[{stage}] FAILED: {reason}")
+
     def run(self, stage: str, cmd: list[str], limit_s: float, env: dict | None = None) -> dict:
         # The limits are sized for the GPU; the tiny run on a shared CPU gets 6x as long (its budget is set to match).
         limit_s = limit_s * (6 if self.tiny else 1)
@@ -112,7 +119,7 @@ class Check:
             return None
         return str(self.work / "bench" / "pivot")
 
-    def _recipe_args(self, model: str, output_dir: Path) -> list[str]:
+    def _recipe_args(self, model: str, output_dir: Path, stage: str) -> list[str]:
         args = {
             "model_name_or_path": model,
             "dataset_name": str(DATA),
@@ -131,7 +138,9 @@ class Check:
             "seed": 0,
         }
         if self.cuda:
-            args.update(bf16="true", dtype="bfloat16")
+            # bf16 compute for both. ZeRO-3 keeps fp32 master weights of bf16 parameters; FSDP2 optimises the
+            # parameters in their loaded dtype, where lr-1e-6-sized steps round away in bf16: load them in fp32.
+            args.update(bf16="true", dtype="float32" if stage == "fsdp2" else "bfloat16")
         else:
             args.update(use_cpu="true")
         flat = []
@@ -160,7 +169,7 @@ class Check:
             try:
                 import deepspeed  # noqa: F401
             except ImportError as error:
-                return self.skip(stage, f"deepspeed is not installed ({error}); run benchmarks/gpu/prepare.sh first")
+                return self.missing(stage, "deepspeed", error)
         # One GPU: one process. CPU: 2 gloo processes, so that the parameters are really split.
         num_processes = 1 if self.cuda else 2
         config = self._config(source, num_processes)
@@ -170,7 +179,7 @@ class Check:
         shutil.rmtree(output_dir, ignore_errors=True)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
         cmd += [str(BENCH / "gpu" / "dpo_steps.py"), "--report", str(report), str(ROOT / "recipes" / "dpo.py")]
-        cmd += self._recipe_args(model, output_dir)
+        cmd += self._recipe_args(model, output_dir, stage)
         env = {"PIVOT_FSDP_ON_CPU": "1"} if not self.cuda else {}
         result = self.run(stage, cmd, limit_s, env)
         if report.exists():
@@ -190,9 +199,7 @@ class Check:
             try:
                 import liger_kernel  # noqa: F401
             except ImportError as error:
-                return self.skip(
-                    stage, f"liger-kernel is not installed ({error}); run benchmarks/gpu/prepare.sh first"
-                )
+                return self.missing(stage, "liger-kernel", error)
         summary = self.work / f"{stage}.json"
         summary.unlink(missing_ok=True)
         cmd = [sys.executable, str(BENCH / "dpo_throughput.py"), "--setting", "gpu", "--repeats", "1"]

@@ -13,7 +13,8 @@ DEST="$ROOT/.whl"
 mkdir -p "$DEST"
 
 # Versions: those this project is tested with here (trl, datasets and their pins), Liger and DeepSpeed as recent
-# releases that TRL's extras accept (liger-kernel>=0.8.2, deepspeed>=0.18.6), and DeepSpeed's config dependencies.
+# releases that TRL's extras accept (liger-kernel>=0.8.2, deepspeed>=0.18.6), and DeepSpeed's dependencies that the
+# machine lacks (`import deepspeed` imports einops through its flops profiler; hjson and pydantic for its config).
 PURE=(
     trl==1.16.0
     datasets==5.2.0
@@ -21,6 +22,7 @@ PURE=(
     multiprocess==0.70.19
     liger-kernel==0.8.5
     hjson==3.1.0
+    einops==0.8.2
     pydantic==2.13.4
     annotated-types==0.7.0
     typing-inspection==0.4.2

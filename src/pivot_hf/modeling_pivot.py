@@ -18,8 +18,10 @@ they load with `trust_remote_code=True` where pivot_hf is not installed.
 
 import copy
 import dataclasses
+import functools
 import inspect
 import os
+import types
 
 import torch
 from torch import nn
@@ -159,6 +161,19 @@ def _shallow_view(module: nn.Module, children: dict[str, nn.Module]) -> nn.Modul
     view = object.__new__(type(module))
     view.__dict__.update(module.__dict__)
     view.__dict__["_modules"] = {**module._modules, **children}
+    # Per-instance callables bound to `module` would run `module` itself (its full block list, its final norm)
+    # instead of the view: accelerate's device-map / offload hooks (`forward` = partial(new_forward, module) calling
+    # `module._old_forward`, and a bound `forward` left behind by `remove_hook_from_module`) and `module.compile()`.
+    # They are rebound to the view; a compiled call runs eager, as the view is a new object on every call.
+    for name, value in module.__dict__.items():
+        if isinstance(value, types.MethodType) and value.__self__ is module:
+            view.__dict__[name] = types.MethodType(value.__func__, view)
+        elif isinstance(value, functools.partial) and value.args and value.args[0] is module:
+            rebound = functools.partial(value.func, view, *value.args[1:], **value.keywords)
+            rebound.__dict__.update(value.__dict__)
+            view.__dict__[name] = rebound
+    if view.__dict__.get("_compiled_call_impl") is not None:
+        view.__dict__["_compiled_call_impl"] = None
     return view
 
 
@@ -254,6 +269,12 @@ def encode_images(
     # runs, and nothing on the shared model changes during the call.
     view, capture = _truncated_tower(vision_tower, index)
     view(pixel_values=pixel_values, **inputs)
+    if capture.captured is None:
+        raise RuntimeError(
+            f"{type(vision_tower).__name__}.forward did not run its encoder's block list ({len(layers)} blocks): "
+            "something replaced the forward of the tower or of a module between it and the blocks. Fix: remove "
+            "that patch, or pass encode_images a tower whose forward reaches `encoder.layers`/`encoder.layer`."
+        )
     features = capture.captured[:, num_prefix_tokens:]
 
     if pixel_attention_mask is not None:

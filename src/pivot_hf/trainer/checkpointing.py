@@ -420,7 +420,7 @@ class AtomicCheckpointMixin:
                     for path in remove_stale_staging(output_dir):
                         logger.warning("Removed %s, left by a save that was interrupted", path)
                 decision["path"] = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
-            except (ValueError, OSError) as error:
+            except Exception as error:  # noqa: BLE001 - any error must still reach the broadcast the others wait in
                 decision["error"] = f"{type(error).__name__}: {error}"
                 if not distributed:
                     raise
