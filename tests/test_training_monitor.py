@@ -196,6 +196,32 @@ def test_sft_run_without_tracker_logs_vision_update_and_curves(tiny, tmp_path):
     assert (tmp_path / monitor.CURVES_FILENAME).is_file()
 
 
+def test_run_shorter_than_logging_steps_still_writes_curves_saying_why(tiny, tmp_path, caplog):
+    """max_steps=1 with logging_steps=10 logs no training step: the PNG is still written and names the fix."""
+    processor = PivotProcessor.from_pretrained(tiny)
+    model = PivotForConditionalGeneration.from_pretrained(tiny)
+    dataset, _ = load_pivot_dataset(str(FIXTURES / "mmpr-mini"), "sft")
+    args = PivotSFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=1,
+        gradient_checkpointing=False,
+        logging_steps=10,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=512,
+        use_cpu=True,
+    )
+    trainer = PivotSFTTrainer(model, args=args, train_dataset=dataset, processing_class=processor)
+    with caplog.at_level(logging.WARNING, logger=monitor.__name__):
+        trainer.train()
+    assert not [e for e in trainer.state.log_history if "loss" in e]
+    with Image.open(tmp_path / monitor.CURVES_FILENAME) as image:
+        assert image.format == "PNG" and image.width >= 1000
+    assert "No training step was logged" in caplog.text and "logging_steps" in caplog.text
+
+
 def test_curves_from_an_sft_history(tmp_path):
     history = [
         {"step": s, "loss": 2.0 / s, "mean_token_accuracy": 0.1 * s, "learning_rate": 1e-4, "lr/projector": 1e-3}

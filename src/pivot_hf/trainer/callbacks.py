@@ -232,6 +232,30 @@ class TrainingCurvesCallback(TrainerCallback):
             else:
                 if path:
                     logger.info("Training curves: %s", path)
+                else:
+                    self._no_training_log(args, state)
+
+    @staticmethod
+    def _no_training_log(args, state) -> None:
+        """A run shorter than `logging_steps` logs no step: still write the file, saying why it has no curve."""
+        reason = (
+            f"No training step was logged: the run ended at step {state.global_step} and logs every "
+            f"{state.logging_steps} steps (logging_strategy={getattr(args.logging_strategy, 'value', args.logging_strategy)}). Lower `logging_steps` to see "
+            "the loss, LR and update-norm curves."
+        )
+        logger.warning(reason)
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+
+            fig = Figure(figsize=(13, 8.5), dpi=110, layout="constrained")
+            FigureCanvasAgg(fig)
+            fig.suptitle(f"{args.run_name or args.output_dir}  (step {state.global_step})")
+            fig.text(0.5, 0.5, reason.replace(": ", ":\n", 1), ha="center", va="center", fontsize=14, wrap=True)
+            os.makedirs(args.output_dir, exist_ok=True)
+            fig.savefig(os.path.join(args.output_dir, CURVES_FILENAME))
+        except Exception as err:  # a plot must never fail a finished run
+            logger.warning("Could not draw %s: %s", CURVES_FILENAME, err)
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
