@@ -236,6 +236,22 @@ def test_curves_from_an_sft_history(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_parts_sharing_a_learning_rate_are_named_on_one_line(tmp_path, monkeypatch):
+    """Equal per-part LRs (no `*_lr` set) draw on top of each other: the legend must still name every part."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real_savefig(fig, *a, **k))[1])
+    history = [
+        {"step": s, "loss": 1.0, "lr/language_model": 1e-4 / s, "lr/projector": 1e-4 / s, "lr/vision_tower": 2e-5 / s}
+        for s in range(1, 4)
+    ]
+    monitor.plot_training_curves(history, str(tmp_path / "curves.png"))
+    (lr_axes,) = [ax for ax in drawn[0].axes if ax.get_title() == "Learning rate per part"]
+    assert sorted(line.get_label() for line in lr_axes.lines) == ["projector = language_model", "vision_tower"]
+
+
 def test_missing_tracker_is_a_warning_not_a_crash(monkeypatch, caplog):
     monkeypatch.setattr(monitor, "is_trackio_available", lambda: False)
     args = PivotSFTConfig(output_dir="unused", report_to=["trackio", "tensorboard"], use_cpu=True)

@@ -321,10 +321,8 @@ def plot_training_curves(history: list[dict], path: str, title: str | None = Non
 
     # LRs of different parts differ by orders of magnitude: log scale, with zeros (warmup's first step) left out.
     ax = axes[1, 0]
-    for part, color in colors.items():
-        steps, values = _series(history, f"lr/{part}")
-        if steps:
-            ax.plot(steps, _positive(values), color=color, marker="o", markersize=3, label=part)
+    for parts, steps, values in _lr_lines(history):
+        ax.plot(steps, _positive(values), color=colors[parts[0]], marker="o", markersize=3, label=" = ".join(parts))
     if not ax.lines:
         steps, values = _series(history, "learning_rate")
         ax.plot(steps, _positive(values), marker="o", markersize=3, label="learning_rate")
@@ -358,6 +356,23 @@ def plot_training_curves(history: list[dict], path: str, title: str | None = Non
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def _lr_lines(history: list[dict]) -> list[tuple[list[str], list[int], list[float]]]:
+    """One line per distinct per-part LR schedule, naming every part that follows it: parts sharing an LR (the
+    default when no `*_lr` is set) would otherwise draw on top of each other, and only the last one would show."""
+    lines: list[tuple[list[str], list[int], list[float]]] = []
+    for part in TUNABLE_PARTS:
+        steps, values = _series(history, f"lr/{part}")
+        if not steps:
+            continue
+        for parts, other_steps, other_values in lines:
+            if other_steps == steps and other_values == values:
+                parts.append(part)
+                break
+        else:
+            lines.append(([part], steps, values))
+    return lines
 
 
 def _positive(values: list[float]) -> list[float]:
