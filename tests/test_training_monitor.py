@@ -196,6 +196,32 @@ def test_sft_run_without_tracker_logs_vision_update_and_curves(tiny, tmp_path):
     assert (tmp_path / monitor.CURVES_FILENAME).is_file()
 
 
+def test_run_shorter_than_logging_steps_still_writes_curves_saying_why(tiny, tmp_path, caplog):
+    """max_steps=1 with logging_steps=10 logs no training step: the PNG is still written and names the fix."""
+    processor = PivotProcessor.from_pretrained(tiny)
+    model = PivotForConditionalGeneration.from_pretrained(tiny)
+    dataset, _ = load_pivot_dataset(str(FIXTURES / "mmpr-mini"), "sft")
+    args = PivotSFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=1,
+        gradient_checkpointing=False,
+        logging_steps=10,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=512,
+        use_cpu=True,
+    )
+    trainer = PivotSFTTrainer(model, args=args, train_dataset=dataset, processing_class=processor)
+    with caplog.at_level(logging.WARNING, logger=monitor.__name__):
+        trainer.train()
+    assert not [e for e in trainer.state.log_history if "loss" in e]
+    with Image.open(tmp_path / monitor.CURVES_FILENAME) as image:
+        assert image.format == "PNG" and image.width >= 1000
+    assert "No training step was logged" in caplog.text and "logging_steps" in caplog.text
+
+
 def test_curves_from_an_sft_history(tmp_path):
     history = [
         {"step": s, "loss": 2.0 / s, "mean_token_accuracy": 0.1 * s, "learning_rate": 1e-4, "lr/projector": 1e-3}
@@ -208,6 +234,22 @@ def test_curves_from_an_sft_history(tmp_path):
         assert image.format == "PNG"
     assert monitor.plot_training_curves([{"step": 1, "train_runtime": 1.0}], str(tmp_path / "none.png")) is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_parts_sharing_a_learning_rate_are_named_on_one_line(tmp_path, monkeypatch):
+    """Equal per-part LRs (no `*_lr` set) draw on top of each other: the legend must still name every part."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real_savefig(fig, *a, **k))[1])
+    history = [
+        {"step": s, "loss": 1.0, "lr/language_model": 1e-4 / s, "lr/projector": 1e-4 / s, "lr/vision_tower": 2e-5 / s}
+        for s in range(1, 4)
+    ]
+    monitor.plot_training_curves(history, str(tmp_path / "curves.png"))
+    (lr_axes,) = [ax for ax in drawn[0].axes if ax.get_title() == "Learning rate per part"]
+    assert sorted(line.get_label() for line in lr_axes.lines) == ["projector = language_model", "vision_tower"]
 
 
 def test_missing_tracker_is_a_warning_not_a_crash(monkeypatch, caplog):

@@ -232,6 +232,30 @@ class TrainingCurvesCallback(TrainerCallback):
             else:
                 if path:
                     logger.info("Training curves: %s", path)
+                else:
+                    self._no_training_log(args, state)
+
+    @staticmethod
+    def _no_training_log(args, state) -> None:
+        """A run shorter than `logging_steps` logs no step: still write the file, saying why it has no curve."""
+        reason = (
+            f"No training step was logged: the run ended at step {state.global_step} and logs every "
+            f"{state.logging_steps} steps (logging_strategy={getattr(args.logging_strategy, 'value', args.logging_strategy)}). Lower `logging_steps` to see "
+            "the loss, LR and update-norm curves."
+        )
+        logger.warning(reason)
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+
+            fig = Figure(figsize=(13, 8.5), dpi=110, layout="constrained")
+            FigureCanvasAgg(fig)
+            fig.suptitle(f"{args.run_name or args.output_dir}  (step {state.global_step})")
+            fig.text(0.5, 0.5, reason.replace(": ", ":\n", 1), ha="center", va="center", fontsize=14, wrap=True)
+            os.makedirs(args.output_dir, exist_ok=True)
+            fig.savefig(os.path.join(args.output_dir, CURVES_FILENAME))
+        except Exception as err:  # a plot must never fail a finished run
+            logger.warning("Could not draw %s: %s", CURVES_FILENAME, err)
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -297,10 +321,8 @@ def plot_training_curves(history: list[dict], path: str, title: str | None = Non
 
     # LRs of different parts differ by orders of magnitude: log scale, with zeros (warmup's first step) left out.
     ax = axes[1, 0]
-    for part, color in colors.items():
-        steps, values = _series(history, f"lr/{part}")
-        if steps:
-            ax.plot(steps, _positive(values), color=color, marker="o", markersize=3, label=part)
+    for parts, steps, values in _lr_lines(history):
+        ax.plot(steps, _positive(values), color=colors[parts[0]], marker="o", markersize=3, label=" = ".join(parts))
     if not ax.lines:
         steps, values = _series(history, "learning_rate")
         ax.plot(steps, _positive(values), marker="o", markersize=3, label="learning_rate")
@@ -334,6 +356,23 @@ def plot_training_curves(history: list[dict], path: str, title: str | None = Non
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def _lr_lines(history: list[dict]) -> list[tuple[list[str], list[int], list[float]]]:
+    """One line per distinct per-part LR schedule, naming every part that follows it: parts sharing an LR (the
+    default when no `*_lr` is set) would otherwise draw on top of each other, and only the last one would show."""
+    lines: list[tuple[list[str], list[int], list[float]]] = []
+    for part in TUNABLE_PARTS:
+        steps, values = _series(history, f"lr/{part}")
+        if not steps:
+            continue
+        for parts, other_steps, other_values in lines:
+            if other_steps == steps and other_values == values:
+                parts.append(part)
+                break
+        else:
+            lines.append(([part], steps, values))
+    return lines
 
 
 def _positive(values: list[float]) -> list[float]:
