@@ -106,6 +106,9 @@ CASES = [
     ),
     Case("dpo-text-llm-text-rows", model="text_llm", data="text"),
     Case("dpo-text-llm-image-rows-refused", model="text_llm", refused="vision-related"),
+    # Ours handed TRL's own config class (what TRL's docs and examples pass), and TRL's positional order.
+    Case("dpo-plain-trl-config", plain_config=True, ref="none"),
+    Case("dpo-plain-trl-config-positional", plain_config=True, positional=True, ref="none"),
     # SFT
     Case("sft-vlm-prompt-completion", kind="sft", data="sft_image"),
     Case("sft-vlm-messages", kind="sft", data="sft_messages"),
@@ -136,6 +139,10 @@ CASES = [
     Case("grpo-vlm-images", kind="grpo", data="grpo_image"),
     Case("grpo-vlm-kl-reference", kind="grpo", data="grpo_image", config={"beta": 0.1}),
     Case("grpo-text-rows-on-vlm", kind="grpo", data="grpo_text"),
+    Case("sft-plain-trl-config", kind="sft", data="sft_image", plain_config=True),
+    Case("sft-plain-trl-config-positional", kind="sft", data="sft_image", plain_config=True, positional=True),
+    Case("grpo-plain-trl-config", kind="grpo", data="grpo_image", plain_config=True),
+    Case("grpo-plain-trl-config-positional", kind="grpo", data="grpo_image", plain_config=True, positional=True),
 ]
 
 

@@ -17,7 +17,7 @@ from ..fast_dpo import FastDPOMixin
 from .callbacks import TrainingMonitorMixin
 from .model_loading import check_reference_model
 from .preflight import check_model_processor
-from .tunable import TunablePartsMixin
+from .tunable import TunablePartsMixin, as_pivot_config
 
 
 class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer):
@@ -35,6 +35,10 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
             from ..configs import PivotDPOConfig
 
             args = PivotDPOConfig(output_dir="pivot-dpo")
+        else:
+            from ..configs import PivotDPOConfig
+
+            args = as_pivot_config(args, PivotDPOConfig)
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         if ref_model is not None and ref_model is not model:
             check_reference_model(model, ref_model, "ref_model")

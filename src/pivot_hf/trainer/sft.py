@@ -11,7 +11,7 @@ from trl import SFTTrainer
 from ..checkpointing import AtomicCheckpointMixin
 from .callbacks import TrainingMonitorMixin
 from .preflight import check_model_processor
-from .tunable import TunablePartsMixin
+from .tunable import TunablePartsMixin, as_pivot_config
 
 
 class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, SFTTrainer):
@@ -24,6 +24,10 @@ class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorM
             from ..configs import PivotSFTConfig
 
             args = PivotSFTConfig(output_dir="pivot-sft")
+        else:
+            from ..configs import PivotSFTConfig
+
+            args = as_pivot_config(args, PivotSFTConfig)
         check_model_processor(getattr(model, "config", None), kwargs.get("processing_class"))
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
