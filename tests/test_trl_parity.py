@@ -335,3 +335,19 @@ def test_the_callers_trl_config_is_not_changed(tmp_path):
     sft = as_pivot_config(plain, PivotSFTConfig)
     assert isinstance(sft, PivotSFTConfig) and sft.learning_rate == 0.25
     assert as_pivot_config(plain, PivotDPOConfig) is plain
+
+
+def test_a_positional_processor_gets_the_same_preflight_as_a_keyword_one(models, tmp_path):
+    """TRL's positional order reaches the model/processor contract check too (an image-token mismatch is refused)."""
+    import copy
+
+    from pivot_hf.configs import RecipeConfigError
+
+    for kind, data in (("dpo", "image"), ("sft", "sft_image")):
+        case = Case(f"{kind}-pos", kind=kind, data=data, ref="none")
+        wrong = copy.copy(models.processor(case))
+        wrong.image_token_id = wrong.image_token_id + 1
+        for positional in (False, True):
+            case.positional = positional
+            with pytest.raises(RecipeConfigError, match="disagree on the image token"):
+                build(case, False, models, str(tmp_path / kind), processing_class=wrong)

@@ -28,7 +28,9 @@ class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorM
             from ..configs import PivotSFTConfig
 
             args = as_pivot_config(args, PivotSFTConfig)
-        check_model_processor(getattr(model, "config", None), kwargs.get("processing_class"))
+        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
+        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
+        check_model_processor(getattr(model, "config", None), processing_class)
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
         super().__init__(model, args, *trainer_args, **kwargs)
