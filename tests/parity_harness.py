@@ -47,6 +47,8 @@ class Case:
     # original; ours must accept and give TRL's numbers.
     parent_overrides: dict | None = None
     pivot_config: dict = field(default_factory=dict)  # fields only the Pivot configs have
+    plain_config: bool = False  # ours gets TRL's own config class too (DPOConfig, not PivotDPOConfig)
+    positional: bool = False  # train_dataset and processing_class passed positionally, in TRL's order
 
 
 @dataclass
@@ -237,7 +239,7 @@ def config_for(case: Case, parent: bool, output_dir: str, overrides: dict | None
         "sft": (SFTConfig, PivotSFTConfig),
         "grpo": (GRPOConfig, PivotGRPOConfig),
     }
-    cls = classes[case.kind][0 if parent else 1]
+    cls = classes[case.kind][0 if parent or case.plain_config else 1]
     kwargs = {**_common(output_dir, case), **case.config, **({} if parent else case.pivot_config), **(overrides or {})}
     return cls(**kwargs)
 
@@ -287,6 +289,23 @@ def build(case: Case, parent: bool, models: Models, output_dir: str, overrides: 
     if case.eval == "compute_metrics":
         kwargs["compute_metrics"] = logits_metrics
     kwargs.update(extra)
+    if case.positional:
+        # TRL's order: DPO (model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class),
+        # SFT (model, args, data_collator, train_dataset, eval_dataset, processing_class),
+        # GRPO (model, reward_funcs, args, train_dataset, eval_dataset, processing_class).
+        order = ["args", "train_dataset", "eval_dataset", "processing_class"]
+        if case.kind != "grpo":
+            order.insert(1, "data_collator")
+        kwargs.setdefault("eval_dataset", None)
+        if case.kind != "grpo":
+            kwargs.setdefault("data_collator", None)
+        positional = [kwargs.pop(name) for name in order]
+        if case.kind == "dpo":
+            ref = {"explicit": lambda: models.reference(case), "none": lambda: None}[case.ref]()
+            return cls(model, ref, *positional, **kwargs)
+        if case.kind == "grpo":
+            return cls(model, [length_reward], *positional, **kwargs)
+        return cls(model, *positional, **kwargs)
     if case.kind == "dpo":
         ref = {"explicit": lambda: models.reference(case), "none": lambda: None, "same": lambda: model}[case.ref]()
         return cls(model, ref, **kwargs)

@@ -106,6 +106,9 @@ CASES = [
     ),
     Case("dpo-text-llm-text-rows", model="text_llm", data="text"),
     Case("dpo-text-llm-image-rows-refused", model="text_llm", refused="vision-related"),
+    # Ours handed TRL's own config class (what TRL's docs and examples pass), and TRL's positional order.
+    Case("dpo-plain-trl-config", plain_config=True, ref="none"),
+    Case("dpo-plain-trl-config-positional", plain_config=True, positional=True, ref="none"),
     # SFT
     Case("sft-vlm-prompt-completion", kind="sft", data="sft_image"),
     Case("sft-vlm-messages", kind="sft", data="sft_messages"),
@@ -136,6 +139,10 @@ CASES = [
     Case("grpo-vlm-images", kind="grpo", data="grpo_image"),
     Case("grpo-vlm-kl-reference", kind="grpo", data="grpo_image", config={"beta": 0.1}),
     Case("grpo-text-rows-on-vlm", kind="grpo", data="grpo_text"),
+    Case("sft-plain-trl-config", kind="sft", data="sft_image", plain_config=True),
+    Case("sft-plain-trl-config-positional", kind="sft", data="sft_image", plain_config=True, positional=True),
+    Case("grpo-plain-trl-config", kind="grpo", data="grpo_image", plain_config=True),
+    Case("grpo-plain-trl-config-positional", kind="grpo", data="grpo_image", plain_config=True, positional=True),
 ]
 
 
@@ -283,3 +290,64 @@ def test_compute_metrics_sees_trl_logits_on_padding_positions(models, tmp_path):
     padding = ids == models.processor(case).tokenizer.pad_token_id
     assert padding.any() and abs(theirs[padding]).sum() > 0
     assert abs(ours - theirs).max() <= 1e-4 * abs(theirs).max()
+
+
+def test_a_plain_trl_config_keeps_its_values_and_gets_the_pivot_defaults(models, tmp_path):
+    """TRL's own config class works with the Pivot trainers: every value the user (and TRL) set is kept, the Pivot
+    fields take their defaults, and the caller's object is not changed."""
+    from trl import DPOConfig, GRPOConfig
+
+    from pivot_hf.configs import PivotDPOConfig
+    from pivot_hf.grpo import PivotGRPOConfig
+
+    for kind, data, trl_cls, pivot_cls in (
+        ("dpo", "image", DPOConfig, PivotDPOConfig),
+        ("grpo", "grpo_image", GRPOConfig, PivotGRPOConfig),
+    ):
+        case = Case(f"{kind}-plain", kind=kind, data=data, plain_config=True, ref="none", config={"beta": 0.3})
+        trainer = build(case, False, models, str(tmp_path / kind))
+        assert isinstance(trainer.args, pivot_cls) and trainer.args.beta == 0.3
+        assert trainer.args.tunable_parts == ["vision_tower", "projector", "language_model"]
+        assert trainer.args.vision_tower_lr is None and trainer.args.check_tunable_parts_changed
+        # TRL's trainer sets some fields itself (e.g. `ddp_find_unused_parameters`): compare with what it ends with.
+        parent = build(case, True, models, str(tmp_path / kind / "trl"))
+        assert type(parent.args) is trl_cls
+        theirs, ours = parent.args.to_dict(), trainer.args.to_dict()
+        differ = {
+            k: (v, ours[k]) for k, v in theirs.items() if k not in ("output_dir", "logging_dir") and ours[k] != v
+        }
+        assert not differ, differ
+
+
+def test_the_callers_trl_config_is_not_changed(tmp_path):
+    from transformers import TrainingArguments
+    from trl import DPOConfig
+
+    from pivot_hf.configs import PivotDPOConfig, PivotSFTConfig
+    from pivot_hf.trainer.tunable import as_pivot_config
+
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.3, report_to="none")
+    converted = as_pivot_config(args, PivotDPOConfig)
+    assert type(args) is DPOConfig and not hasattr(args, "tunable_parts")
+    assert isinstance(converted, PivotDPOConfig) and converted.beta == 0.3
+    # Plain TrainingArguments: SFT converts them as TRL's SFTTrainer does; DPO leaves them to TRL.
+    plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=0.25, report_to="none")
+    sft = as_pivot_config(plain, PivotSFTConfig)
+    assert isinstance(sft, PivotSFTConfig) and sft.learning_rate == 0.25
+    assert as_pivot_config(plain, PivotDPOConfig) is plain
+
+
+def test_a_positional_processor_gets_the_same_preflight_as_a_keyword_one(models, tmp_path):
+    """TRL's positional order reaches the model/processor contract check too (an image-token mismatch is refused)."""
+    import copy
+
+    from pivot_hf.configs import RecipeConfigError
+
+    for kind, data in (("dpo", "image"), ("sft", "sft_image")):
+        case = Case(f"{kind}-pos", kind=kind, data=data, ref="none")
+        wrong = copy.copy(models.processor(case))
+        wrong.image_token_id = wrong.image_token_id + 1
+        for positional in (False, True):
+            case.positional = positional
+            with pytest.raises(RecipeConfigError, match="disagree on the image token"):
+                build(case, False, models, str(tmp_path / kind), processing_class=wrong)

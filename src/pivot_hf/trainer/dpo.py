@@ -17,7 +17,7 @@ from .checkpointing import AtomicCheckpointMixin
 from .fast_dpo import FastDPOMixin
 from .model_loading import check_reference_model
 from .preflight import check_model_processor
-from .tunable import TunablePartsMixin
+from .tunable import TunablePartsMixin, as_pivot_config
 
 
 class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer):
@@ -35,12 +35,18 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
             from ..configs import PivotDPOConfig
 
             args = PivotDPOConfig(output_dir="pivot-dpo")
+        else:
+            from ..configs import PivotDPOConfig
+
+            args = as_pivot_config(args, PivotDPOConfig)
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         if ref_model is not None and ref_model is not model:
             check_reference_model(model, ref_model, "ref_model")
             ref_model.requires_grad_(False)
             ref_model.eval()
-        check_model_processor(getattr(model, "config", None), kwargs.get("processing_class"))
+        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
+        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
+        check_model_processor(getattr(model, "config", None), processing_class)
         self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
         if ref_model is None and _needs_reference_copy(model, args, kwargs):
             # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a

@@ -30,7 +30,7 @@ from trl import GRPOConfig, GRPOTrainer
 from ..configs import PivotScriptArguments, PivotTrainingFields, RecipeConfigError
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
-from .tunable import TunablePartsMixin
+from .tunable import TunablePartsMixin, as_pivot_config
 
 
 logger = logging.getLogger(__name__)
@@ -344,11 +344,14 @@ class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitor
 
     _tag_names = ["trl", "grpo", "pivot"]
 
-    def __init__(self, model, reward_funcs, args: PivotGRPOConfig | None = None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: PivotGRPOConfig | None = None, *trainer_args, **kwargs):
         if args is None:
             args = PivotGRPOConfig(output_dir="pivot-grpo")
-        self._setup_tunable_parts(model, args, train_dataset=kwargs.get("train_dataset"))
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        args = as_pivot_config(args, PivotGRPOConfig)
+        # TRL's positional order after `args`: train_dataset, eval_dataset, processing_class, ...
+        train_dataset = kwargs.get("train_dataset", trainer_args[0] if trainer_args else None)
+        self._setup_tunable_parts(model, args, train_dataset=train_dataset)
+        super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
 
 
 __all__ = [

@@ -11,7 +11,7 @@ from trl import SFTTrainer
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
 from .preflight import check_model_processor
-from .tunable import TunablePartsMixin
+from .tunable import TunablePartsMixin, as_pivot_config
 
 
 class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, SFTTrainer):
@@ -24,7 +24,13 @@ class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorM
             from ..configs import PivotSFTConfig
 
             args = PivotSFTConfig(output_dir="pivot-sft")
-        check_model_processor(getattr(model, "config", None), kwargs.get("processing_class"))
+        else:
+            from ..configs import PivotSFTConfig
+
+            args = as_pivot_config(args, PivotSFTConfig)
+        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
+        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
+        check_model_processor(getattr(model, "config", None), processing_class)
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
         super().__init__(model, args, *trainer_args, **kwargs)

@@ -146,6 +146,42 @@ def check_distributed_config(args) -> None:
             )
 
 
+def as_pivot_config(args, pivot_cls):
+    """`args` as `pivot_cls` (a Pivot config subclassing a TRL config), so a Pivot trainer takes what its parent takes.
+
+    A plain TRL config (`DPOConfig`, `SFTConfig`, `GRPOConfig`, or `TrainingArguments` where TRL converts it) gets
+    the Pivot fields at their defaults (all parts train, no per-part LR) on a shallow copy: every value TRL already
+    resolved stays as it is (re-running TRL's `__post_init__` is not idempotent, e.g. GRPO's generation batch), and
+    the caller's object is left untouched. The Pivot fields are then validated as a Pivot config would be.
+    """
+    import copy
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if args is None or isinstance(args, pivot_cls):
+        return args
+    trl_cls = next(
+        c for c in pivot_cls.__mro__[1:] if issubclass(c, TrainingArguments) and c.__module__.startswith("trl")
+    )
+    if not isinstance(args, trl_cls):
+        if trl_cls.__name__ != "SFTConfig" or not isinstance(args, TrainingArguments):
+            return args  # the parent refuses it
+        # TRL's SFTTrainer converts plain `TrainingArguments` through `to_dict`; do the same, into the Pivot class.
+        kwargs = args.to_dict()
+        kwargs["hub_token"] = args.hub_token  # to_dict hides it
+        names = {f.name for f in dataclasses.fields(pivot_cls) if f.init}
+        return pivot_cls(**{k: v for k, v in kwargs.items() if k in names})
+    converted = copy.copy(args)
+    converted.__class__ = pivot_cls
+    for f in dataclasses.fields(pivot_cls):
+        if f.init and not hasattr(converted, f.name):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(converted, f.name, default)
+    converted._pivot_post_init()
+    return converted
+
+
 class TunablePartsMixin:
     """Tunable parts, per-part LR groups and the did-it-train check, for `PivotSFTTrainer` and `PivotDPOTrainer`."""
 
