@@ -23,12 +23,10 @@ from pivot_hf.trainer import (  # noqa: E402
     PivotDPOTrainer,
     apply_projector_init,
     load_model,
-    load_processor,
     load_reference_model,
-    preflight_model,
 )
 from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
-from pivot_hf.trainer.preflight import run_preflight  # noqa: E402
+from pivot_hf.trainer.preflight import load_checked_processor  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
 
@@ -40,11 +38,9 @@ def main(argv=None):
         [PivotScriptArguments, PivotModelConfig, PivotDPOConfig], argv
     )
 
-    # Everything that can be checked from configs is checked before a weight or an image is loaded.
-    preflight_model(model_args)
-    processor = load_processor(model_args)
-    # Model <-> processor, learning rates and DeepSpeed/FSDP setup agree before any data or weight is loaded.
-    run_preflight(model_args, training_args, processor)
+    # Everything that can be checked without weights (configs, processor, learning rates, DeepSpeed/FSDP setup) is
+    # checked before a weight or an image is loaded.
+    processor = load_checked_processor(model_args, training_args)
     train_dataset, eval_dataset, _ = load_training_data(script_args, training_args, processor, "preference")
 
     model = load_model(model_args, processor)

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 from pivot_hf.configs import PivotModelConfig, start_recipe  # noqa: E402
-from pivot_hf.trainer import load_model, load_processor, preflight_model  # noqa: E402
+from pivot_hf.trainer import load_model  # noqa: E402
 from pivot_hf.trainer.grpo import (  # noqa: E402
     PivotGRPOConfig,
     PivotGRPOScriptArguments,
@@ -28,7 +28,7 @@ from pivot_hf.trainer.grpo import (  # noqa: E402
     build_reward_funcs,
     load_grpo_dataset,
 )
-from pivot_hf.trainer.preflight import run_preflight  # noqa: E402
+from pivot_hf.trainer.preflight import load_checked_processor  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
 
@@ -41,10 +41,7 @@ def main(argv=None):
     )
 
     # Config-only checks first, then the data (cheap), then the weights.
-    preflight_model(model_args)
-    processor = load_processor(model_args)
-    # Model <-> processor, learning rates and DeepSpeed/FSDP setup agree before any data or weight is loaded.
-    run_preflight(model_args, training_args, processor)
+    processor = load_checked_processor(model_args, training_args)
     train_dataset, stats = load_grpo_dataset(script_args, training_args.format_prompt or None, processor.tokenizer)
     if len(train_dataset) == 0:
         raise SystemExit(f"No GRPO rows with a checkable answer in {script_args.dataset_name} ({stats}).")

@@ -19,10 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, start_recipe  # noqa: E402
-from pivot_hf.trainer import PivotSFTTrainer, apply_projector_init, load_model, load_processor, preflight_model  # noqa: E402
+from pivot_hf.trainer import PivotSFTTrainer, apply_projector_init, load_model  # noqa: E402
 from pivot_hf.trainer.collators import AssistantTurnsVisionCollator  # noqa: E402
 from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
-from pivot_hf.trainer.preflight import run_preflight  # noqa: E402
+from pivot_hf.trainer.preflight import load_checked_processor  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
 
@@ -34,11 +34,9 @@ def main(argv=None):
         [PivotScriptArguments, PivotModelConfig, PivotSFTConfig], argv
     )
 
-    # Everything that can be checked from configs is checked before a weight or an image is loaded.
-    preflight_model(model_args)
-    processor = load_processor(model_args)
-    # Model <-> processor, learning rates and DeepSpeed/FSDP setup agree before any data or weight is loaded.
-    run_preflight(model_args, training_args, processor)
+    # Everything that can be checked without weights (configs, processor, learning rates, DeepSpeed/FSDP setup) is
+    # checked before a weight or an image is loaded.
+    processor = load_checked_processor(model_args, training_args)
     train_dataset, eval_dataset, _ = load_training_data(script_args, training_args, processor, "sft")
 
     model = load_model(model_args, processor)

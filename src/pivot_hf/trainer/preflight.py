@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from ..configs import RecipeConfigError
 from ..configuration_pivot import vision_config_from_any
-from .model_loading import preflight_model
+from .model_loading import load_processor, preflight_model
 from .tunable import check_distributed_config, check_part_lrs
 
 
@@ -127,4 +127,14 @@ def run_preflight(model_args, training_args=None, processor=None) -> dict:
     return {"vision_feature_layer": layer}
 
 
-__all__ = ["check_model_processor", "run_preflight"]
+def load_checked_processor(model_args, training_args=None):
+    """The first step of every training recipe: the config-only checks (`preflight_model`: model source, feature
+    layer), then the processor, then every check that needs it (`run_preflight`) -- all before any data or weight is
+    loaded, so a run that cannot work stops within seconds of its start. Returns the processor."""
+    preflight_model(model_args)
+    processor = load_processor(model_args)
+    run_preflight(model_args, training_args, processor)
+    return processor
+
+
+__all__ = ["check_model_processor", "load_checked_processor", "run_preflight"]
