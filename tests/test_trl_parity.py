@@ -162,6 +162,10 @@ def test_table_is_large_and_covers_all_trainers():
     assert documented == set(LOSS_TYPES)
 
 
+# TRL deprecates some values a case sets on purpose (`truncation_mode="keep_end"`); its warning is raised from TRL's
+# `__post_init__` through our config subclass, so the suite's "no deprecated call from pivot_hf" filter would turn a
+# user's deprecated value into our error. It is TRL's message about the case's input, not a call of ours.
+@pytest.mark.filterwarnings("default:The `'keep_end'` truncation mode is deprecated:FutureWarning")
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_parity(case, models, tmp_path):
     if case.parent_overrides is not None:
