@@ -234,17 +234,29 @@ def test_preflight_refuses_a_processor_the_model_cannot_take(parts):
 )
 def test_tunable_part_with_lr_zero_is_refused_at_parse(tmp_path, kwargs, part):
     for config_class in (PivotSFTConfig, PivotDPOConfig):
-        with pytest.raises(RecipeConfigError, match=rf"Tunable part '{part}' has learning rate 0.*Fix"):
+        with pytest.raises(RecipeConfigError, match=rf"cannot train: '{part}' has learning rate 0.*Fix"):
             config_class(output_dir=str(tmp_path), **kwargs)
     # A frozen part may have LR 0.
     PivotSFTConfig(output_dir=str(tmp_path), tunable_parts=["projector"], vision_tower_lr=0.0)
+
+
+def test_lr_zero_names_every_part_and_the_key_it_comes_from(tmp_path):
+    # `learning_rate: 0` with no per-part keys: every tunable part falls back to it, so all are named, with that key.
+    with pytest.raises(RecipeConfigError) as err:
+        PivotDPOConfig(output_dir=str(tmp_path), learning_rate=0.0)
+    message = str(err.value)
+    for part in ("vision_tower", "projector", "language_model"):
+        assert f"'{part}' has learning rate 0 (from `learning_rate`)" in message
+    # A part with its own key set is named with that key.
+    with pytest.raises(RecipeConfigError, match=r"'projector' has learning rate 0 \(from `projector_lr`\)"):
+        PivotDPOConfig(output_dir=str(tmp_path), projector_lr=0.0)
 
 
 def test_case_e_recipe_refuses_vision_tower_lr_zero_before_loading(tmp_path):
     sft_main = _recipe_main("sft")
     out = tmp_path / "out"
     argv = ["--model_name_or_path", "does-not-exist", "--dataset_name", "nowhere", "--output_dir", str(out)]
-    with pytest.raises(RecipeConfigError, match="Tunable part 'vision_tower' has learning rate 0"):
+    with pytest.raises(RecipeConfigError, match="'vision_tower' has learning rate 0"):
         sft_main(argv + ["--vision_tower_lr", "0.0", "--use_cpu", "true"])
     assert not out.exists()
 

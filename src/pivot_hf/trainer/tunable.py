@@ -101,16 +101,21 @@ def check_part_lrs(args) -> None:
     """Refuse a tunable part whose learning rate is 0 (or negative) before any compute: it would train nothing, and the
     end-of-run check would only find out after the whole schedule."""
     lrs = _part_lrs(args)
+    part_keys = {"vision_tower": "vision_tower_lr", "projector": "projector_lr"}
+    problems = []
     for part in getattr(args, "tunable_parts", None) or []:
         lr = lrs.get(part)
         if lr is not None and lr <= 0:
-            key = {"vision_tower": "vision_tower_lr", "projector": "projector_lr"}.get(part, "learning_rate")
+            key = part_keys.get(part, "learning_rate")
+            # The part's own key when it is set, else the shared `learning_rate` it falls back to.
             source = key if key == "learning_rate" or getattr(args, key) is not None else "learning_rate"
-            raise RecipeConfigError(
-                f"Tunable part {part!r} has learning rate {lr:g} (`{source}`), so it cannot train. Fix: set `{key}` "
-                "to a positive value (the paper's Stage 2 uses 1e-6 for every part, Stage 1b 2e-6 for the vision "
-                f"tower), or remove {part!r} from `tunable_parts` (now {list(args.tunable_parts)}) to freeze it."
-            )
+            problems.append(f"{part!r} has learning rate {lr:g} (from `{source}`)")
+    if problems:
+        raise RecipeConfigError(
+            f"Tunable part(s) cannot train: {'; '.join(problems)}. Fix: set each named key to a positive value (the "
+            "paper's Stage 2 uses 1e-6 for every part, Stage 1b 2e-6 for the vision tower), or remove the part from "
+            f"`tunable_parts` (now {list(args.tunable_parts)}) to freeze it."
+        )
 
 
 def check_distributed_config(args) -> None:
