@@ -14,6 +14,17 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tiny models: two threads on two shared cores are ~4x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES

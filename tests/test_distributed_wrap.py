@@ -21,12 +21,7 @@ TINY_FAMILIES = ("siglip", "siglip_dual", "siglip2_naflex", "clip", "dinov2", "d
 REAL_TOWERS = ("siglip2-so400m-patch16-384", "siglip-so400m-patch14-384", "clip-vit-large-patch14-336")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _wrapped_modules(model) -> list[str]:

@@ -26,13 +26,7 @@ sys.path.insert(0, str(REPO / "recipes"))
 LRS = {"language_model": 1e-4, "projector": 5e-4, "vision_tower": 1e-3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two threads on two shared cores are ~4x slower than one for these tiny models.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
