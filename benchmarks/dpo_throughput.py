@@ -349,18 +349,27 @@ def _batch_shapes(trainer, dataset, batch_size: int) -> tuple[list[dict], list[d
             )
         width = int(batch["input_ids"].shape[1])
         packed = (plan["lengths"][:pairs] + plan["lengths"][pairs:] - plan["prefix"]).to(torch.long)
-        _, _, pf_width, pf_rows = _place_units(packed, True, None)
+        rows = {"stock": [width] * (2 * pairs), "ours-padded": [int(packed.max())] * pairs}
+        keys = {}
+        if trainer.model.config.get_text_config()._attn_implementation == "sdpa":
+            # One row without padding; attention per pair: [prefix | chosen] causal, rejected over [prefix | rejected]
+            # (a masked kernel computes the whole rectangle).
+            rows["ours"] = [int(packed.sum())]
+            prefix, chosen = plan["prefix"], plan["lengths"][:pairs] - plan["prefix"]
+            rejected = plan["lengths"][pairs:] - plan["prefix"]
+            head = prefix + chosen
+            keys["ours"] = int((head * (head + 1) // 2 + rejected * (prefix + rejected)).sum())
+        else:  # eager: rows as wide as the longest pair, dense block mask
+            _, _, pf_width, pf_rows = _place_units(packed, True, None)
+            rows["ours"] = [pf_width] * pf_rows
         batches.append(
             {
                 "pairs": pairs,
                 "tokens": int(lengths.sum()),  # valid tokens of the collated rows (prefix counted twice)
                 "packed_tokens": int(packed.sum()),  # valid tokens once the prefix is shared
                 "answer_tokens": int((lengths - plan["prefix"].repeat(2)).sum()),
-                "rows": {
-                    "stock": [width] * (2 * pairs),
-                    "ours-padded": [int(packed.max())] * pairs,
-                    "ours": [pf_width] * pf_rows,
-                },
+                "rows": rows,
+                "keys": keys,
             }
         )
     return shapes, batches

@@ -19,7 +19,9 @@ the batch is laid out in rows: every slot of a row, padding included, runs the d
 scores every position), and attention runs over the causal triangle of each row, `W(W+1)/2` keys for a row of width
 `W` (what a causal or dense-masked kernel computes; the block structure of a packed row is not skipped). Padding share =
 1 - valid tokens / row slots. Stock pads 2B rows to the longest row of the batch; ours without padding-free pads B
-packed pairs to the longest pair; ours padding-free packs the pairs back to back into rows as wide as the longest pair.
+packed pairs to the longest pair; ours padding-free with sdpa packs all pairs into one row without padding and computes
+attention per pair (`[prefix | chosen]` causal, the rejected tail's whole `r x (p + r)` rectangle under its mask), with
+eager into rows as wide as the longest pair under a dense block mask.
 """
 
 from __future__ import annotations
@@ -101,10 +103,15 @@ def dpo_step_flops(config, pairs: list[dict], path: str, compact_head: bool, epo
     return {"train": train, "reference": reference, "total": train + reference}
 
 
-def rows_forward_flops(config, widths: list[int]) -> float:
-    """LLM forward FLOPs of rows of the given widths (tokens), padding slots included (see the module docstring)."""
+def rows_forward_flops(config, widths: list[int], keys: int | None = None) -> float:
+    """LLM forward FLOPs of rows of the given widths (tokens), padding slots included (see the module docstring).
+
+    `keys`: the attended keys summed over all queries when attention does not cover each row's causal triangle
+    (pair-block attention over one packed row); default: the causal triangle of every row."""
     dense, per_key = _llm_token_flops(config)
-    return sum(w * dense + _causal_keys(w) * per_key for w in widths)
+    if keys is None:
+        keys = sum(_causal_keys(w) for w in widths)
+    return sum(widths) * dense + keys * per_key
 
 
 def padded_step_flops(config, batch: dict, path: str, image_tokens: int, compact_head: bool, epochs: int = 3) -> dict:
@@ -118,7 +125,8 @@ def padded_step_flops(config, batch: dict, path: str, image_tokens: int, compact
     images = batch["pairs"] * (2 if path == "stock" else 1)
     head_rows = batch["answer_tokens"] if compact_head else sum(batch["rows"]["stock"])
     head = 2 * config.text_config.hidden_size * config.text_config.vocab_size * head_rows
-    fwd = images * _vision_flops(config, image_tokens) + rows_forward_flops(config, widths) + head
+    keys = batch.get("keys", {}).get(path)
+    fwd = images * _vision_flops(config, image_tokens) + rows_forward_flops(config, widths, keys) + head
     reference = fwd if path == "stock" else fwd / epochs
     return {"train": 3 * fwd, "reference": reference, "total": 3 * fwd + reference}
 

@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -283,17 +284,19 @@ def _vision_grads_present(grads):
     return any(name.startswith("model.vision_tower") for name in grads)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("truncate", [False, True])
-def test_padding_free_pairs_match_plain(tiny, truncate):
+def test_padding_free_pairs_match_plain(tiny, truncate, attn):
     """Several pairs per packed row (mixed lengths, single-token answers, two images, no image; rows truncated by
-    `max_length`): log-probs and gradients, vision tower included, equal the plain padded forward."""
+    `max_length`): log-probs and gradients, vision tower included, equal the plain padded forward. sdpa packs the
+    whole micro-batch into one row with pair-block attention; eager packs bounded rows with a dense block mask."""
     path, processor = tiny
     max_length = None
     if truncate:  # cut inside the answers, two tokens after the longest prompt (image tokens are never cut)
         full = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_mixed_rows()))
         max_length = int(full["completion_mask"].argmax(1).max()) + 2
     batch = DataCollatorForVisionPreference(processor=processor, max_length=max_length)(copy.deepcopy(_mixed_rows()))
-    model = _model(path)
+    model = _model(path, attn)
     plain = _logps_and_grads(model, batch, position_ids=_plain_positions(batch))
     assert _vision_grads_present(plain[1])
 
@@ -307,10 +310,19 @@ def test_padding_free_pairs_match_plain(tiny, truncate):
     if max_length is not None:
         assert int(batch["attention_mask"].sum(1).max()) == max_length  # some rows really were truncated
 
+    one_row = pack_pairs(plan, batch["input_ids"], single_row=True)
+    assert one_row["input_ids"].shape == (1, sum(lengths)) and one_row["allowed"] is None
+    assert [p + a + r for _, p, a, r in one_row["blocks"].spans] == lengths
+
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    spy = lambda *a, **k: calls.append(a[0].shape[2]) or original(*a, **k)  # noqa: E731
     for max_row_tokens in (None, 2 * max(lengths)):
         install_pair_forward(model, padding_free=True, max_row_tokens=max_row_tokens)
-        with compact_lm_head_scoring(True):
+        with compact_lm_head_scoring(True), mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
             _assert_close(plain, _logps_and_grads(model, batch))
+    if attn == "sdpa":  # attention ran per pair block: no query block longer than a pair's prefix + tail
+        assert calls and max(calls) <= max(lengths)
 
 
 def test_padding_free_varlen_rows_match_plain(tiny):
@@ -367,4 +379,112 @@ def test_padding_free_trainer_is_on_by_default_and_silences_trl(tiny, tmp_path, 
     batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(2)))
     with torch.no_grad():
         hook(find_pivot_model(trainer.model), **{k: v for k, v in batch.items() if k != "completion_mask"})
-    assert seen and seen[0]["padding_free"] is True
+    # sdpa (the default): every pair of the micro-batch in one row, attention computed pair by pair.
+    assert seen and seen[0]["single_row"] is True
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_pair_block_attention_equals_the_dense_block_mask(window):
+    """`PairBlocks.attend` (two sdpa calls per pair) against one dense masked attention over the whole row: grouped
+    query heads, single-token and empty rejected tails, and a sliding window shorter than the blocks."""
+    from pivot_hf.trainer.pair_attention import PairBlocks
+
+    torch.manual_seed(0)
+    spans, start = [], 0
+    for prefix, chosen, rejected in ((5, 3, 4), (2, 1, 1), (4, 6, 0), (1, 1, 7)):
+        spans.append((start, prefix, chosen, rejected))
+        start += prefix + chosen + rejected
+    blocks = PairBlocks(spans)
+    heads, kv_heads, dim = 4, 2, 8
+    q = torch.randn(1, heads, start, dim, requires_grad=True)
+    k = torch.randn(1, kv_heads, start, dim, requires_grad=True)
+    v = torch.randn(1, kv_heads, start, dim, requires_grad=True)
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+
+    # Independent reference: every token's pair, segment and position in its own sequence, one dense mask.
+    owner, segment, position = [], [], []
+    for i, (_, prefix, chosen, rejected) in enumerate(spans):
+        owner += [i] * (prefix + chosen + rejected)
+        segment += [0] * prefix + [1] * chosen + [2] * rejected
+        position += list(range(prefix + chosen)) + list(range(prefix, prefix + rejected))
+    owner, segment, position = map(torch.tensor, (owner, segment, position))
+    visible = (segment[None, :] == 0) | (segment[None, :] == segment[:, None])
+    allowed = (owner[:, None] == owner[None, :]) & visible & (position[None, :] <= position[:, None])
+    if window is not None:
+        allowed &= position[:, None] - position[None, :] < window
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed, scale=0.3
+    ).transpose(1, 2)
+    got, _ = blocks.attend(module, q, k, v, scaling=0.3, sliding_window=window)
+    assert got.shape == (1, start, heads, dim)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pair_block_marker_is_refused_by_other_layouts():
+    """A marker reaching attention with another row length (a cache, another batch) fails instead of mixing pairs;
+    sdpa calls without a marker go to transformers' function unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from pivot_hf.trainer.pair_attention import PairBlocks, install_pair_attention
+
+    install_pair_attention()
+    install_pair_attention()  # idempotent: wrapped once
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert getattr(sdpa.pivot_wrapped, "pivot_wrapped", None) is None
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 5, 4)
+    marker = PairBlocks([(0, 2, 2, 2)]).marker()
+    with pytest.raises(ValueError, match="one packed row of 6 tokens"):
+        sdpa(module, q, q, q, marker)
+    plain, _ = sdpa(module, q, q, q, None, is_causal=True)
+    torch.testing.assert_close(plain, sdpa.pivot_wrapped(module, q, q, q, None, is_causal=True)[0])
+
+
+def test_pair_blocks_with_gradient_checkpointing_match_plain(tiny):
+    """The layout rides on the attention mask, which the checkpointed layers keep for their recomputation."""
+    path, processor = tiny
+    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_mixed_rows(2)))
+    model = _model(path)
+    plain = _logps_and_grads(model, batch, position_ids=_plain_positions(batch))
+    # transformers 5.24 renamed it activation checkpointing; the lower end of the tested range has the old name only.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    model.train()
+    install_pair_forward(model, padding_free=True)
+    with compact_lm_head_scoring(True):
+        _assert_close(plain, _logps_and_grads(model, batch))
+
+
+def test_attention_that_ignores_the_pair_layout_is_refused(tiny, monkeypatch):
+    """An LLM whose attention never reaches the pair-block function (remote code calling sdpa itself, say) would let
+    the pairs of the packed row attend to each other: the forward raises instead of training on that."""
+    from transformers import AttentionInterface
+
+    from pivot_hf.trainer.pair_attention import install_pair_attention
+
+    path, processor = tiny
+    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(2)))
+    model = _model(path)
+    install_pair_forward(model, padding_free=True)
+    install_pair_attention()
+    original = AttentionInterface._global_mapping["sdpa"].pivot_wrapped
+
+    def causal_only(module, query, key, value, attention_mask, *args, **kwargs):
+        return original(module, query, key, value, None, *args, **kwargs)
+
+    # The attention layers call a plain causal sdpa that never sees the layout (and nothing re-wraps it).
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", causal_only)
+    monkeypatch.setattr("pivot_hf.trainer.fast_dpo.install_pair_attention", lambda: None)
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    with pytest.raises(RuntimeError, match="did not go through transformers' registered `sdpa`"):
+        model(**inputs, use_cache=False)

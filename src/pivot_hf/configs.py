@@ -282,16 +282,18 @@ class FastDPOArguments:
     padding_free: bool = field(
         default=True,
         metadata={
-            "help": "Pack the pairs of a micro-batch back to back (no padding): rows hold several [prefix | chosen | "
-            "rejected] pairs, each attending to its own blocks only (eager/sdpa), or sequences delimited by "
-            "position ids (flash attention)."
+            "help": "Pack the pairs of a micro-batch back to back (no padding), each [prefix | chosen | rejected] pair "
+            "attending to its own blocks only. sdpa: one row, attention computed pair by pair; eager: rows of at "
+            "most padding_free_row_tokens under a dense block mask; flash attention: sequences delimited by position "
+            "ids (no prefix sharing)."
         },
     )
     padding_free_row_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Longest packed row with padding_free (tokens). Default: the longest pair of the micro-batch, so "
-            "attention cost grows with the batch linearly, not quadratically. A pair longer than this gets a row alone."
+            "help": "Longest packed row with padding_free under eager attention, whose dense block mask is quadratic "
+            "in the row (tokens). Default: the longest pair of the micro-batch, so attention cost grows with the "
+            "batch linearly. A pair longer than this gets a row alone. sdpa attends pair by pair and ignores it."
         },
     )
 

@@ -11,9 +11,11 @@ tokens + the question) four times through the LLM. Everything here works *below*
   The hidden states are scattered back into the collator's layout, so the fused LM head and the loss see exactly what
   the unshared forward gives (causal attention makes prefix states identical in both rows). Rows that are not pairs
   (odd batch, different prompts, custom position ids, ...) take the plain path.
-- With `padding_free` (the default) the pairs of a batch are packed back to back into rows as wide as the longest
-  pair (`pack_pairs`), each pair attending to its own blocks only, so no compute goes to padding and attention per
-  row stays bounded; with flash attention the rows become varlen sequences delimited by position ids (`pack_rows`).
+- With `padding_free` (the default) the pairs of a batch are packed back to back, each attending to its own blocks
+  only, so no compute goes to padding. With sdpa all pairs share one row and attention is computed pair by pair
+  (`pair_attention.PairBlocks`: cost linear in the batch); with eager the rows are as wide as the longest pair under a
+  dense block mask (`pack_pairs`); with flash attention the rows become varlen sequences delimited by position ids
+  (`pack_rows`).
 - `FastDPOMixin` (mixed into `PivotDPOTrainer` ahead of `trl.DPOTrainer`) installs the hook, scores only completion
   positions in the LM head on every device (TRL does that on CUDA only), and makes `precompute_ref_log_probs=True`
   work for vision datasets: one pass with a progress bar, stored with the run as safetensors + JSON keyed by the
@@ -37,6 +39,7 @@ from datasets import IterableDataset
 
 from ..configs import FastDPOArguments  # the fields live with the other recipe arguments
 from ..modeling_pivot import model_output, output_image_features
+from .pair_attention import PairBlocks, install_pair_attention
 
 
 logger = logging.getLogger(__name__)
@@ -130,7 +133,12 @@ def _place_units(unit_len: torch.Tensor, padding_free: bool, max_row_tokens: int
 
 
 def pack_pairs(
-    plan: dict, input_ids: torch.Tensor, pad_id: int = 0, padding_free: bool = False, max_row_tokens: int | None = None
+    plan: dict,
+    input_ids: torch.Tensor,
+    pad_id: int = 0,
+    padding_free: bool = False,
+    max_row_tokens: int | None = None,
+    single_row: bool = False,
 ):
     """Pack each pair as `[prefix | chosen tail | rejected tail]`: position ids, block mask and the index that maps
     every original (row, column) back to its packed position.
@@ -141,13 +149,21 @@ def pack_pairs(
     rejected tail). Returns `input_ids`, `position_ids`, `allowed` (bool `(n_rows, width, width)`), `flat_index` and
     `valid` (`(rows, length)`: where each original token sits in the flattened packed rows) and `unit_order` (pairs in
     the packed rows' reading order, which is the order their images are consumed in).
+
+    `single_row` puts all pairs, in batch order, into one row without any padding (`(1, tokens)`) for pair-block
+    attention (`pair_attention.PairBlocks`): no dense mask is built (`allowed` is None) and `blocks` holds the
+    layout.
     """
     starts, lengths, prefix, pairs = plan["starts"], plan["lengths"], plan["prefix"], plan["pairs"]
     device = input_ids.device
     tail_a = lengths[:pairs] - prefix
     tail_b = lengths[pairs:] - prefix
     packed_len = prefix + tail_a + tail_b
-    row_of, offset_of, width, n_rows = _place_units(packed_len, padding_free, max_row_tokens)
+    if single_row:
+        offset_of = torch.cumsum(packed_len, 0) - packed_len
+        row_of, width, n_rows = torch.zeros_like(offset_of), int(packed_len.sum()), 1
+    else:
+        row_of, offset_of, width, n_rows = _place_units(packed_len, padding_free, max_row_tokens)
 
     # Every packed token: its pair, its offset inside the pair's block, its segment (0 prefix, 1 chosen, 2 rejected).
     unit = torch.repeat_interleave(torch.arange(pairs, device=device), packed_len)
@@ -167,18 +183,23 @@ def pack_pairs(
     # Positions restart after the prefix for the rejected tail: it continues the prompt, not the chosen answer.
     position_ids = torch.zeros(size, dtype=torch.long, device=device)
     position_ids[dest] = src_offset
-    segment = torch.full((size,), -1, dtype=torch.long, device=device)
-    segment[dest] = seg
-    owner = torch.full((size,), -1, dtype=torch.long, device=device)
-    owner[dest] = unit
-    segment, owner = segment.view(n_rows, width), owner.view(n_rows, width)
-
-    q = torch.arange(width, device=device)
-    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-    causal = (q[None, :] <= q[:, None])[None]
-    allowed = causal & (seg_k >= 0) & (owner[:, None, :] == owner[:, :, None]) & ((seg_k == 0) | (seg_k == seg_q))
-    # Padding queries attend to themselves only, so no softmax row is empty (an empty row gives NaN gradients).
-    allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
+    allowed, blocks = None, None
+    if single_row:
+        spans = zip(offset_of.tolist(), prefix.tolist(), tail_a.tolist(), tail_b.tolist())
+        blocks = PairBlocks([tuple(span) for span in spans], device=device)
+    else:
+        segment = torch.full((size,), -1, dtype=torch.long, device=device)
+        segment[dest] = seg
+        owner = torch.full((size,), -1, dtype=torch.long, device=device)
+        owner[dest] = unit
+        segment, owner = segment.view(n_rows, width), owner.view(n_rows, width)
+        q = torch.arange(width, device=device)
+        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+        causal = (q[None, :] <= q[:, None])[None]
+        same_pair = owner[:, None, :] == owner[:, :, None]
+        allowed = causal & (seg_k >= 0) & same_pair & ((seg_k == 0) | (seg_k == seg_q))
+        # Padding queries attend to themselves only, so no softmax row is empty (an empty row gives NaN gradients).
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
 
     # Back-mapping: original row r, aligned offset t -> packed index (row * width + offset of its pair + position).
     rows, length = input_ids.shape
@@ -195,6 +216,7 @@ def pack_pairs(
         "input_ids": packed_ids.view(n_rows, width),
         "position_ids": position_ids.view(n_rows, width),
         "allowed": allowed,
+        "blocks": blocks,
         "flat_index": flat_index,
         "valid": valid,
         "unit_order": torch.argsort(row_of * width + offset_of),
@@ -304,9 +326,10 @@ def pair_forward(
 ):
     """`PivotModel.forward` for preference pairs (see the module docstring). `model` is the PivotModel.
 
-    `padding_free` packs the pairs of the batch back to back (`pack_pairs`; rows of at most `max_row_tokens` tokens,
-    default the longest pair); with a flash-attention backend, or without `share_prefix`, the rows are packed as
-    varlen sequences instead (`pack_rows`), as the block mask of a shared prefix needs eager or sdpa attention."""
+    `padding_free` packs the pairs of the batch back to back (`pack_pairs`): with sdpa into one row with pair-block
+    attention, with eager into rows of at most `max_row_tokens` tokens (default the longest pair) under a dense block
+    mask; with a flash-attention backend, or without `share_prefix`, the rows are packed as varlen sequences instead
+    (`pack_rows`), as the block structure of a shared prefix needs eager or sdpa attention."""
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:
         image_token_id = getattr(model.config, "image_token_index", None)
@@ -361,12 +384,20 @@ def pair_forward(
             return model(image_features=features + features, **plain)
         return model(inputs_embeds=model.get_input_embeddings()(input_ids), **{**plain, "input_ids": None})
 
-    packed = pack_pairs(plan, input_ids, padding_free=padding_free, max_row_tokens=max_row_tokens)
     dtype = model.get_input_embeddings().weight.dtype
-    mask = _additive_mask(packed["allowed"], dtype)
+    if padding_free and attn_impl == "sdpa":
+        # One row without padding, attention computed pair by pair (pair_attention.PairBlocks).
+        install_pair_attention()
+        packed = pack_pairs(plan, input_ids, single_row=True)
+        mask = packed["blocks"].marker(dtype)
+    else:
+        packed = pack_pairs(plan, input_ids, padding_free=padding_free, max_row_tokens=max_row_tokens)
+        mask = _additive_mask(packed["allowed"], dtype)
     call = {**kwargs, "attention_mask": mask, "position_ids": packed["position_ids"]}
     image_rows = (input_ids[: plan["pairs"]] == image_token_id).sum(1) if image_token_id is not None else None
     out = _packed_call(model, packed, features, image_rows, call, vision_feature_layer=vision_feature_layer)
+    if packed["blocks"] is not None:
+        packed["blocks"].check_used(type(model.language_model).__name__)
     return _unpack(out, packed, input_ids.shape)
 
 

@@ -1,0 +1,172 @@
+"""Attention computed pair by pair over one packed row: padding-free prefix-shared DPO on plain sdpa.
+
+The pair forward packs the preference pairs of a micro-batch back to back into a single row, each pair laid out as
+`[prefix | chosen tail | rejected tail]`. The dense layers of the LLM then see exactly the valid tokens (no padding),
+and attention must stay inside each pair: the prefix and the chosen tail attend causally to themselves, the rejected
+tail attends to the prefix and causally to itself, never to the chosen tail or to another pair. A dense block mask over
+the whole row would make attention quadratic in the batch, so it is computed per pair instead, with two
+`scaled_dot_product_attention` calls per pair and layer:
+
+- queries `[prefix | chosen]` over keys `[prefix | chosen]` with `is_causal=True` (no mask: the fused kernels apply);
+- queries `[rejected]` over keys `[prefix | rejected]` with the bottom-right-aligned causal mask (`rejected_mask`).
+
+This is the varlen ("cu_seqlens") layout of flash-attention-2 with the chosen/rejected fork added, on any device that
+runs sdpa. The layout reaches the attention functions through the 4-D `attention_mask` argument, which transformers'
+mask builders pass through unchanged: an empty `(1, 1, 0, 0)` tensor carrying a `PairBlocks` (`PairBlocks.marker`).
+`install_pair_attention` wraps the registered `sdpa` attention function once; the wrapper computes pair blocks when it
+receives such a marker and calls the original function, unchanged, for every other mask. Any other attention function
+receiving the marker fails loudly on its empty shape instead of attending across pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+MARKER_ATTRIBUTE = "pivot_pair_blocks"
+
+
+def rejected_mask(prefix: int, rejected: int, window: int | None = None, device=None) -> torch.Tensor:
+    """Boolean `(rejected, prefix + rejected)` mask (True = attend) of the rejected tail over `[prefix | rejected]`.
+
+    Rejected token `j` sits at position `prefix + j` of its sequence, so it attends to key `k` iff `k <= prefix + j`
+    (causal attention aligned to the bottom-right corner), and, with a sliding `window`, iff also
+    `prefix + j - k < window` (transformers' sliding-window rule: a query sees its `window` most recent keys).
+    """
+    q = torch.arange(rejected, device=device)[:, None] + prefix
+    k = torch.arange(prefix + rejected, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= q - k < window
+    return allowed
+
+
+def _windowed_causal_mask(length: int, window: int, device) -> torch.Tensor:
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    return (k <= q) & (q - k < window)
+
+
+@dataclass
+class PairBlocks:
+    """Where every pair sits in the packed row: `(start, prefix, chosen, rejected)` token counts per pair.
+
+    Python ints, so that no layer has to synchronise with the device to read them. The pairs cover the row exactly:
+    pair `i` starts where pair `i - 1` ends, and the last one ends at the row's last token.
+    """
+
+    spans: list[tuple[int, int, int, int]]
+    device: torch.device | str = "cpu"
+    calls: int = 0  # attention layers that computed pair blocks (checked after the forward: see `check_used`)
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return sum(p + a + r for _, p, a, r in self.spans)
+
+    def marker(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The `attention_mask` to pass to the LLM: an empty 4-D tensor carrying this layout."""
+        marker = torch.empty((1, 1, 0, 0), dtype=dtype, device=self.device)
+        setattr(marker, MARKER_ATTRIBUTE, self)
+        return marker
+
+    def _mask(self, kind: str, a: int, b: int, window: int | None) -> torch.Tensor:
+        # Built once per forward and shared by every layer (and by the backward's recomputation).
+        key = (kind, a, b, window)
+        if key not in self._masks:
+            if kind == "rejected":
+                self._masks[key] = rejected_mask(a, b, window, device=self.device)
+            else:
+                self._masks[key] = _windowed_causal_mask(a, window, device=self.device)
+        return self._masks[key]
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """Attention of every pair over its own blocks. `query` `(1, heads, tokens, head_dim)`, `key`/`value`
+        `(1, kv_heads, tokens, head_dim)`; returns `((1, tokens, heads, head_dim), None)` like transformers' sdpa.
+
+        Raises `ValueError` for what sdpa cannot express either (logit soft-capping, attention sinks) and when the
+        tensors do not cover the layout (a marker given to a model it was not built for).
+        """
+        for unsupported in ("softcap", "s_aux"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"Pair-block attention does not support `{unsupported}`; use padding_free=False.")
+        if query.shape[0] != 1 or query.shape[2] != self.tokens or key.shape[2] != self.tokens:
+            raise ValueError(
+                f"Pair-block attention expects one packed row of {self.tokens} tokens, got queries "
+                f"{tuple(query.shape)} and keys {tuple(key.shape)} (a cache or another layout is not supported)."
+            )
+        self.calls += 1
+        groups = getattr(module, "num_key_value_groups", 1)
+        if groups > 1:  # grouped-query attention: the kv heads serve `groups` query heads each
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        outputs = []
+        for start, prefix, chosen, rejected in self.spans:
+            head = prefix + chosen
+            q, k, v = (t[:, :, start : start + head] for t in (query, key, value))
+            if sliding_window is not None and head > sliding_window:
+                mask = self._mask("causal", head, 0, sliding_window)
+                outputs.append(sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
+            else:
+                outputs.append(sdpa(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling))
+            if rejected:
+                tail = slice(start + head, start + head + rejected)
+                q = query[:, :, tail]
+                k = torch.cat([key[:, :, start : start + prefix], key[:, :, tail]], dim=2)
+                v = torch.cat([value[:, :, start : start + prefix], value[:, :, tail]], dim=2)
+                mask = self._mask("rejected", prefix, rejected, sliding_window)
+                outputs.append(sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
+        out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        return out.transpose(1, 2).contiguous(), None
+
+    def check_used(self, model_name: str) -> None:
+        """Raise if no attention layer computed pair blocks during the forward: the LLM's attention does not go
+        through transformers' `sdpa` function (custom remote code, say) and may have ignored the mask, attending
+        across pairs."""
+        if self.calls == 0:
+            raise RuntimeError(
+                f"padding_free: the attention layers of {model_name} did not go through transformers' registered "
+                "`sdpa` attention function, so the pairs packed into one row may have attended to each other. Set "
+                "`padding_free: false` (or attn_implementation: eager) for this model."
+            )
+
+
+def pair_blocks_of(attention_mask) -> PairBlocks | None:
+    return getattr(attention_mask, MARKER_ATTRIBUTE, None) if attention_mask is not None else None
+
+
+def _wrap(original):
+    def pair_block_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+        blocks = pair_blocks_of(attention_mask)
+        if blocks is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        return blocks.attend(module, query, key, value, *args, **kwargs)
+
+    pair_block_sdpa.pivot_wrapped = original
+    return pair_block_sdpa
+
+
+def install_pair_attention() -> None:
+    """Wrap transformers' registered `sdpa` attention function (once per process) so that it understands
+    `PairBlocks.marker` masks. Every other call goes to the original function unchanged."""
+    from transformers import AttentionInterface
+
+    current = AttentionInterface._global_mapping["sdpa"]
+    if getattr(current, "pivot_wrapped", None) is None:
+        AttentionInterface.register("sdpa", _wrap(current))
+
+
+__all__ = ["PairBlocks", "install_pair_attention", "pair_blocks_of", "rejected_mask"]
