@@ -10,7 +10,9 @@ Stages (each with its own time limit carved from the budget, each recorded as ok
 2. zero3:  3 DPO steps of `recipes/dpo.py` via `accelerate launch`, `accelerate_configs/zero3.yaml`, 1 process, bf16.
 3. fsdp2:  the same with `accelerate_configs/fsdp2.yaml` (`--tiny` on CPU: 2 gloo processes, fp32).
 4. throughput: `benchmarks/dpo_throughput.py --setting gpu` (`--tiny` on CPU), 1 repeat.
-5. throughput_liger: the same with `--liger` (Triton kernels: CUDA only).
+5. throughput_mmpr: the same on MMPR-like heavy-tailed lengths at 8 pairs per batch (`--lengths mmpr --batch-pairs 8`:
+   padding-free pairs against the stock path's padded rows).
+6. throughput_liger: the same as 4 with `--liger` (Triton kernels: CUDA only).
 
 Without CUDA, what needs it is skipped with the reason printed; everything else runs the same code as on the GPU.
 """
@@ -192,7 +194,7 @@ class Check:
             result["status"] = "failed"
             result["reason"] = "the run ended without its report"
 
-    def throughput(self, stage: str, liger: bool, limit_s: float) -> None:
+    def throughput(self, stage: str, liger: bool, limit_s: float, extra: tuple[str, ...] = ()) -> None:
         if liger:
             if not self.cuda:
                 return self.skip(stage, "Liger kernels are Triton GPU kernels: CUDA only")
@@ -208,6 +210,7 @@ class Check:
             cmd.append("--tiny")
         if liger:
             cmd.append("--liger")
+        cmd += list(extra)
         result = self.run(stage, cmd, limit_s)
         if summary.exists():
             result["summary"] = json.loads(summary.read_text())
@@ -263,7 +266,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--budget-s", type=float, default=None, help="wall-clock budget for all stages (540; tiny 2400)"
     )
-    parser.add_argument("--stages", default="zero3,fsdp2,throughput,throughput_liger", help="comma-separated subset")
+    parser.add_argument(
+        "--stages", default="zero3,fsdp2,throughput,throughput_mmpr,throughput_liger", help="comma-separated subset"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +280,7 @@ def main(argv=None) -> int:
     model = check.build()
     if model is None:
         return check.finish()
-    # Limits at the real shape: build 240 s (cached on a rerun with the same --work), 2 x 100 s, 2 x 90 s; the 540 s
+    # Limits at the real shape: build 240 s (cached on a rerun with the same --work), 2 x 100 s, 3 x 90 s; the 540 s
     # budget caps the later stages if the build is slow (rerun them with --stages and the same --work).
     wanted = set(args.stages.split(","))
     if "zero3" in wanted:
@@ -284,6 +289,8 @@ def main(argv=None) -> int:
         check.dpo_steps("fsdp2", "fsdp2.yaml", model, 100)
     if "throughput" in wanted:
         check.throughput("throughput", liger=False, limit_s=90)
+    if "throughput_mmpr" in wanted:
+        check.throughput("throughput_mmpr", liger=False, limit_s=90, extra=("--lengths", "mmpr", "--batch-pairs", "8"))
     if "throughput_liger" in wanted:
         check.throughput("throughput_liger", liger=True, limit_s=90)
     return check.finish()

@@ -7,8 +7,9 @@
 #
 # It installs the carried wheels into /tmp/site (never into the machine's Python), then runs benchmarks/gpu/check.py:
 # 3 PIVOT DPO steps through `accelerate launch` under ZeRO-3 and under FSDP2 (one process), the DPO throughput
-# benchmark with and without Liger, and writes gpu_check.json, gpu_check.md and gpu_check.log under $OUT (default
-# ./gpu-check-out). Extra arguments go to check.py (e.g. `--stages fsdp2,throughput` for a rerun).
+# benchmark (with and without Liger, and on MMPR-like lengths at 8 pairs per batch), and writes gpu_check.json,
+# gpu_check.md and gpu_check.log under $OUT (default ./gpu-check-out). Extra arguments go to check.py (e.g.
+# `--stages fsdp2,throughput` for a rerun).
 set -u -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT" || exit 1
