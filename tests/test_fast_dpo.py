@@ -488,3 +488,28 @@ def test_attention_that_ignores_the_pair_layout_is_refused(tiny, monkeypatch):
     inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
     with pytest.raises(RuntimeError, match="did not go through transformers' registered `sdpa`"):
         model(**inputs, use_cache=False)
+
+
+@pytest.mark.parametrize("attn, padding_free", [("sdpa", True), ("eager", True), ("sdpa", False)])
+def test_sliding_window_shorter_than_a_pair_matches_plain(tiny, attn, padding_free):
+    """Qwen2 with a sliding window on some layers only (`max_window_layers`), shorter than every pair: pair-block
+    attention applies each layer's window; the dense block mask (one tensor for all layers) cannot, so those batches
+    must take a path whose masks transformers builds per layer. Log-probs and gradients equal the plain forward."""
+    from transformers import AutoConfig
+
+    path, processor = tiny
+    config = AutoConfig.from_pretrained(path)
+    text = {k: v for k, v in config.text_config.to_dict().items() if k != "layer_types"}
+    text.update(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    config.text_config = type(config.text_config)(**text)
+    assert config.text_config.layer_types == ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    model = PivotForConditionalGeneration.from_pretrained(
+        path, config=config, dtype=torch.float32, attn_implementation=attn
+    )
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_mixed_rows()))
+    plain = _logps_and_grads(model, batch, position_ids=_plain_positions(batch))
+    install_pair_forward(model, padding_free=padding_free)
+    with compact_lm_head_scoring(True):
+        _assert_close(plain, _logps_and_grads(model, batch))

@@ -353,3 +353,64 @@ def test_sharded_parameters_sum_over_ranks(tmp_path):
     assert rank0["update_norm/projector"] == pytest.approx(0.01, rel=1e-4)  # x -> 1.01 x: |0.01 x| / |x|
     assert rank0["update_norm/language_model"] == 0.0  # frozen, unchanged
     assert rank0["lr/vision_tower"] == 1e-3 and rank0["lr/projector"] == 5e-4
+
+
+class _Parts(torch.nn.Module):
+    """Parameters named like a Pivot model's parts: a vision tower, a frozen projector, an LLM with a 151k x 8
+    embedding (far more than one 64k-element norm piece) and a small bias."""
+
+    def __init__(self, dtype, bf16_values):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+
+        def param(*shape, trainable=True):
+            values = torch.randn(*shape, generator=g)
+            if bf16_values:  # fp32 weights loaded from a bf16 checkpoint: every value is bf16-representable
+                values = values.bfloat16().float()
+            return torch.nn.Parameter(values.to(dtype), requires_grad=trainable)
+
+        self.vision_tower = torch.nn.ParameterDict({"w": param(300, 70), "b": param(7)})
+        self.multi_modal_projector = torch.nn.ParameterDict({"w": param(40, 30, trainable=False)})
+        self.language_model = torch.nn.ParameterDict({"embed": param(151_936, 8), "b": param(5)})
+
+
+@pytest.mark.parametrize(
+    "dtype, bf16_values, step",
+    [
+        (torch.float32, False, 1e-3),
+        (torch.float32, True, 1e-3),  # the CPU fp32 norm kernel drifts by ~3e-6 on such values
+        (torch.bfloat16, False, 1e-3),
+        (torch.bfloat16, False, 2.0),  # weights change sign: the bf16 difference is not a bf16 value
+    ],
+)
+def test_update_norms_equal_a_float64_computation(dtype, bf16_values, step):
+    """`update_norm/<part>` of one optimizer step equals ||after - before|| / ||before|| computed in float64 from the
+    weights (rel 1e-6), for fp32 and bf16 weights; a frozen part logs exactly 0."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import IntervalStrategy
+
+    model = _Parts(dtype, bf16_values)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=step)
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, is_world_process_zero=lambda: True)
+    callback = monitor.UpdateNormCallback(trainer)
+    args = SimpleNamespace(logging_strategy=IntervalStrategy.STEPS, logging_first_step=True)
+    state = SimpleNamespace(global_step=0, logging_steps=1)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    for p in trainable:
+        p.grad = torch.randn(p.shape, generator=g).to(dtype) * p.detach().abs().mean()
+    callback.on_pre_optimizer_step(args, state, None)
+    optimizer.step()
+    callback.on_step_end(args, state, None)
+    metrics = callback.pop_metrics()
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    by_part = _by_part(before)
+    for part in ("vision_tower", "language_model"):
+        expected = _relative_update(before, after, by_part[part])
+        assert expected > 0
+        assert metrics[f"update_norm/{part}"] == pytest.approx(expected, rel=1e-6, abs=0), part
+    assert metrics["update_norm/projector"] == 0.0

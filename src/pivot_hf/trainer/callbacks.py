@@ -11,7 +11,8 @@
   warning) when something outside the optimizer changed them. Cost: on logged steps only, one transient copy of the
   trainable weights (of the local shard under ZeRO-3/FSDP), taken after the backward pass so it does not add to the
   activation peak (under DeepSpeed, which steps inside the backward, before the forward), turned into the update in
-  place, and multi-tensor norm kernels over 64k-element pieces; no extra forward.
+  place (half-precision weights in fp32, 64 MiB at a time), and multi-tensor norm kernels over 64k-element
+  pieces; no extra forward.
 - `lr/<part>`: the learning rate each part's parameter group used on that step (the Trainer logs group 0 only).
 
 At the end of `train()`, rank 0 draws `training_curves.png` into `output_dir` from `state.log_history` (matplotlib's
@@ -53,15 +54,38 @@ def _chunks(tensor: torch.Tensor):
         yield flat[start : start + _CHUNK].double()
 
 
-_PIECE = 1 << 16  # elements per norm: one fp32 accumulation over millions of values drifts by ~1e-3 relative
+_PIECE = 1 << 16  # elements per norm, so that one multi-tensor call spreads over many blocks/threads
+_GROUP = 256  # pieces per multi-tensor call: half-precision pieces are widened one group (64 MiB of fp32) at a time
 
 
-def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of the squared values of `tensors` (float64 scalar): multi-tensor fp32 norms of 64k-element views of the
-    flattened tensors (no copy, any weight dtype; relative error ~1e-7), combined in float64."""
-    pieces = [piece for tensor in tensors for piece in tensor.reshape(-1).split(_PIECE)]
-    norms = torch._foreach_norm(pieces, 2, dtype=torch.float32)
-    return torch.stack(norms).double().square().sum()
+def _wide(piece: torch.Tensor) -> torch.Tensor:
+    # The difference of two bf16/fp16 weights is often not representable in their dtype (a weight that changes sign
+    # or doubles); in fp32 it is exact or within 2^-24. fp32/fp64 pieces are returned as they are (no copy).
+    return piece if piece.dtype in (torch.float32, torch.float64) else piece.float()
+
+
+def _sum_of_squares(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the squared values of `pieces` (tensors of at most `_PIECE` elements, any float dtype), a float64 scalar.
+
+    The norms accumulate in float64 inside the kernel (no copy): the CPU kernel's fp32 accumulation drifts by ~7e-6
+    relative over 64k values that are bf16-representable (weights loaded from a bf16 checkpoint), float64 by ~1e-16,
+    at about twice the time of fp32."""
+    return torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float64)).square().sum()
+
+
+def _update_and_weight(now: list[torch.Tensor], then: list[torch.Tensor]) -> torch.Tensor:
+    """`(||now - then||^2, ||then||^2)` over paired flat tensors, float64 `(2,)` on their device. `then` (the snapshot)
+    may be overwritten: fp32 pieces are turned into the update in place, so no copy of the model is made."""
+    pieces_now = [piece for tensor in now for piece in tensor.split(_PIECE)]
+    pieces_then = [piece for tensor in then for piece in tensor.split(_PIECE)]
+    total = torch.zeros(2, dtype=torch.float64, device=now[0].device)
+    for start in range(0, len(pieces_now), _GROUP):
+        after = [_wide(piece) for piece in pieces_now[start : start + _GROUP]]
+        before = [_wide(piece) for piece in pieces_then[start : start + _GROUP]]
+        weight = _sum_of_squares(before)
+        torch._foreach_sub_(before, after)
+        total += torch.stack([_sum_of_squares(before), weight])
+    return total
 
 
 def _group_part(group: dict, names_by_id: dict[int, str]) -> str | None:
@@ -186,11 +210,7 @@ class UpdateNormCallback(TrainerCallback):
                 continue
             now = [t.detach().reshape(-1) for t, _ in pairs]
             then = [t.reshape(-1) for _, t in pairs]
-            # The weight norms first, then the snapshot turns into the update in place (no temporary copy of the
-            # model; two close floats subtract exactly, so the update is exact before its norm is taken).
-            weight = _sum_of_squares(then)
-            torch._foreach_sub_(then, now)
-            sums[i] += torch.stack([_sum_of_squares(then), weight]).to(sums.device)
+            sums[i] += _update_and_weight(now, then).to(sums.device)
         # ... then the frozen tensors' checksums before and after the step.
         frozen_before = torch.stack([snapshot["frozen"][p][1] for p in parts])
         frozen_after = torch.stack([self._checksum(snapshot["frozen"][p][0]) for p in parts])

@@ -310,6 +310,34 @@ def _image_token_counts_match(input_ids, image_token_id, half_rows) -> bool:
     return torch.equal(counts[:half_rows], counts[half_rows:])
 
 
+def _layer_kinds(text_config) -> set[str]:
+    """The kinds of sequence mixing in the LLM's layers (`layer_types` where the config lists them, else full or
+    sliding attention from `sliding_window`, as Mistral and Phi-3 decide)."""
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        return set(layer_types)
+    return {"sliding_attention" if getattr(text_config, "sliding_window", None) is not None else "full_attention"}
+
+
+# Pair-block attention takes each layer's window from the attention call; transformers builds the packed rows' masks
+# per layer kind. The dense block mask is one 4-D tensor for every layer, so it can express full attention only.
+_PAIR_BLOCK_KINDS = {"full_attention", "sliding_attention"}
+_DENSE_MASK_KINDS = {"full_attention"}
+_fallback_logged: set[tuple] = set()
+
+
+def _log_fallback_once(kinds: set[str], layout: str) -> None:
+    key = (tuple(sorted(kinds)), layout)
+    if key not in _fallback_logged:
+        _fallback_logged.add(key)
+        logger.warning(
+            "Fast DPO: the LLM has %s layers, which the %s cannot express; those batches take a path whose masks "
+            "transformers builds per layer (exact, without that speed-up).",
+            ", ".join(sorted(kinds)),
+            layout,
+        )
+
+
 def pair_forward(
     model,
     input_ids=None,
@@ -365,12 +393,24 @@ def pair_forward(
         features = list(half)
 
     plan = None
-    attn_impl = getattr(model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
+    text_config = model.config.get_text_config()
+    attn_impl = getattr(text_config, "_attn_implementation", None) or "sdpa"
+    pair_blocks = padding_free and attn_impl == "sdpa"
+    # A sliding window (per layer, e.g. Qwen2's `max_window_layers`) or a layer that is not attention (linear
+    # attention, Mamba, ...) would see a layout that ignores it and mix tokens across the pair's blocks.
+    kinds = _layer_kinds(text_config)
+    layout_ok = kinds <= (_PAIR_BLOCK_KINDS if pair_blocks else _DENSE_MASK_KINDS)
     if share_prefix and position_ids is None and attn_impl in ("eager", "sdpa"):
-        plan = plan_pairs(input_ids, attention_mask, image_token_id)
+        if layout_ok:
+            plan = plan_pairs(input_ids, attention_mask, image_token_id)
+        else:
+            _log_fallback_once(kinds, "pair-block attention" if pair_blocks else "dense block mask of a shared prefix")
     if plan is None:
         spans = None
-        if padding_free and position_ids is None and input_ids is not None and input_ids.dim() == 2:
+        varlen_ok = kinds <= _PAIR_BLOCK_KINDS  # transformers' packed-sequence masks cover full and sliding layers
+        if padding_free and not varlen_ok:
+            _log_fallback_once(kinds, "padding-free packing")
+        if padding_free and varlen_ok and position_ids is None and input_ids is not None and input_ids.dim() == 2:
             spans = _row_spans(attention_mask, input_ids.shape[0], input_ids.shape[1], input_ids.device)
         if spans is not None:
             varlen_rows = None if attn_impl not in ("eager", "sdpa") else (max_row_tokens or int(spans[1].max()))
@@ -385,7 +425,7 @@ def pair_forward(
         return model(inputs_embeds=model.get_input_embeddings()(input_ids), **{**plain, "input_ids": None})
 
     dtype = model.get_input_embeddings().weight.dtype
-    if padding_free and attn_impl == "sdpa":
+    if pair_blocks:
         # One row without padding, attention computed pair by pair (pair_attention.PairBlocks).
         install_pair_attention()
         packed = pack_pairs(plan, input_ids, single_row=True)
