@@ -378,14 +378,14 @@ class _Parts(torch.nn.Module):
     "dtype, bf16_values, step",
     [
         (torch.float32, False, 1e-3),
-        (torch.float32, True, 1e-3),  # the CPU fp32 norm kernel drifts by ~3e-6 on such values
+        (torch.float32, True, 1e-3),  # the CPU fp32 norm kernel drifts most (~3e-6) on such values
         (torch.bfloat16, False, 1e-3),
         (torch.bfloat16, False, 2.0),  # weights change sign: the bf16 difference is not a bf16 value
     ],
 )
 def test_update_norms_equal_a_float64_computation(dtype, bf16_values, step):
     """`update_norm/<part>` of one optimizer step equals ||after - before|| / ||before|| computed in float64 from the
-    weights (rel 1e-6), for fp32 and bf16 weights; a frozen part logs exactly 0."""
+    weights (rel 1e-5: fp32 norms of 64k-element pieces), for fp32 and bf16 weights; a frozen part logs exactly 0."""
     from types import SimpleNamespace
 
     from transformers.trainer_utils import IntervalStrategy
@@ -412,5 +412,5 @@ def test_update_norms_equal_a_float64_computation(dtype, bf16_values, step):
     for part in ("vision_tower", "language_model"):
         expected = _relative_update(before, after, by_part[part])
         assert expected > 0
-        assert metrics[f"update_norm/{part}"] == pytest.approx(expected, rel=1e-6, abs=0), part
+        assert metrics[f"update_norm/{part}"] == pytest.approx(expected, rel=1e-5, abs=0), part
     assert metrics["update_norm/projector"] == 0.0
