@@ -62,6 +62,13 @@ class PairBlocks:
     calls: int = 0  # attention layers that computed pair blocks (checked after the forward: see `check_used`)
     _masks: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        end = 0
+        for start, prefix, chosen, rejected in self.spans:
+            if start != end or min(prefix, chosen, rejected) < 0 or prefix + chosen == 0:
+                raise ValueError(f"Pair spans must tile the row from token 0 in order, got {self.spans}.")
+            end = start + prefix + chosen + rejected
+
     @property
     def tokens(self) -> int:
         return sum(p + a + r for _, p, a, r in self.spans)
@@ -109,28 +116,34 @@ class PairBlocks:
             )
         self.calls += 1
         groups = getattr(module, "num_key_value_groups", 1)
-        if groups > 1:  # grouped-query attention: the kv heads serve `groups` query heads each
-            key = key.repeat_interleave(groups, dim=1)
-            value = value.repeat_interleave(groups, dim=1)
+
+        def widen(t: torch.Tensor) -> torch.Tensor:
+            # Masked calls get the kv heads repeated for their query heads (fused kernels take grouped-query heads
+            # only without a mask); the unmasked causal calls pass `enable_gqa` instead and copy nothing.
+            return t.repeat_interleave(groups, dim=1) if groups > 1 else t
+
         sdpa = torch.nn.functional.scaled_dot_product_attention
+        # One split per tensor into [prefix + chosen, rejected] chunks, pair after pair: views whose backward is one
+        # concatenation (slicing the whole row per pair would back-propagate a row-sized zero tensor per slice).
+        sizes = [size for _, prefix, chosen, rejected in self.spans for size in (prefix + chosen, rejected)]
+        queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
         outputs = []
-        for start, prefix, chosen, rejected in self.spans:
-            head = prefix + chosen
-            q, k, v = (t[:, :, start : start + head] for t in (query, key, value))
-            if sliding_window is not None and head > sliding_window:
-                mask = self._mask("causal", head, 0, sliding_window)
-                outputs.append(sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
+        for i, (_, prefix, chosen, rejected) in enumerate(self.spans):
+            q, k, v = queries[2 * i], keys[2 * i], values[2 * i]
+            if sliding_window is not None and prefix + chosen > sliding_window:
+                mask = self._mask("causal", prefix + chosen, 0, sliding_window)
+                outputs.append(sdpa(q, widen(k), widen(v), attn_mask=mask, dropout_p=dropout, scale=scaling))
             else:
-                outputs.append(sdpa(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling))
+                outputs.append(sdpa(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1))
             if rejected:
-                tail = slice(start + head, start + head + rejected)
-                q = query[:, :, tail]
-                k = torch.cat([key[:, :, start : start + prefix], key[:, :, tail]], dim=2)
-                v = torch.cat([value[:, :, start : start + prefix], value[:, :, tail]], dim=2)
+                k_rejected = widen(torch.cat([k[:, :, :prefix], keys[2 * i + 1]], dim=2))
+                v_rejected = widen(torch.cat([v[:, :, :prefix], values[2 * i + 1]], dim=2))
                 mask = self._mask("rejected", prefix, rejected, sliding_window)
-                outputs.append(sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
-        out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-        return out.transpose(1, 2).contiguous(), None
+                outputs.append(
+                    sdpa(queries[2 * i + 1], k_rejected, v_rejected, attn_mask=mask, dropout_p=dropout, scale=scaling)
+                )
+        # `(1, heads, n, head_dim)` chunks -> `(1, tokens, heads, head_dim)` in one copy.
+        return torch.cat([out.transpose(1, 2) for out in outputs], dim=1), None
 
     def check_used(self, model_name: str) -> None:
         """Raise if no attention layer computed pair blocks during the forward: the LLM's attention does not go
