@@ -370,6 +370,11 @@ def _tolerance(key: str, metrics: dict, beta: float) -> float:
         # (|mean| ~ 1e-6 on the tiny models), so its relative error is no measure; 1e-9 absolute is still three
         # orders below the logits' own rounding (packed and plain forwards sum in different orders).
         return 1e-9
+    if key == "grad_norm":
+        # The norm of a gradient that went through the whole backward pass: the pair forward (shared prefix, pairs
+        # packed into one row, attention per pair) sums in other orders than the plain one, which the project bounds
+        # at 1e-5 relative per gradient tensor (tests/test_fast_dpo.py); seen here: up to 2.5e-6.
+        return 1e-5 * abs(metrics[key])
     if "rewards/" not in key:
         return 1e-12
     prefix = key[: key.index("rewards/")]
