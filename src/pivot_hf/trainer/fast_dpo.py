@@ -159,15 +159,14 @@ def pack_pairs(
     tail_a = lengths[:pairs] - prefix
     tail_b = lengths[pairs:] - prefix
     packed_len = prefix + tail_a + tail_b
+    block_start = torch.cumsum(packed_len, 0) - packed_len  # where each pair starts when packed back to back
     if single_row:
-        offset_of = torch.cumsum(packed_len, 0) - packed_len
-        row_of, width, n_rows = torch.zeros_like(offset_of), int(packed_len.sum()), 1
+        offset_of, row_of, width, n_rows = block_start, torch.zeros_like(block_start), int(packed_len.sum()), 1
     else:
         row_of, offset_of, width, n_rows = _place_units(packed_len, padding_free, max_row_tokens)
 
     # Every packed token: its pair, its offset inside the pair's block, its segment (0 prefix, 1 chosen, 2 rejected).
     unit = torch.repeat_interleave(torch.arange(pairs, device=device), packed_len)
-    block_start = torch.cumsum(packed_len, 0) - packed_len
     local = torch.arange(unit.numel(), device=device) - block_start[unit]
     p, ta = prefix[unit], tail_a[unit]
     seg = torch.where(local < p, 0, torch.where(local < p + ta, 1, 2))

@@ -8,7 +8,7 @@ the whole row would make attention quadratic in the batch, so it is computed per
 `scaled_dot_product_attention` calls per pair and layer:
 
 - queries `[prefix | chosen]` over keys `[prefix | chosen]` with `is_causal=True` (no mask: the fused kernels apply);
-- queries `[rejected]` over keys `[prefix | rejected]` with the bottom-right-aligned causal mask (`rejected_mask`).
+- queries `[rejected]` over keys `[prefix | rejected]` with the bottom-right-aligned causal mask (`tail_mask`).
 
 This is the varlen ("cu_seqlens") layout of flash-attention-2 with the chosen/rejected fork added, on any device that
 runs sdpa. The layout reaches the attention functions through the 4-D `attention_mask` argument, which transformers'
@@ -28,25 +28,21 @@ import torch
 MARKER_ATTRIBUTE = "pivot_pair_blocks"
 
 
-def rejected_mask(prefix: int, rejected: int, window: int | None = None, device=None) -> torch.Tensor:
-    """Boolean `(rejected, prefix + rejected)` mask (True = attend) of the rejected tail over `[prefix | rejected]`.
+def tail_mask(prefix: int, tail: int, window: int | None = None, device=None) -> torch.Tensor:
+    """Boolean `(tail, prefix + tail)` mask (True = attend) of `tail` queries over `[prefix | tail]` keys.
 
-    Rejected token `j` sits at position `prefix + j` of its sequence, so it attends to key `k` iff `k <= prefix + j`
+    Tail token `j` sits at position `prefix + j` of its sequence, so it attends to key `k` iff `k <= prefix + j`
     (causal attention aligned to the bottom-right corner), and, with a sliding `window`, iff also
-    `prefix + j - k < window` (transformers' sliding-window rule: a query sees its `window` most recent keys).
+    `prefix + j - k < window` (transformers' sliding-window rule: a query sees its `window` most recent keys). The
+    rejected tail over `[prefix | rejected]` is `tail_mask(prefix, rejected)`; `[prefix | chosen]` under a window is
+    `tail_mask(0, prefix + chosen, window)`.
     """
-    q = torch.arange(rejected, device=device)[:, None] + prefix
-    k = torch.arange(prefix + rejected, device=device)[None, :]
+    q = torch.arange(tail, device=device)[:, None] + prefix
+    k = torch.arange(prefix + tail, device=device)[None, :]
     allowed = k <= q
     if window is not None:
         allowed &= q - k < window
     return allowed
-
-
-def _windowed_causal_mask(length: int, window: int, device) -> torch.Tensor:
-    q = torch.arange(length, device=device)[:, None]
-    k = torch.arange(length, device=device)[None, :]
-    return (k <= q) & (q - k < window)
 
 
 @dataclass
@@ -79,14 +75,11 @@ class PairBlocks:
         setattr(marker, MARKER_ATTRIBUTE, self)
         return marker
 
-    def _mask(self, kind: str, a: int, b: int, window: int | None) -> torch.Tensor:
+    def _mask(self, prefix: int, tail: int, window: int | None) -> torch.Tensor:
         # Built once per forward and shared by every layer (and by the backward's recomputation).
-        key = (kind, a, b, window)
+        key = (prefix, tail, window)
         if key not in self._masks:
-            if kind == "rejected":
-                self._masks[key] = rejected_mask(a, b, window, device=self.device)
-            else:
-                self._masks[key] = _windowed_causal_mask(a, window, device=self.device)
+            self._masks[key] = tail_mask(prefix, tail, window, device=self.device)
         return self._masks[key]
 
     def attend(
@@ -131,14 +124,14 @@ class PairBlocks:
         for i, (_, prefix, chosen, rejected) in enumerate(self.spans):
             q, k, v = queries[2 * i], keys[2 * i], values[2 * i]
             if sliding_window is not None and prefix + chosen > sliding_window:
-                mask = self._mask("causal", prefix + chosen, 0, sliding_window)
+                mask = self._mask(0, prefix + chosen, sliding_window)
                 outputs.append(sdpa(q, widen(k), widen(v), attn_mask=mask, dropout_p=dropout, scale=scaling))
             else:
                 outputs.append(sdpa(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1))
             if rejected:
                 k_rejected = widen(torch.cat([k[:, :, :prefix], keys[2 * i + 1]], dim=2))
                 v_rejected = widen(torch.cat([v[:, :, :prefix], values[2 * i + 1]], dim=2))
-                mask = self._mask("rejected", prefix, rejected, sliding_window)
+                mask = self._mask(prefix, rejected, sliding_window)
                 outputs.append(
                     sdpa(queries[2 * i + 1], k_rejected, v_rejected, attn_mask=mask, dropout_p=dropout, scale=scaling)
                 )
@@ -182,4 +175,4 @@ def install_pair_attention() -> None:
         AttentionInterface.register("sdpa", _wrap(current))
 
 
-__all__ = ["PairBlocks", "install_pair_attention", "pair_blocks_of", "rejected_mask"]
+__all__ = ["PairBlocks", "install_pair_attention", "pair_blocks_of", "tail_mask"]
