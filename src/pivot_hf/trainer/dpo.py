@@ -30,35 +30,56 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
 
     _tag_names = ["trl", "dpo", "pivot"]
 
-    def __init__(self, model, ref_model=None, args=None, *trainer_args, after_tunable_parts=None, **kwargs):
-        if args is None:
-            from ..configs import PivotDPOConfig
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        *,
+        after_tunable_parts=None,
+    ):
+        from ..configs import PivotDPOConfig
 
-            args = PivotDPOConfig(output_dir="pivot-dpo")
-        else:
-            from ..configs import PivotDPOConfig
-
-            args = as_pivot_config(args, PivotDPOConfig)
-        train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        args = PivotDPOConfig(output_dir="pivot-dpo") if args is None else as_pivot_config(args, PivotDPOConfig)
         if ref_model is not None and ref_model is not model:
             check_reference_model(model, ref_model, "ref_model")
             ref_model.requires_grad_(False)
             ref_model.eval()
-        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
-        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
         check_model_processor(getattr(model, "config", None), processing_class)
         self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
-        if ref_model is None and _needs_reference_copy(model, args, kwargs):
+        if ref_model is None and _needs_reference_copy(model, args, peft_config):
             # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a
             # copy of the model as passed is the reference TRL means. (Precompute and PEFT need no separate model.)
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-        super().__init__(model, ref_model, args, *trainer_args, **kwargs)
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
 
 
-def _needs_reference_copy(model, args, kwargs) -> bool:
+def _needs_reference_copy(model, args, peft_config) -> bool:
     if isinstance(model, str) or args.precompute_ref_log_probs:
         return False
-    if kwargs.get("peft_config") is not None or is_peft_model(model):
+    if peft_config is not None or is_peft_model(model):
         return False
     # Under DeepSpeed ZeRO-3 parameters are partitioned and cannot be deep-copied: TRL's reload from the checkpoint
     # path is the way there.

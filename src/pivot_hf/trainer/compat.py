@@ -1,0 +1,85 @@
+"""The private names of transformers and TRL that pivot_hf's trainers still rely on, in one place.
+
+Each is looked up once, when this module is imported; a release that removes or reshapes one makes the import fail
+loudly, naming the name and the tested version range, instead of a feature silently turning off. Nothing else in
+pivot_hf assigns into another library's module or private attribute (`tests/test_seams.py` greps for it), and
+docs/architecture.md lists every remaining touch with its guard.
+
+- `trl.trainer.utils._use_triton`: TRL's fused LM head scores only the positions with a label when it returns True
+  (on CUDA/XPU); elsewhere it scores every position. `compact_lm_head_scoring` makes it True for the scope of our
+  forwards, on every device (the math is TRL's own).
+- `transformers.Trainer._get_output_dir`, called by `Trainer._save_checkpoint` for the run folder: the atomic
+  checkpoints stage a save by overriding it for the duration of that call (`checkpointing.AtomicCheckpointMixin`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as metadata
+import inspect
+
+import transformers
+import trl.trainer.utils as trl_utils
+
+
+TESTED = "transformers >=5.18,<5.26 and trl >=1.16,<1.17"
+
+
+def _installed() -> str:
+    return f"transformers {transformers.__version__}, trl {metadata.version('trl')}"
+
+
+def _missing(what: str, why: str) -> ImportError:
+    return ImportError(
+        f"pivot_hf's trainers need {what}, which the installed {_installed()} does not provide ({why}). They are "
+        f"tested with {TESTED}: install a tested version."
+    )
+
+
+_USE_TRITON = getattr(trl_utils, "_use_triton", None)
+if not callable(_USE_TRITON):
+    raise _missing("`trl.trainer.utils._use_triton`", "the switch of the fused LM head's compact scoring")
+
+
+def _check_checkpoint_output_dir() -> None:
+    """`Trainer._save_checkpoint` must take its run folder from `self._get_output_dir`: otherwise a staged save would
+    be written in place, never marked complete, and automatic resume would silently start fresh."""
+    from transformers import Trainer
+
+    try:
+        source = inspect.getsource(Trainer._save_checkpoint)
+    except (OSError, TypeError) as error:  # no source (a frozen install): the save-time check still guards it
+        if not hasattr(Trainer, "_get_output_dir"):
+            raise _missing("`Trainer._get_output_dir`", "the run folder of a checkpoint") from error
+        return
+    if not hasattr(Trainer, "_get_output_dir") or "self._get_output_dir(" not in source:
+        raise _missing(
+            "`Trainer._save_checkpoint` to take its run folder from `Trainer._get_output_dir`",
+            "the atomic checkpoints stage each save there",
+        )
+
+
+_check_checkpoint_output_dir()
+
+
+@contextlib.contextmanager
+def compact_lm_head_scoring(enabled: bool = True):
+    """Make TRL's fused LM head score only positions with a label (what it does on CUDA) on every device.
+
+    TRL scores every position off CUDA so that Neuron graphs keep static shapes; on CPU that projects hundreds of image
+    and prompt tokens through the vocabulary for nothing. The math is TRL's own, only the gather of positions changes.
+    The switch is TRL's module-level function, so it holds for the process while the scope lasts and is restored on
+    exit, exception or not.
+    """
+    if not enabled:
+        yield
+        return
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+__all__ = ["TESTED", "compact_lm_head_scoring"]
