@@ -15,6 +15,7 @@ import difflib
 import os
 from dataclasses import dataclass, field
 
+from transformers.utils import is_torch_cuda_available
 from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 
@@ -169,6 +170,36 @@ class PivotModelConfig(ModelConfig):
 
 
 # ----------------------------------------------------------------------------------------------------- training
+def part_learning_rates(args) -> dict[str, float]:
+    """The learning rate of each tunable part: its own key when set, else `learning_rate`."""
+    return {
+        "vision_tower": args.learning_rate if args.vision_tower_lr is None else args.vision_tower_lr,
+        "projector": args.learning_rate if args.projector_lr is None else args.projector_lr,
+        "language_model": args.learning_rate,
+    }
+
+
+def check_part_lrs(args) -> None:
+    """Refuse a tunable part whose learning rate is 0 (or negative) before any compute: it would train nothing, and the
+    end-of-run check would only find out after the whole schedule."""
+    lrs = part_learning_rates(args)
+    part_keys = {"vision_tower": "vision_tower_lr", "projector": "projector_lr"}
+    problems = []
+    for part in getattr(args, "tunable_parts", None) or []:
+        lr = lrs.get(part)
+        if lr is not None and lr <= 0:
+            key = part_keys.get(part, "learning_rate")
+            # The part's own key when it is set, else the shared `learning_rate` it falls back to.
+            source = key if key == "learning_rate" or getattr(args, key) is not None else "learning_rate"
+            problems.append(f"{part!r} has learning rate {lr:g} (from `{source}`)")
+    if problems:
+        raise RecipeConfigError(
+            f"Tunable part(s) cannot train: {'; '.join(problems)}. Fix: set each named key to a positive value (the "
+            "paper's Stage 2 uses 1e-6 for every part, Stage 1b 2e-6 for the vision tower), or remove the part from "
+            f"`tunable_parts` (now {list(args.tunable_parts)}) to freeze it."
+        )
+
+
 def _normalize_parts(parts) -> list[str]:
     if parts is None:
         return []
@@ -217,8 +248,6 @@ class PivotTrainingFields:
     )
 
     def _pivot_post_init(self):
-        import torch
-
         if self.update_norm_memory_mib is not None and 0 <= self.update_norm_memory_mib < 1:
             raise RecipeConfigError(
                 f"`update_norm_memory_mib` must be >= 1 (MiB) or -1 (no budget), got {self.update_norm_memory_mib}."
@@ -247,13 +276,12 @@ class PivotTrainingFields:
                 setattr(self, new, getattr(self, old))
                 setattr(self, old, None)
 
-        from .trainer.tunable import check_part_lrs  # a tunable part at LR 0 is refused at parse time, before compute
-
-        check_part_lrs(self)
-        if self.bf16 is None and not torch.cuda.is_available():
+        check_part_lrs(self)  # a tunable part at LR 0 is refused at parse time, before compute
+        cuda = is_torch_cuda_available()
+        if self.bf16 is None and not cuda:
             # TRL defaults bf16 to True, which transformers refuses on a CPU-only machine; recipes that want bf16 say so.
             self.bf16 = False
-        if getattr(self, "use_liger_kernel", False) and not torch.cuda.is_available():
+        if getattr(self, "use_liger_kernel", False) and not cuda:
             raise RecipeConfigError(
                 "`use_liger_kernel: true` needs a CUDA GPU (Liger's kernels are Triton), and none is visible on this "
                 "machine. Fix: set `use_liger_kernel: false` (or pass `--use_liger_kernel false`) for CPU runs."
@@ -329,22 +357,6 @@ def recipe_keys(dataclass_types) -> set[str]:
     return {action.dest for action in parser._actions if action.dest != "help"}
 
 
-def start_recipe(dataclass_types, argv=None):
-    """What every training script does first: logging with Hub tokens redacted (before anything is logged), the
-    recipe parsed (`parse_recipe_args`), and the seed set from the training arguments (the last dataclass)."""
-    import logging
-
-    from transformers import set_seed
-
-    from .safety import install_secret_redaction
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    install_secret_redaction()
-    parsed = parse_recipe_args(dataclass_types, argv)
-    set_seed(parsed[-1].seed)
-    return parsed
-
-
 def parse_recipe_args(dataclass_types, argv=None):
     """Parse `--config recipe.yaml` + CLI overrides into `dataclass_types`; unknown keys are a `RecipeConfigError`
     naming the closest valid keys (TRL only lists them as 'unknown arguments')."""
@@ -412,6 +424,8 @@ __all__ = [
     "PivotTrainingFields",
     "RecipeConfigError",
     "check_model_source",
+    "check_part_lrs",
     "parse_recipe_args",
+    "part_learning_rates",
     "recipe_keys",
 ]
