@@ -24,11 +24,10 @@ def _report(trainer) -> dict:
     model = trainer.model
     fsdp_units = [name or "<root>" for name, m in model.named_modules() if isinstance(m, FSDPModule)]
     dtensors = sum(type(p).__name__ == "DTensor" for p in model.parameters())
-    names = {id(p): n for n, p in trainer.accelerator.unwrap_model(model).named_parameters()}
-    groups = [
-        {"name": g.get("name"), "lr": g.get("initial_lr", g["lr"]), "tensors": len(params), "parts": parts}
-        for g, params, parts in zip(trainer.optimizer.param_groups, *_group_members(trainer.optimizer, names))
-    ]
+    _benchmarks_on_path()
+    from dpo_steps import optimizer_groups
+
+    groups = optimizer_groups(trainer)  # DeepSpeed's own per-group lists under ZeRO (its param_groups are emptied)
     return {
         "distributed_type": str(trainer.accelerator.distributed_type),
         "world_size": trainer.accelerator.num_processes,
@@ -45,20 +44,6 @@ def _report(trainer) -> dict:
     }
 
 
-def _group_members(optimizer, names):
-    """Each optimizer group's parameters and the parts they belong to. Outside a step DeepSpeed's ZeRO-3 optimizer
-    leaves `param_groups[i]["params"]` empty (ZeRO-1/2 hold flat fp32 copies there); its own per-group lists
-    (`fp16_groups` in stage 3, `bit16_groups` in stages 1/2) hold the model's parameters."""
-    from pivot_hf.trainer.tunable import part_of
-
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer -> DeepSpeed's or torch's
-    per_group = getattr(inner, "fp16_groups", None) or getattr(inner, "bit16_groups", None)
-    if per_group is None:
-        per_group = [g["params"] for g in optimizer.param_groups]
-    parts = [sorted({part_of(names.get(id(p), "?")) or "?" for p in params}) for params in per_group]
-    return per_group, parts
-
-
 def _fixed_inputs(processor):
     import numpy as np
     from PIL import Image
@@ -70,9 +55,15 @@ def _fixed_inputs(processor):
     return dict(processor(text=[text], images=[image], return_tensors="pt"))
 
 
+def _benchmarks_on_path() -> None:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
 def _allow_fsdp_on_cpu() -> None:
     """accelerate's FSDP path on CPU processes: see `benchmarks/gpu/dpo_steps.py:allow_fsdp_on_cpu`."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu"))
+    _benchmarks_on_path()
     from dpo_steps import allow_fsdp_on_cpu
 
     allow_fsdp_on_cpu()
