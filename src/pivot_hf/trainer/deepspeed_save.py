@@ -1,4 +1,13 @@
-"""Tensor names of a model saved after a DeepSpeed ZeRO-3 load: the names a one-process save writes.
+"""Tensor names of a model saved under DeepSpeed: the names a one-process save writes.
+
+Two upstream behaviours change them; the Pivot trainers' `_save` undoes both with the helpers here:
+
+1. ZeRO-1/2: accelerate's `get_state_dict` clones every tensor
+   (`deepspeed.checkpoint.utils.clone_tensors_for_torch_save`), so tied weights (`lm_head.weight` =
+   `embed_tokens.weight` with `tie_word_embeddings`) no longer share storage, and transformers'
+   `remove_tied_weights_from_state_dict` writes both. `keep_tied_tensors_tied` points them at one tensor
+   again, as they are in the model.
+2. ZeRO-3: the renaming rules, below.
 
 `PreTrainedModel.save_pretrained` undoes, on the state dict it writes, the weight renamings that were applied when the
 model was loaded (`model._weight_conversions`, reversed by `revert_weight_conversion`), so that a checkpoint in a
@@ -33,6 +42,22 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 
 
+def keep_tied_tensors_tied(state_dict: dict | None, model) -> dict | None:
+    """`state_dict` with the entries of parameters tied in `model` (one `Parameter` under several names) sharing one
+    tensor again, so the save drops the aliases as a one-process save does. Entries are not copied; `None` stays."""
+    if not state_dict:
+        return state_dict
+    names_by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(param), []).append(name)
+    fixed = dict(state_dict)
+    for names in names_by_param.values():
+        present = [n for n in names if n in fixed]
+        for name in present[1:]:
+            fixed[name] = fixed[present[0]]
+    return fixed
+
+
 @contextmanager
 def _used_only(model):
     conversions = getattr(model, "_weight_conversions", None)
@@ -57,4 +82,4 @@ def only_used_weight_conversions(*models):
         yield
 
 
-__all__ = ["only_used_weight_conversions"]
+__all__ = ["keep_tied_tensors_tied", "only_used_weight_conversions"]

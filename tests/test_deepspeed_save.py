@@ -1,15 +1,15 @@
-"""The saved tensor names after a ZeRO-3 load, without launching DeepSpeed: transformers' ZeRO-3 load path records
-every candidate renaming rule on the model (the ordinary path only those that matched a checkpoint key), and
-`save_pretrained` reverses what is recorded. `only_used_weight_conversions` (used by the Pivot trainers' `_save`)
-must bring the names back to a one-process save's and leave the model as it was. The 2-process run is in
-tests/test_distributed_zero3.py."""
+"""The saved tensor names under DeepSpeed, without launching it. transformers' ZeRO-3 load path records every
+candidate renaming rule on the model (the ordinary path only those that matched a checkpoint key), and
+`save_pretrained` reverses what is recorded; accelerate's ZeRO-1/2 state dict clones tied weights apart. The Pivot
+trainers' `_save` must bring the names back to a one-process save's and leave the model as it was. The 2-process runs
+are in tests/test_distributed_zero3.py."""
 
 import pytest
 from safetensors import safe_open
 from transformers.conversion_mapping import get_model_conversion_mapping
 
 from pivot_hf import PivotForConditionalGeneration
-from pivot_hf.trainer.zero3_save import only_used_weight_conversions
+from pivot_hf.trainer.deepspeed_save import only_used_weight_conversions
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,7 +32,7 @@ def test_names_of_a_model_carrying_every_candidate_rule(tiny_pivot_factory, tmp_
     model.save_pretrained(tmp_path / "as_transformers_saves")
     wrong = _names(tmp_path / "as_transformers_saves")
     if wrong == expected:  # pragma: no cover - the day transformers fixes it, this test says so
-        pytest.fail("transformers no longer reverses unused renamings: the workaround in zero3_save can go")
+        pytest.fail("transformers no longer reverses unused renamings: the workaround in deepspeed_save can go")
     assert any(k.startswith("model.language_model.model.") for k in wrong), sorted(wrong)[:5]
 
     with only_used_weight_conversions(model, None):
@@ -49,3 +49,20 @@ def test_used_rules_are_kept(tiny_pivot_factory):
     with only_used_weight_conversions(model):
         assert model._weight_conversions == [candidates[-1]]
     assert model._weight_conversions is candidates
+
+
+def test_tied_weights_cloned_apart_are_saved_once(tiny_pivot_factory, tmp_path):
+    """accelerate's ZeRO-1/2 state dict is a clone of every tensor: tied weights no longer share storage and would
+    both be written (`lm_head.weight`). Re-tied, the save has the names of a one-process save."""
+    from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
+
+    from pivot_hf.trainer.deepspeed_save import keep_tied_tensors_tied
+
+    model = PivotForConditionalGeneration.from_pretrained(tiny_pivot_factory("siglip"))
+    assert model.config.text_config.tie_word_embeddings
+    model.save_pretrained(tmp_path / "plain")
+    cloned = clone_tensors_for_torch_save(model.state_dict())
+    model.save_pretrained(tmp_path / "cloned", state_dict=cloned)
+    assert _names(tmp_path / "cloned") - _names(tmp_path / "plain") == {"lm_head.weight"}
+    model.save_pretrained(tmp_path / "retied", state_dict=keep_tied_tensors_tied(cloned, model))
+    assert _names(tmp_path / "retied") == _names(tmp_path / "plain")
