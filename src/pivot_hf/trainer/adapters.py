@@ -153,7 +153,7 @@ def base_parameter_name(peft_name: str) -> str:
     copies: `base_model.model.` dropped, a `modules_to_save` copy mapped to its original, an adapter weight mapped to
     its base layer's weight."""
     name = re.sub(r"^base_model\.model\.", "", peft_name)
-    name = re.sub(r"\.(modules_to_save|original_module)(\.[^.]+)?\.", ".", name)
+    name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name).replace(".original_module.", ".")
     name = name.replace(".base_layer.", ".")
     for marker in _ADAPTER_MARKERS:
         if marker in name:
@@ -214,9 +214,9 @@ def peft_summary(model) -> dict | None:
     config = configs.get("default") or next(iter(configs.values()))
     targets = config.target_modules
     target_names = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
-    parts = sorted({_part_of_module(n) for n in target_names if _part_of_module(n)}) if isinstance(
-        target_names, list
-    ) else None
+    parts = None
+    if isinstance(target_names, list):
+        parts = sorted({_part_of_module(n) for n in target_names} - {None})
     return {
         "type": str(getattr(config.peft_type, "value", config.peft_type)),
         "r": getattr(config, "r", None),

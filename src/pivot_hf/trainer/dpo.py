@@ -24,6 +24,7 @@ from .tunable import TunablePartsMixin, as_pivot_config
 
 logger = logging.getLogger(__name__)
 
+
 class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer):
     """`PivotDPOTrainer(model, ref_model, args=PivotDPOConfig(...), train_dataset=..., processing_class=processor)`.
 
