@@ -250,9 +250,23 @@ class PivotTrainingFields:
         },
     )
 
+    update_norm_memory_mib: float = field(
+        default=512,
+        metadata={
+            "help": "Memory budget (MiB, per process) of the per-part update-norm monitor's copy of the trainable "
+            "weights on logged steps. A copy that fits is taken whole (exact norms); a larger one is replaced by "
+            "every k-th 64k-element piece (k = copy size / budget), rotating with the step, so the logged "
+            "update/weight ratio is estimated on that sample. -1: no budget (always exact)."
+        },
+    )
+
     def _pivot_post_init(self):
         import torch
 
+        if self.update_norm_memory_mib is not None and 0 <= self.update_norm_memory_mib < 1:
+            raise RecipeConfigError(
+                f"`update_norm_memory_mib` must be >= 1 (MiB) or -1 (no budget), got {self.update_norm_memory_mib}."
+            )
         self.tunable_parts = _normalize_parts(self.tunable_parts)
         unknown = [p for p in self.tunable_parts if p not in TUNABLE_PARTS]
         if unknown:
