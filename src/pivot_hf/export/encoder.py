@@ -532,7 +532,6 @@ def export_encoder(
         raise FileExistsError(f"{output_dir} exists; pass overwrite_output_dir to replace it.")
     if isinstance(model_or_path, str):
         from ..modeling_pivot import PivotForConditionalGeneration
-
         from .merge import is_adapter_dir, merge_adapter
 
         source_path = model_or_path

@@ -13,9 +13,9 @@ import logging
 from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 
+from .adapters import preserved_requires_grad
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
-from .adapters import preserved_requires_grad
 from .fast_dpo import FastDPOMixin
 from .model_loading import check_reference_model
 from .preflight import check_model_processor
