@@ -229,3 +229,17 @@ def test_load_in_4bit_without_cuda_is_refused_before_any_weight(tiny, mmpr, tmp_
     for key in ("load_in_4bit", "load_in_8bit"):
         with pytest.raises(RecipeConfigError, match=f"`{key}: true`.*CUDA"):
             dpo_main(_argv(tiny, mmpr, tmp_path / key, **{key: "true"}))
+
+
+def test_grpo_recipe_with_lora(tiny, mmpr, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grpo_recipe", REPO / "recipes" / "grpo.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    out = tmp_path / "grpo"
+    argv = ["--config", str(REPO / "recipes" / "grpo_tiny.yaml"), "--model_name_or_path", tiny]
+    argv += ["--dataset_name", mmpr, "--output_dir", str(out), "--use_peft", "true", "--lora_r", "4"]
+    trainer = recipe.main(argv)
+    _assert_peft_run(trainer, tiny)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
