@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 
 from .collator import _RefLogpsCollator
@@ -75,7 +76,8 @@ class FastDPOMixin:
                 kwargs.pop("ref_model", None) if "ref_model" in kwargs else (args[1] if len(args) > 1 else None)
             )
             model = kwargs.get("model", args[0] if args else None)
-            if ref_model is None and isinstance(model, torch.nn.Module):
+            uses_peft = kwargs.get("peft_config") is not None or is_peft_model(model)
+            if ref_model is None and isinstance(model, torch.nn.Module) and not uses_peft:
                 # No reference given: the policy before its first step is the reference. A private copy (instead of
                 # TRL reloading `name_or_path`, which a freshly composed model may not have) lives only until the
                 # cache is written.
@@ -83,7 +85,8 @@ class FastDPOMixin:
 
                 refuse_copy_under_zero3(model, "the policy, as the reference for `precompute_ref_log_probs`,")
                 ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-            self._reference_is_policy = (
+            # Under PEFT the adapter-disabled policy is the reference (no copy): the cache pass disables them.
+            self._reference_is_policy = uses_peft or (
                 isinstance(model, torch.nn.Module)
                 and isinstance(ref_model, torch.nn.Module)
                 and _same_weights(model, ref_model)
@@ -172,7 +175,9 @@ class FastDPOMixin:
         if all(column in (dataset.column_names or []) for column in REF_COLUMNS):
             return dataset
         step = self.state.global_step
-        if self.ref_model is None and not (self._reference_is_policy and step == 0):
+        # Under PEFT the adapter-disabled policy stays the reference at every step.
+        policy_is_reference = self._reference_is_policy and (step == 0 or is_peft_model(self.model))
+        if self.ref_model is None and not policy_is_reference:
             why = f"training has started (step {step})" if step else "the reference has other weights than the policy"
             raise ValueError(
                 "Cannot compute reference log-probs for a dataset passed to `evaluate()`/`predict()`: with "
