@@ -124,10 +124,13 @@ class PivotProcessor(ProcessorMixin):
 
         Data pipelines use it to drop rows whose text plus image tokens cannot fit `max_length` before training; with a
         variable-resolution tower they measure each row's images (`variable_resolution`), since a non-square image can
-        have more tokens than a square one.
+        have more tokens than a square one. Without an image, a variable-resolution tower answers its maximum
+        (`max_num_patches`): a bound that no image exceeds, never a count that a tall image would overrun.
         """
         if isinstance(image, Image.Image) and self.variable_resolution:
             image = image.size
+        if image is None and self.variable_resolution:
+            return int(self.image_processor.max_num_patches)
         if isinstance(image, tuple) and self.variable_resolution:
             count = _naflex_tokens(self.image_processor, int(image[0]), int(image[1]))
             if count is not None:

@@ -17,10 +17,13 @@ from .checkpointing import AtomicCheckpointMixin
 from .fast_dpo import FastDPOMixin
 from .model_loading import check_reference_model
 from .preflight import check_model_processor
+from .row_contract import RowContractMixin, with_datasets
 from .tunable import TunablePartsMixin, as_pivot_config
 
 
-class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer):
+class PivotDPOTrainer(
+    RowContractMixin, AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer
+):
     """`PivotDPOTrainer(model, ref_model, args=PivotDPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     `ref_model=None` does what TRL does: the reference is a frozen copy of the policy as passed (vision tower
@@ -29,6 +32,7 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
     """
 
     _tag_names = ["trl", "dpo", "pivot"]
+    _row_contract_kind = "preference"
 
     def __init__(self, model, ref_model=None, args=None, *trainer_args, after_tunable_parts=None, **kwargs):
         if args is None:
@@ -39,20 +43,25 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
             from ..configs import PivotDPOConfig
 
             args = as_pivot_config(args, PivotDPOConfig)
+        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        eval_dataset = kwargs.get("eval_dataset", trainer_args[2] if len(trainer_args) > 2 else None)
+        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
         if ref_model is not None and ref_model is not model:
             check_reference_model(model, ref_model, "ref_model")
             ref_model.requires_grad_(False)
             ref_model.eval()
-        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
-        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
         check_model_processor(getattr(model, "config", None), processing_class)
+        # The row contract, before anything else looks at a row (and before any compute).
+        train_dataset, eval_dataset = self._contract_datasets(args, processing_class, train_dataset, eval_dataset)
+        trainer_args, kwargs = with_datasets(trainer_args, kwargs, 1, train_dataset, eval_dataset)
         self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
         if ref_model is None and _needs_reference_copy(model, args, kwargs):
             # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a
             # copy of the model as passed is the reference TRL means. (Precompute and PEFT need no separate model.)
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         super().__init__(model, ref_model, args, *trainer_args, **kwargs)
+        self._guard_collator()
 
 
 def _needs_reference_copy(model, args, kwargs) -> bool:

@@ -38,6 +38,7 @@ import torch
 from datasets import IterableDataset
 
 from ..configs import FastDPOArguments  # the fields live with the other recipe arguments
+from ..data.images import dataset_images_digest
 from ..modeling_pivot import model_output, output_image_features
 from .pair_attention import PairBlocks, install_pair_attention
 
@@ -848,6 +849,8 @@ class FastDPOMixin:
             "version": REF_CACHE_VERSION,
             "dataset": dataset_fingerprint(dataset),
             "rows": len(dataset),
+            # The pixels, not only the paths: images replaced in place must not reuse reference log-probs.
+            "images": dataset_images_digest(dataset),
             "reference": identity,
             "max_length": args.max_length,
             "truncation": {
