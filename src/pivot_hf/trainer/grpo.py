@@ -79,6 +79,7 @@ def _read_verifiable_jsonl(path: str, image_folder: str | None):
     `(dataset, report)`."""
     import datasets
 
+    from ..data.contract import image_string_problem
     from ..data.report import ConversionReport
 
     root = image_folder or os.path.dirname(os.path.abspath(path))
@@ -112,7 +113,9 @@ def _read_verifiable_jsonl(path: str, image_folder: str | None):
             rows.append(
                 {
                     "id": str(obj["id"]) if isinstance(obj.get("id"), str | int) else record_id,
-                    "images": [p if os.path.isabs(p) or "://" in p else os.path.join(root, p) for p in images],
+                    "images": [
+                        p if os.path.isabs(p) or image_string_problem(p) else os.path.join(root, p) for p in images
+                    ],
                     "prompt": [{"role": "user", "content": question}],
                     "solution": solution if isinstance(solution, str) or solution is None else str(solution),
                 }

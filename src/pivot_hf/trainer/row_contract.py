@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import MutableMapping
 
 import torch
 from transformers import TrainerCallback
@@ -61,8 +62,9 @@ class CollateGuard:
     """Wraps a collator: rows marked unreadable by `LazyImages` are left out (and reported in the batch under
     `SKIPPED_KEY`); an empty micro-batch becomes a zero-weight fallback batch (`ZERO_WEIGHT_KEY`)."""
 
-    def __init__(self, inner, dataset, mask_labels: bool):
+    def __init__(self, inner, dataset, mask_labels: bool, strip_id: bool = False):
         self.inner, self.dataset, self.mask_labels = inner, dataset, mask_labels
+        self.strip_id = strip_id  # the id column rides along for the report only: the inner collator never sees it
         self._fallback = None
 
     def __call__(self, examples):
@@ -73,6 +75,8 @@ class CollateGuard:
                 skipped.append((_row_id(example, f"batch-row-{position}"), reason))
             else:
                 good.append(example)
+            if self.strip_id:
+                example.pop("id", None)
         zero_weight = not good
         batch = self.inner(good or [self._fallback_row()])
         if zero_weight:
@@ -87,6 +91,8 @@ class CollateGuard:
         if self._fallback is None:
             for index in range(len(self.dataset)):
                 row = dict(self.dataset[index])
+                if self.strip_id:
+                    row.pop("id", None)
                 if not row.pop(UNREADABLE_KEY, None):
                     self._fallback = row
                     break
@@ -165,12 +171,26 @@ class RowContractMixin:
             return
         if self.train_dataset is None or not hasattr(self.train_dataset, "__getitem__"):
             return  # streamed rows are decoded (and checked) as they stream
-        self.data_collator = CollateGuard(self.data_collator, self.train_dataset, self._row_contract_kind == "sft")
+        self.data_collator = CollateGuard(
+            self.data_collator,
+            self.train_dataset,
+            mask_labels=self._row_contract_kind == "sft",
+            strip_id=getattr(self, "_contract_added_id", False),
+        )
         self.add_callback(DataReportCallback(self))
+
+    def _set_signature_columns_if_needed(self):
+        # The record id reaches the collate guard (which names a skipped row by it) when the Trainer would drop it.
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and "id" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "id"]
+            self._contract_added_id = True
+            if isinstance(self.data_collator, CollateGuard):
+                self.data_collator.strip_id = True
 
     def _take_contract_keys(self, inputs) -> bool:
         """Pop the guard's keys from a batch (recording its skips); True for a zero-weight fallback batch."""
-        if not isinstance(inputs, dict):
+        if not isinstance(inputs, MutableMapping):  # a dict or a `BatchFeature`
             return False
         skipped = inputs.pop(SKIPPED_KEY, None)
         if skipped:
