@@ -16,7 +16,11 @@ from .tunable import TunablePartsMixin, as_pivot_config
 
 
 class PivotSFTTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, SFTTrainer):
-    """`PivotSFTTrainer(model, args=PivotSFTConfig(...), train_dataset=..., processing_class=processor)`."""
+    """`PivotSFTTrainer(model, args=PivotSFTConfig(...), train_dataset=..., processing_class=processor)`.
+
+    With `peft_config` (e.g. a `LoraConfig`, or `pivot_hf.trainer.adapters.lora_config_from_model_args`), the parts
+    of `args.tunable_parts` that carry no adapter train in full beside the adapters (PEFT's `modules_to_save`).
+    """
 
     _tag_names = ["trl", "sft", "pivot"]
     _row_contract_kind = "sft"
@@ -38,8 +42,11 @@ class PivotSFTTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixin
         # The row contract, before anything else looks at a row (and before any compute).
         train_dataset, eval_dataset = self._contract_datasets(args, processing_class, train_dataset, eval_dataset)
         trainer_args, kwargs = with_datasets(trainer_args, kwargs, 1, train_dataset, eval_dataset)
-        self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
+        kwargs["peft_config"] = self._setup_tunable_parts(
+            model, args, after_tunable_parts, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
+        )
         super().__init__(model, args, *trainer_args, **kwargs)
+        self._finish_tunable_parts()
         self._guard_collator()
 
 
