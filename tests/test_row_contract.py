@@ -449,3 +449,29 @@ def test_in_memory_image_bytes_are_checked(tokenizer):
     dataset, report = apply_row_contract(datasets.Dataset.from_list(rows, features=feature), "sft", tokenizer)
     assert len(dataset) == 1 and report.examples == {"skipped:image_unreadable": ["corrupt"]}
     assert isinstance(dataset[0]["images"][0], Image.Image)
+
+
+# ------------------------------------------------------------------------------------------ processor
+def test_unknown_content_part_type_is_an_error_naming_it(tiny):
+    from pivot_hf import PivotProcessor
+
+    processor = PivotProcessor.from_pretrained(tiny)
+    messages = [{"role": "user", "content": [{"type": "input_image"}, {"type": "text", "text": "What?"}]}]
+    with pytest.raises(Exception, match="Unknown content part type input_image: accepted types are image and text"):
+        processor.apply_chat_template(messages, tokenize=False)
+    messages[0]["content"][0] = {"type": "image"}
+    assert "<image>\nWhat?" in processor.apply_chat_template(messages, tokenize=False)
+
+
+def test_answer_starting_with_a_newline_keeps_its_newline_in_the_labels(tiny):
+    """The template's newline and the answer's merge into one token that straddles the turn start: it is a label."""
+    from pivot_hf import PivotProcessor
+    from pivot_hf.trainer.collators import AssistantTurnsVisionCollator
+
+    processor = PivotProcessor.from_pretrained(tiny)
+    row = {"images": [Image.new("RGB", (32, 32))], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "\nA cat."}]}]}  # fmt: skip
+    batch = AssistantTurnsVisionCollator(processor)([row])
+    labelled = [int(t) for t, label in zip(batch["input_ids"][0], batch["labels"][0]) if label != -100]
+    assert processor.tokenizer.decode(labelled) == "\n\nA cat.<|im_end|>"

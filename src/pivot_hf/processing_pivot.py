@@ -27,7 +27,8 @@ def multimodal_chat_template(text_template: str, image_token: str, system_prompt
     Messages whose `content` is a list of parts (`{"type": "image"}`, `{"type": "text", "text": ...}`, as TRL and
     transformers produce them) are flattened to strings first: an image part becomes `<image>\\n`, where the official
     recipe puts it. The LLM's template is then applied unchanged, so every LLM (ChatML for Qwen, Llama's, ...) keeps
-    its own format. Written with immutable Jinja operations only (transformers renders in a sandbox).
+    its own format. Any other part type (e.g. `input_image`; transformers maps OpenAI's `image_url` to an image part)
+    is an error naming it and the accepted ones, never dropped. Written with immutable Jinja operations only (transformers renders in a sandbox).
     """
     image_literal = image_token.replace("\\", "\\\\").replace("'", "\\'")
     header = ["{%- set _pivot = namespace(messages=[]) -%}"]
@@ -45,7 +46,11 @@ def multimodal_chat_template(text_template: str, image_token: str, system_prompt
         "{%- set _text = namespace(value='') -%}"
         "{%- for _part in _message['content'] -%}"
         "{%- if _part['type'] == 'image' -%}{%- set _text.value = _text.value + '" + image_literal + "\\n' -%}"
-        "{%- elif _part['type'] == 'text' -%}{%- set _text.value = _text.value + _part['text'] -%}{%- endif -%}"
+        "{%- elif _part['type'] == 'text' -%}{%- set _text.value = _text.value + _part['text'] -%}"
+        # Any other part type would vanish silently (e.g. `input_image`: an image with 0 image tokens).
+        "{%- else -%}{{- raise_exception('Unknown content part type ' ~ (_part['type'] | string) ~ ': accepted "
+        "types are image and text (transformers maps an OpenAI image_url part to image)') -}}"
+        "{%- endif -%}"
         "{%- endfor -%}"
         "{%- set _pivot.messages = _pivot.messages + [{'role': _message['role'], 'content': _text.value}] -%}"
         "{%- endif -%}"

@@ -130,8 +130,9 @@ class RowContractMixin:
         """Checked `(train_dataset, eval_dataset)`; the counts go to `output_dir/data_report.json` (main process)."""
         max_pixels = getattr(args, "max_image_pixels", None)
         kind = self._row_contract_kind
-        # GRPO prompts are measured by TRL's own `max_prompt_length` truncation (no answer column to measure).
-        options = {"max_length": getattr(args, "max_length", None) if kind != "grpo" else None}
+        # Lengths stay TRL's business here (its truncation of a handed dataset is what a drop-in must keep); the
+        # loaders drop rows too long for their image tokens before a recipe gets here.
+        options = {}
         if max_pixels:
             options["max_image_pixels"] = max_pixels
         reports = {}
@@ -150,6 +151,11 @@ class RowContractMixin:
             report = _report_for(eval_dataset, "eval_dataset")
             eval_dataset, reports["eval"] = apply_row_contract(eval_dataset, kind, processor, report, **options)
         self._data_reports = reports
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError(
+                f"No training row passed the row contract (skipped: {dict(reports['train'].skipped)}; record ids in "
+                f"the report). Fix the data: every image readable and local, non-empty answers, chosen != rejected."
+            )
         self._collate_skips: list[tuple[str, str]] = []
         self._reported_skips: set[str] = set()
         self._data_report_dir = getattr(args, "output_dir", None)
