@@ -1,0 +1,61 @@
+"""Hub kernels (transformers' `use_kernels`) are our explicit choice, not transformers' default.
+
+transformers 5.25 loads models with Hub kernels on unless told otherwise (`use_kernels=None` -> True, or
+`USE_HUB_KERNELS=0`); that swaps layers for downloaded kernels, which changes the numbers our exactness tests and the
+reference log-prob cache rely on, and silently falls back offline. Every loader of ours passes `use_kernels` (the
+recipe key, default False), on both ends of the tested range; a user turns them on with `use_kernels: true`.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import transformers
+from packaging.version import Version
+from transformers import AutoModel, AutoModelForImageTextToText, PreTrainedModel
+
+from pivot_hf import PivotForConditionalGeneration
+from pivot_hf.configs import PivotModelConfig
+from pivot_hf.trainer.model_loading import load_model
+
+
+pytestmark = pytest.mark.compat
+
+# Where transformers itself turns kernels on by default: the default our loaders must override.
+KERNELS_BY_DEFAULT = (
+    Version(transformers.__version__).release[:2] >= (5, 25)
+    and importlib.util.find_spec("kernels") is not None
+    and os.environ.get("USE_HUB_KERNELS", "YES").upper() not in ("0", "NO", "FALSE", "OFF")
+)
+
+
+def _kernelized(model) -> list[str]:
+    return [name or "<root>" for name, m in model.named_modules() if isinstance(m, PreTrainedModel) and m.use_kernels]
+
+
+def test_recipes_load_without_hub_kernels(tiny_pivot_factory, one_torch_thread):
+    checkpoint = tiny_pivot_factory("siglip")
+    if KERNELS_BY_DEFAULT:  # else this test would pass whatever our loaders did
+        assert _kernelized(AutoModelForImageTextToText.from_pretrained(checkpoint)) == ["<root>"]
+    model = load_model(PivotModelConfig(model_name_or_path=checkpoint))
+    assert _kernelized(model) == []
+    model.train()  # transformers re-kernelizes on train()/eval() when kernels are on
+    assert _kernelized(model) == []
+
+
+def test_composition_loads_both_parts_without_hub_kernels(tiny_pivot_factory, one_torch_thread):
+    parts = Path(tiny_pivot_factory("siglip") + "-parts")
+    vision, text = parts / "vision-siglip", parts / "llm-qwen2"
+    if KERNELS_BY_DEFAULT:
+        assert AutoModel.from_pretrained(vision).use_kernels
+    model = PivotForConditionalGeneration.from_vision_text_pretrained(vision, text)
+    assert _kernelized(model) == []
+    via_recipe = load_model(PivotModelConfig(vision_model_name_or_path=str(vision), text_model_name_or_path=str(text)))
+    assert _kernelized(via_recipe) == []
+
+
+@pytest.mark.skipif(not KERNELS_BY_DEFAULT, reason="Hub kernels need transformers >= 5.25 and the `kernels` package")
+def test_use_kernels_key_turns_them_on(tiny_pivot_factory, one_torch_thread):
+    model = load_model(PivotModelConfig(model_name_or_path=tiny_pivot_factory("siglip"), use_kernels=True))
+    assert _kernelized(model) == ["<root>"]
