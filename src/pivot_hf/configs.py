@@ -147,6 +147,16 @@ class PivotModelConfig(ModelConfig):
         default=False,
         metadata={"help": "Keep the reused projector layers frozen (Table I's best: True with 1 layer)."},
     )
+    use_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "Hub kernels (transformers' `use_kernels`): replace layers such as RMSNorm, rotary embeddings and "
+            "activations with kernels downloaded from the Hub (`kernels` package; CUDA). Off by default in every "
+            "model pivot-hf loads, although transformers 5.25+ turns them on by default: they change the numbers the "
+            "exactness tests and the reference log-prob cache rely on, overlap with `use_liger_kernel`, and fall back "
+            "silently offline. Turn on for speed on GPUs with Hub access."
+        },
+    )
     lora_target_parts: list[str] = field(
         default_factory=lambda: ["language_model"],
         metadata={
@@ -249,6 +259,13 @@ class PivotTrainingFields:
             "that did not change is an error (the most common silent failure of MLLM encoder training)."
         },
     )
+    max_image_pixels: int = field(
+        default=89_478_485,
+        metadata={
+            "help": "Row contract: an image with more pixels (width x height) than this is skipped and counted as "
+            "`image_too_large` before any compute, from its header (decompression-bomb guard; PIL's own default)."
+        },
+    )
 
     update_norm_memory_mib: float = field(
         default=512,
@@ -274,6 +291,8 @@ class PivotTrainingFields:
                 f"Unknown tunable_parts {unknown}. Fix: choose from {list(TUNABLE_PARTS)}, e.g. "
                 "`tunable_parts: [vision_tower, projector, language_model]`."
             )
+        if self.max_image_pixels < 1:
+            raise RecipeConfigError(f"`max_image_pixels` must be >= 1, got {self.max_image_pixels}.")
         if not self.tunable_parts:
             raise RecipeConfigError(
                 "`tunable_parts` is empty: nothing would train. Fix: list at least one of "
