@@ -212,6 +212,20 @@ def _truncated_tower(vision_tower: nn.Module, num_blocks: int) -> tuple[nn.Modul
     return view, capture
 
 
+def active_module(module: nn.Module) -> nn.Module:
+    """The module that runs in place of `module`: for PEFT's `ModulesToSaveWrapper` (a part trained in full beside
+    LoRA adapters) the trained copy of the active adapter, or the frozen original while adapters are disabled (the
+    DPO reference pass); any other module is returned as is."""
+    copies = getattr(module, "modules_to_save", None)
+    original = getattr(module, "original_module", None)
+    if not isinstance(copies, nn.ModuleDict) or not isinstance(original, nn.Module):
+        return module
+    active = module.active_adapters
+    if module.disable_adapters or not active or active[0] not in copies:
+        return original
+    return copies[active[0]]
+
+
 def encode_images(
     vision_tower: nn.Module,
     pixel_values: torch.Tensor,
@@ -231,6 +245,9 @@ def encode_images(
     Returns a `(batch, num_patches, hidden)` tensor, or for SigLIP2 NaFlex inputs a list with one
     `(num_valid_patches_i, hidden)` tensor per image (padding patches removed).
     """
+    # A tower trained in full beside LoRA adapters sits in PEFT's wrapper, which holds two towers: the view is cut from
+    # the one that runs now (LoRA layers inside the tower are ordinary submodules and need nothing).
+    vision_tower = active_module(vision_tower)
     if isinstance(feature_layer, (list, tuple)):
         common = {"num_prefix_tokens": num_prefix_tokens, "pixel_attention_mask": pixel_attention_mask}
         per_layer = [
@@ -601,6 +618,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         vision_kwargs: dict | None = None,
         text_kwargs: dict | None = None,
         image_token: str | None = None,
+        use_kernels: bool = False,
         **config_kwargs,
     ) -> "PivotForConditionalGeneration":
         """Compose a new Pivot MLLM from a pretrained vision encoder and a pretrained causal LM (Hub ids or folders).
@@ -617,10 +635,14 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         tokenizer or the `PivotProcessor` itself (its `image_token` is then used). `image_token_index` and
         `image_token`, when given, must agree with that tokenizer (`ValueError` naming both otherwise); only when the
         text folder has no tokenizer is `image_token_index` used as given (default: appended after the vocabulary).
+
+        `use_kernels` is handed to both sub-models' `from_pretrained` (transformers' Hub kernels). It defaults to
+        False here, whatever transformers' own default (True from 5.25): Hub kernels change the numbers and need the
+        Hub; pass True to opt in.
         """
         vision_kwargs = dict(vision_kwargs or {})
         text_kwargs = dict(text_kwargs or {})
-        common = {}
+        common = {"use_kernels": use_kernels}
         if torch_dtype is not None:
             common["dtype"] = torch_dtype
         if attn_implementation is not None:
@@ -661,6 +683,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         image_token_index: int | None = None,
         tokenizer=None,
         image_token: str | None = None,
+        use_kernels: bool = False,
         **config_kwargs,
     ) -> "PivotForConditionalGeneration":
         """Compose from already-instantiated models (weights are moved, not copied).

@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 
+from ...data.images import dataset_images_digest
 from ..compat import compact_lm_head_scoring
 from .collator import _RefLogpsCollator
 from .forward import pair_attention_selected, paired_forward
@@ -89,7 +91,8 @@ class FastDPOMixin:
                     "the reference model is periodically updated during training, making any precomputed reference "
                     "log-probs stale. Set `precompute_ref_log_probs=False` or disable `sync_ref_model`."
                 )
-            if ref_model is None and isinstance(model, torch.nn.Module):
+            uses_peft = kwargs.get("peft_config") is not None or is_peft_model(model)
+            if ref_model is None and isinstance(model, torch.nn.Module) and not uses_peft:
                 # No reference given: the policy before its first step is the reference. A private copy (instead of
                 # TRL reloading `name_or_path`, which a freshly composed model may not have) lives only until the
                 # cache is written.
@@ -97,7 +100,8 @@ class FastDPOMixin:
 
                 refuse_copy_under_zero3(model, "the policy, as the reference for `precompute_ref_log_probs`,")
                 ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-            self._reference_is_policy = (
+            # Under PEFT the adapter-disabled policy is the reference (no copy): the cache pass disables them.
+            self._reference_is_policy = uses_peft or (
                 isinstance(model, torch.nn.Module)
                 and isinstance(ref_model, torch.nn.Module)
                 and _same_weights(model, ref_model)
@@ -199,7 +203,9 @@ class FastDPOMixin:
         if all(column in (dataset.column_names or []) for column in REF_COLUMNS):
             return dataset
         step = self.state.global_step
-        if self.ref_model is None and not (self._reference_is_policy and step == 0):
+        # Under PEFT the adapter-disabled policy stays the reference at every step.
+        policy_is_reference = self._reference_is_policy and (step == 0 or is_peft_model(self.model))
+        if self.ref_model is None and not policy_is_reference:
             why = f"training has started (step {step})" if step else "the reference has other weights than the policy"
             raise ValueError(
                 "Cannot compute reference log-probs for a dataset passed to `evaluate()`/`predict()`: with "
@@ -256,6 +262,8 @@ class FastDPOMixin:
             "version": REF_CACHE_VERSION,
             "dataset": dataset_fingerprint(dataset),
             "rows": len(dataset),
+            # The pixels, not only the paths: images replaced in place must not reuse reference log-probs.
+            "images": dataset_images_digest(dataset),
             "reference": identity,
             "max_length": args.max_length,
             "truncation": {
