@@ -198,15 +198,13 @@ class PivotModelConfig(ModelConfig):
 def check_quantization(model_args) -> None:
     """`load_in_4bit` / `load_in_8bit` (bitsandbytes) are honoured on CUDA with `use_peft` (QLoRA); anything else is
     refused here, when the recipe is parsed: before a weight is loaded."""
-    import torch
-
     keys = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(model_args, k, False)]
     if not keys:
         return
     if len(keys) > 1:
         raise RecipeConfigError("`load_in_4bit` and `load_in_8bit` are both set. Fix: choose one.")
     key = keys[0]
-    if not torch.cuda.is_available():
+    if not is_torch_cuda_available():
         raise RecipeConfigError(
             f"`{key}: true` quantizes the model with bitsandbytes, which needs a CUDA GPU, and none is visible on this "
             f"machine. Fix: set `{key}: false` (`--{key} false`) on CPU; use `use_peft: true` alone for LoRA."
