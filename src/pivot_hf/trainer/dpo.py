@@ -14,21 +14,16 @@ from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 
 from .adapters import preserved_requires_grad
-from .callbacks import TrainingMonitorMixin
-from .checkpointing import AtomicCheckpointMixin
+from .base import PivotTrainerMixin
 from .fast_dpo import FastDPOMixin
 from .model_loading import check_reference_model
-from .preflight import check_model_processor
-from .row_contract import RowContractMixin
-from .tunable import TunablePartsMixin, as_pivot_config
+from .tunable import as_pivot_config
 
 
 logger = logging.getLogger(__name__)
 
 
-class PivotDPOTrainer(
-    RowContractMixin, AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer
-):
+class PivotDPOTrainer(PivotTrainerMixin, FastDPOMixin, DPOTrainer):
     """`PivotDPOTrainer(model, ref_model, args=PivotDPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     `ref_model=None` does what TRL does: the reference is a frozen copy of the policy as passed (vision tower
@@ -65,11 +60,8 @@ class PivotDPOTrainer(
             check_reference_model(model, ref_model, "ref_model")
             ref_model.requires_grad_(False)
             ref_model.eval()
-        check_model_processor(getattr(model, "config", None), processing_class)
-        # The row contract, before anything else looks at a row (and before any compute).
-        train_dataset, eval_dataset = self._contract_datasets(args, processing_class, train_dataset, eval_dataset)
-        peft_config = self._setup_tunable_parts(
-            model, args, after_tunable_parts, train_dataset=train_dataset, peft_config=peft_config
+        train_dataset, eval_dataset, peft_config = self._pivot_prepare(
+            model, args, processing_class, train_dataset, eval_dataset, peft_config, after_tunable_parts
         )
         if ref_model is None and _needs_reference_copy(model, args, peft_config):
             # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a
@@ -89,8 +81,7 @@ class PivotDPOTrainer(
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        self._finish_tunable_parts()
-        self._guard_collator()
+        self._pivot_finish()
         if is_peft_model(self.model) and self.ref_model is None and self.is_world_process_zero():
             from .adapters import describe_reference
 
