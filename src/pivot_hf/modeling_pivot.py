@@ -39,7 +39,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_pivot import (
@@ -427,14 +427,17 @@ class PivotModel(PivotPreTrainedModel, LlavaModel):
             mask = (inputs_embeds == image_embed).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        num_tokens, num_features = int(mask.sum()), image_features.shape[0]
-        if num_tokens != num_features:
-            raise ValueError(
-                f"The text holds {num_tokens} image tokens but the vision tower produced {num_features} image "
+        num_tokens, num_features = mask.sum(), image_features.shape[0]
+        # A check that torch.compile / torch.export keep as an assertion (the count is data-dependent).
+        torch_compilable_check(
+            num_tokens == num_features,
+            lambda: (
+                f"The text holds {int(num_tokens)} image tokens but the vision tower produced {num_features} image "
                 "features. Build inputs with the model's PivotProcessor (it expands each <image> to the encoder's "
                 "token count) and make sure truncation (max_length) does not cut image tokens: drop rows whose image "
                 "tokens plus text exceed max_length before training."
-            )
+            ),
+        )
         return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
 
     @accepts_old_cache_name
