@@ -414,3 +414,55 @@ def test_update_norms_equal_a_float64_computation(dtype, bf16_values, step):
         assert expected > 0
         assert metrics[f"update_norm/{part}"] == pytest.approx(expected, rel=1e-5, abs=0), part
     assert metrics["update_norm/projector"] == 0.0
+
+
+@pytest.mark.parametrize("step_index", [0, 1])
+def test_update_norm_memory_budget_samples_pieces(step_index):
+    """Past `update_norm_memory_mib`, the monitor copies every k-th 64k-element piece (k = copy size / budget,
+    starting at piece `global_step % k`) and logs the float64 ratio over exactly those pieces; a part smaller than
+    the stride keeps one piece; the copy stays within the budget (plus one piece per part)."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import IntervalStrategy
+
+    model = _Parts(torch.float32, False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=1e-3)
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, is_world_process_zero=lambda: True)
+    callback = monitor.UpdateNormCallback(trainer)
+    size = sum(p.numel() * p.element_size() for p in trainable)
+    budget_mib = size / 2**20 / 3.5  # -> stride 4
+    args = SimpleNamespace(
+        logging_strategy=IntervalStrategy.STEPS, logging_first_step=True, update_norm_memory_mib=budget_mib
+    )
+    state = SimpleNamespace(global_step=step_index, logging_steps=1)
+
+    g = torch.Generator().manual_seed(1)
+    for p in trainable:
+        p.grad = torch.randn(p.shape, generator=g) * p.detach().abs().mean()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback.on_pre_optimizer_step(args, state, None)
+    copied = sum(then.numel() * 4 for pairs in callback._snapshot["trainable"].values() for _, then in pairs)
+    assert copied <= budget_mib * 2**20 + 2 * monitor._PIECE * 4
+    optimizer.step()
+    callback.on_step_end(args, state, None)
+    metrics = callback.pop_metrics()
+
+    piece = monitor._PIECE
+    for part in ("vision_tower", "language_model"):
+        names = [n for n, p in model.named_parameters() if n.startswith(part)]
+        flat_before = [before[n].reshape(-1).double() for n in names]
+        flat_after = [dict(model.named_parameters())[n].detach().reshape(-1).double() for n in names]
+        pieces = [(b, a) for fb, fa in zip(flat_before, flat_after) for b, a in zip(fb.split(piece), fa.split(piece))]
+        kept = pieces[step_index::4] or [pieces[step_index % len(pieces)]]
+        update = sum(float((a - b).square().sum()) for b, a in kept)
+        weight = sum(float(b.square().sum()) for b, _ in kept)
+        assert metrics[f"update_norm/{part}"] == pytest.approx((update / weight) ** 0.5, rel=1e-5), part
+    assert metrics["update_norm/projector"] == 0.0
+
+
+def test_update_norm_memory_budget_is_validated():
+    from pivot_hf.configs import PivotDPOConfig, RecipeConfigError
+
+    with pytest.raises(RecipeConfigError, match="update_norm_memory_mib"):
+        PivotDPOConfig(output_dir="/tmp/x", update_norm_memory_mib=0, use_cpu=True)

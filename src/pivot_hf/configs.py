@@ -147,9 +147,35 @@ class PivotModelConfig(ModelConfig):
         default=False,
         metadata={"help": "Keep the reused projector layers frozen (Table I's best: True with 1 layer)."},
     )
+    use_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "Hub kernels (transformers' `use_kernels`): replace layers such as RMSNorm, rotary embeddings and "
+            "activations with kernels downloaded from the Hub (`kernels` package; CUDA). Off by default in every "
+            "model pivot-hf loads, although transformers 5.25+ turns them on by default: they change the numbers the "
+            "exactness tests and the reference log-prob cache rely on, overlap with `use_liger_kernel`, and fall back "
+            "silently offline. Turn on for speed on GPUs with Hub access."
+        },
+    )
+    lora_target_parts: list[str] = field(
+        default_factory=lambda: ["language_model"],
+        metadata={
+            "help": "With `use_peft`: the parts whose linear layers (selected by `lora_target_modules`, default "
+            "all-linear) get LoRA adapters; any of vision_tower, projector, language_model. The other parts of "
+            "`tunable_parts` train in full at their own LR (vision_tower_lr, projector_lr), as ms-swift's "
+            "`--freeze_vit false`."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        self.lora_target_parts = _normalize_parts(self.lora_target_parts)
+        unknown = [p for p in self.lora_target_parts if p not in TUNABLE_PARTS]
+        if unknown or not self.lora_target_parts:
+            raise RecipeConfigError(
+                f"lora_target_parts={self.lora_target_parts} must list one or more of {list(TUNABLE_PARTS)}."
+            )
+        check_quantization(self)
         has_ckpt = bool(self.model_name_or_path)
         has_pair = bool(self.vision_model_name_or_path) or bool(self.text_model_name_or_path)
         if has_ckpt and has_pair:
@@ -166,6 +192,34 @@ class PivotModelConfig(ModelConfig):
                 "`projector_init_from` is set but `projector_reuse_layers` is 0: set it to 1 or 2, or drop "
                 "`projector_init_from`."
             )
+
+
+def check_quantization(model_args) -> None:
+    """`load_in_4bit` / `load_in_8bit` (bitsandbytes) are honoured on CUDA with `use_peft` (QLoRA); anything else is
+    refused here, when the recipe is parsed: before a weight is loaded."""
+    import torch
+
+    keys = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(model_args, k, False)]
+    if not keys:
+        return
+    if len(keys) > 1:
+        raise RecipeConfigError("`load_in_4bit` and `load_in_8bit` are both set. Fix: choose one.")
+    key = keys[0]
+    if not torch.cuda.is_available():
+        raise RecipeConfigError(
+            f"`{key}: true` quantizes the model with bitsandbytes, which needs a CUDA GPU, and none is visible on this "
+            f"machine. Fix: set `{key}: false` (`--{key} false`) on CPU; use `use_peft: true` alone for LoRA."
+        )
+    if not model_args.use_peft:
+        raise RecipeConfigError(
+            f"`{key}: true` without `use_peft: true`: quantized weights cannot be trained in full. Fix: set "
+            "`use_peft: true` (QLoRA), or drop the quantization."
+        )
+    if not model_args.model_name_or_path:
+        raise RecipeConfigError(
+            f"`{key}: true` needs `model_name_or_path` (a Pivot checkpoint to load quantized); a newly composed MLLM "
+            "is built in full precision. Fix: save the composed model (Stage 1) and continue from it."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -205,10 +259,31 @@ class PivotTrainingFields:
             "that did not change is an error (the most common silent failure of MLLM encoder training)."
         },
     )
+    max_image_pixels: int = field(
+        default=89_478_485,
+        metadata={
+            "help": "Row contract: an image with more pixels (width x height) than this is skipped and counted as "
+            "`image_too_large` before any compute, from its header (decompression-bomb guard; PIL's own default)."
+        },
+    )
+
+    update_norm_memory_mib: float = field(
+        default=512,
+        metadata={
+            "help": "Memory budget (MiB, per process) of the per-part update-norm monitor's copy of the trainable "
+            "weights on logged steps. A copy that fits is taken whole (exact norms); a larger one is replaced by "
+            "every k-th 64k-element piece (k = copy size / budget), rotating with the step, so the logged "
+            "update/weight ratio is estimated on that sample. -1: no budget (always exact)."
+        },
+    )
 
     def _pivot_post_init(self):
         import torch
 
+        if self.update_norm_memory_mib is not None and 0 <= self.update_norm_memory_mib < 1:
+            raise RecipeConfigError(
+                f"`update_norm_memory_mib` must be >= 1 (MiB) or -1 (no budget), got {self.update_norm_memory_mib}."
+            )
         self.tunable_parts = _normalize_parts(self.tunable_parts)
         unknown = [p for p in self.tunable_parts if p not in TUNABLE_PARTS]
         if unknown:
@@ -216,6 +291,8 @@ class PivotTrainingFields:
                 f"Unknown tunable_parts {unknown}. Fix: choose from {list(TUNABLE_PARTS)}, e.g. "
                 "`tunable_parts: [vision_tower, projector, language_model]`."
             )
+        if self.max_image_pixels < 1:
+            raise RecipeConfigError(f"`max_image_pixels` must be >= 1, got {self.max_image_pixels}.")
         if not self.tunable_parts:
             raise RecipeConfigError(
                 "`tunable_parts` is empty: nothing would train. Fix: list at least one of "

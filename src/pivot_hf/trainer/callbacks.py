@@ -12,7 +12,11 @@
   trainable weights (of the local shard under ZeRO-3/FSDP), taken after the backward pass so it does not add to the
   activation peak (under DeepSpeed, which steps inside the backward, before the forward), turned into the update in
   place (half-precision weights in fp32, 64 MiB at a time), and multi-tensor norm kernels over 64k-element
-  pieces; no extra forward.
+  pieces; no extra forward. The copy has a memory budget, `update_norm_memory_mib` (512 MiB by default): past it,
+  every k-th 64k-element piece is copied instead (k = copy size / budget, the first piece rotating with the step)
+  and the ratio is estimated on those pieces. Sampling, because the alternatives do not bound the peak: the
+  optimizer updates all tensors in one multi-tensor call, so the values before the step cannot be streamed tensor
+  by tensor, and a separate logging interval only makes the full copy rarer.
 - `lr/<part>`: the learning rate each part's parameter group used on that step (the Trainer logs group 0 only).
 
 At the end of `train()`, rank 0 draws `training_curves.png` into `output_dir` from `state.log_history` (matplotlib's
@@ -54,6 +58,7 @@ def _chunks(tensor: torch.Tensor):
         yield flat[start : start + _CHUNK].double()
 
 
+DEFAULT_MEMORY_MIB = 512  # the default of `update_norm_memory_mib`
 _PIECE = 1 << 16  # elements per norm, so that one multi-tensor call spreads over many blocks/threads
 _GROUP = 256  # pieces per multi-tensor call: half-precision pieces are widened one group (64 MiB of fp32) at a time
 
@@ -158,7 +163,7 @@ class UpdateNormCallback(TrainerCallback):
             local, is_shard = _local(param)
             sharded = sharded or is_shard
             if param.requires_grad:
-                trainable.setdefault(part, []).append((local, local.detach().clone()))
+                trainable.setdefault(part, []).append(local)
             else:
                 frozen[part].append(local)
         if unattributed and not trainable:
@@ -168,6 +173,7 @@ class UpdateNormCallback(TrainerCallback):
                 "parameters?). Use FSDP2 or `fsdp_use_orig_params: true` to get them.",
             )
             return
+        trainable = self._sampled_copies(trainable, args, state)
         names_by_id = {id(p): n for n, p in model.named_parameters()}
         lrs = {}
         optimizer = self.trainer.optimizer
@@ -181,6 +187,30 @@ class UpdateNormCallback(TrainerCallback):
             "lrs": lrs,
             "sharded": sharded,
         }
+
+    def _sampled_copies(self, trainable: dict[str, list[torch.Tensor]], args, state) -> dict[str, list[tuple]]:
+        """Per part, `(live piece, copy of it)` pairs of flat `_PIECE`-element pieces of the trainable tensors: all
+        of them when their copy fits `update_norm_memory_mib`, else every `k`-th piece (`k` = copy size / budget,
+        rounded up), starting at piece `global_step % k` so that successive logged steps cover different pieces;
+        a part with fewer than `k` pieces keeps one."""
+        budget = getattr(args, "update_norm_memory_mib", DEFAULT_MEMORY_MIB)
+        size = sum(t.numel() * t.element_size() for tensors in trainable.values() for t in tensors)
+        stride = 1 if budget is None or budget < 0 else max(1, math.ceil(size / max(budget * 2**20, 1)))
+        if stride > 1:
+            self._warn_once(
+                "sampled",
+                f"Update norms are estimated on 1 in {stride} pieces of {_PIECE} weights (a copy of all trainable "
+                f"weights, {size / 2**20:.0f} MiB, exceeds update_norm_memory_mib={budget}).",
+            )
+        offset = int(state.global_step) % stride
+        sampled = {}
+        for part, tensors in trainable.items():
+            pieces = [piece for t in tensors for piece in t.detach().reshape(-1).split(_PIECE) if piece.numel()]
+            kept = pieces[offset::stride]
+            if pieces and not kept:
+                kept = [pieces[offset % len(pieces)]]
+            sampled[part] = [(piece, piece.clone()) for piece in kept]
+        return sampled
 
     @staticmethod
     def _checksum(tensors) -> torch.Tensor:

@@ -8,27 +8,38 @@ features, shared-prefix forward, cached reference log-probs) sits ahead of TRL s
 from __future__ import annotations
 
 import copy
+import logging
 
 from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 
+from .adapters import preserved_requires_grad
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
 from .fast_dpo import FastDPOMixin
 from .model_loading import check_reference_model
 from .preflight import check_model_processor
+from .row_contract import RowContractMixin, with_datasets
 from .tunable import TunablePartsMixin, as_pivot_config
 
 
-class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer):
+logger = logging.getLogger(__name__)
+
+
+class PivotDPOTrainer(
+    RowContractMixin, AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer
+):
     """`PivotDPOTrainer(model, ref_model, args=PivotDPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     `ref_model=None` does what TRL does: the reference is a frozen copy of the policy as passed (vision tower
-    included; with `precompute_ref_log_probs` it lives only until the log-probs are cached, with PEFT the adapter is
-    switched off instead). The recipes load PIVOT's reference explicitly (`pivot_hf.trainer.load_reference_model`).
+    included; with `precompute_ref_log_probs` it lives only until the log-probs are cached). With `peft_config` there
+    is no second model: the reference is the policy with its adapters disabled, where the parts trained in full beside
+    the adapters (PEFT's `modules_to_save`) run as their frozen originals, i.e. exactly the starting network. The
+    recipes load PIVOT's reference explicitly (`pivot_hf.trainer.load_reference_model`) unless `use_peft` is set.
     """
 
     _tag_names = ["trl", "dpo", "pivot"]
+    _row_contract_kind = "preference"
 
     def __init__(self, model, ref_model=None, args=None, *trainer_args, after_tunable_parts=None, **kwargs):
         if args is None:
@@ -39,20 +50,45 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
             from ..configs import PivotDPOConfig
 
             args = as_pivot_config(args, PivotDPOConfig)
+        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        eval_dataset = kwargs.get("eval_dataset", trainer_args[2] if len(trainer_args) > 2 else None)
+        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
         if ref_model is not None and ref_model is not model:
             check_reference_model(model, ref_model, "ref_model")
             ref_model.requires_grad_(False)
             ref_model.eval()
-        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
-        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
         check_model_processor(getattr(model, "config", None), processing_class)
-        self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
+        # The row contract, before anything else looks at a row (and before any compute).
+        train_dataset, eval_dataset = self._contract_datasets(args, processing_class, train_dataset, eval_dataset)
+        trainer_args, kwargs = with_datasets(trainer_args, kwargs, 1, train_dataset, eval_dataset)
+        kwargs["peft_config"] = self._setup_tunable_parts(
+            model, args, after_tunable_parts, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
+        )
         if ref_model is None and _needs_reference_copy(model, args, kwargs):
             # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a
             # copy of the model as passed is the reference TRL means. (Precompute and PEFT need no separate model.)
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         super().__init__(model, ref_model, args, *trainer_args, **kwargs)
+        self._finish_tunable_parts()
+        self._guard_collator()
+        if is_peft_model(self.model) and self.ref_model is None and self.is_world_process_zero():
+            from .adapters import describe_reference
+
+            adapted, full = self._peft_parts or ([], [])
+            how = describe_reference(adapted, full)
+            when = "once, before training (precompute_ref_log_probs)" if args.precompute_ref_log_probs else "live"
+            logger.info("DPO reference (%s): %s.", when, how)
+
+    # PEFT's `disable_adapter()` (the reference pass) marks every adapter and `modules_to_save` weight trainable on
+    # exit; the flags set by the tunable parts are kept instead.
+    def compute_ref_log_probs(self, model, inputs):
+        with preserved_requires_grad(self.model):
+            return super().compute_ref_log_probs(model, inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with preserved_requires_grad(self.model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def _needs_reference_copy(model, args, kwargs) -> bool:

@@ -90,7 +90,7 @@ def preflight_model(model_args: PivotModelConfig):
 def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = None, path: str | None = None):
     """The policy (or, with `path`, another Pivot checkpoint such as the reference model)."""
     layer = preflight_model(model_args)
-    kwargs = {}
+    kwargs = {"use_kernels": model_args.use_kernels}  # an explicit choice: transformers 5.25+ defaults to True
     if _dtype(model_args) is not None:
         kwargs["dtype"] = _dtype(model_args)
     if model_args.attn_implementation:
@@ -111,6 +111,7 @@ def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = 
             tokenizer=processor.tokenizer,
             torch_dtype=kwargs.get("dtype"),
             attn_implementation=kwargs.get("attn_implementation"),
+            use_kernels=model_args.use_kernels,
         )
     return model
 
