@@ -87,6 +87,19 @@ def preflight_model(model_args: PivotModelConfig):
     return layer
 
 
+def quantization_kwargs(model_args: PivotModelConfig) -> dict:
+    """`from_pretrained` kwargs of `load_in_4bit` / `load_in_8bit` (QLoRA; `check_quantization` has already refused
+    them off CUDA or without `use_peft`): TRL's bitsandbytes config and device map, with the vision tower, the
+    projector and the LM head kept in full precision, since the tunable parts without adapters train in full."""
+    from trl import get_kbit_device_map, get_quantization_config
+
+    config = get_quantization_config(model_args)
+    if config is None:
+        return {}
+    config.llm_int8_skip_modules = ["vision_tower", "multi_modal_projector", "lm_head"]
+    return {"quantization_config": config, "device_map": get_kbit_device_map()}
+
+
 def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = None, path: str | None = None):
     """The policy (or, with `path`, another Pivot checkpoint such as the reference model)."""
     layer = preflight_model(model_args)
@@ -95,6 +108,7 @@ def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = 
         kwargs["dtype"] = _dtype(model_args)
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
+    kwargs.update(quantization_kwargs(model_args))
     if path is not None or model_args.model_name_or_path:
         model = PivotForConditionalGeneration.from_pretrained(
             path or model_args.model_name_or_path, revision=model_args.model_revision, **kwargs
@@ -202,6 +216,7 @@ def load_reference_model(model_args: PivotModelConfig, policy) -> PivotForCondit
 
 
 __all__ = [
+    "quantization_kwargs",
     "apply_projector_init",
     "check_feature_layer",
     "check_max_length",
