@@ -58,6 +58,9 @@ def sharding_report(trainer) -> dict:
         "dtensor_parameters": sum(type(p).__name__ == "DTensor" for p in params),
         "zero3_partitioned_parameters": sum(hasattr(p, "ds_id") for p in params),
         "parameters": len(params),
+        # QLoRA: bitsandbytes layers of the LLM, and the trainable parameters after PEFT wrapping.
+        "quantized_linear_layers": sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in module.modules()),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
         "optimizer_groups": [
             {"name": g.get("name"), "lr": g.get("initial_lr", g["lr"]), "tensors": len(g["params"])}
             for g in trainer.optimizer.param_groups

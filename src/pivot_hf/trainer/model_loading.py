@@ -89,15 +89,17 @@ def preflight_model(model_args: PivotModelConfig):
 
 def quantization_kwargs(model_args: PivotModelConfig) -> dict:
     """`from_pretrained` kwargs of `load_in_4bit` / `load_in_8bit` (QLoRA; `check_quantization` has already refused
-    them off CUDA or without `use_peft`): TRL's bitsandbytes config and device map, with the vision tower, the
+    them off CUDA or without `use_peft`): TRL's bitsandbytes config on this process's GPU, with the vision tower, the
     projector and the LM head kept in full precision, since the tunable parts without adapters train in full."""
-    from trl import get_kbit_device_map, get_quantization_config
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return {}
+    from accelerate import PartialState
+    from trl import get_quantization_config
 
     config = get_quantization_config(model_args)
-    if config is None:
-        return {}
     config.llm_int8_skip_modules = ["vision_tower", "multi_modal_projector", "lm_head"]
-    return {"quantization_config": config, "device_map": get_kbit_device_map()}
+    # bitsandbytes weights cannot move after loading: each process loads its copy onto its own GPU.
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
 
 
 def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = None, path: str | None = None):
