@@ -7,6 +7,7 @@ What needs CUDA (ZeRO-3, Liger) is skipped with its reason; the FSDP2 DPO steps 
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_tiny_runs_on_cpu(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    # The interpreter running the tests, not whichever `python3` is first on PATH.
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     cmd = ["bash", str(REPO / "benchmarks" / "gpu" / "run.sh"), "--tiny", "--work", str(tmp_path / "work")]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=2700)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -8,6 +8,7 @@
 # DeepSpeed publishes only a source archive on PyPI: it is built here into a pure-Python wheel (DS_BUILD_OPS=0, its
 # CUDA ops are JIT-built on the GPU machine, which has nvcc and ninja).
 set -euo pipefail
+PYTHON="${PYTHON:-python3}"  # the interpreter whose pip runs (a venv's: PYTHON="$(command -v python)")
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEST="$ROOT/.whl"
 mkdir -p "$DEST"
@@ -46,19 +47,19 @@ PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 man
 platform_flags=()
 for p in "${PLATFORMS[@]}"; do platform_flags+=(--platform "$p"); done
 
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platform_flags[@]}" -d "$DEST" "${PURE[@]}" "${BINARY[@]}"
 
 if (( QLORA == 0 )) && ! ls "$DEST"/deepspeed-*.whl >/dev/null 2>&1; then
     tmp="$(mktemp -d)"
-    python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" deepspeed==0.19.8
+    "$PYTHON" -m pip download -q --no-deps --no-binary=:all: -d "$tmp" deepspeed==0.19.8
     # No build isolation: DeepSpeed's setup imports torch (any local torch will do for a wheel without ops).
-    DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "$tmp"/deepspeed-*.tar.gz
+    DS_BUILD_OPS=0 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "$tmp"/deepspeed-*.tar.gz
     rm -rf "$tmp"
 fi
 
 # One version of each: two wheels of one project stop the install on the device machine.
-python3 - "$DEST" <<'PY'
+"$PYTHON" - "$DEST" <<'PY'
 import collections, pathlib, sys
 seen = collections.defaultdict(list)
 for wheel in pathlib.Path(sys.argv[1]).glob("*.whl"):

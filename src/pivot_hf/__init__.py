@@ -19,9 +19,13 @@ from transformers import (
 from .configuration_pivot import PivotConfig
 from .modeling_pivot import PivotForConditionalGeneration, PivotModel, encode_images
 from .processing_pivot import PivotProcessor
+from .versions import warn_if_untested_versions
 
 
 __version__ = "0.1.0.dev0"
+
+# Newer-than-tested releases are kept (setup.py bounds stop at the next major), so say so once.
+warn_if_untested_versions()
 
 AutoConfig.register("pivot", PivotConfig, exist_ok=True)
 AutoModel.register(PivotConfig, PivotModel, exist_ok=True)

@@ -156,6 +156,16 @@ class PivotModelConfig(ModelConfig):
         default=False,
         metadata={"help": "Keep the reused projector layers frozen (Table I's best: True with 1 layer)."},
     )
+    use_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "Hub kernels (transformers' `use_kernels`): replace layers such as RMSNorm, rotary embeddings and "
+            "activations with kernels downloaded from the Hub (`kernels` package; CUDA). Off by default in every "
+            "model pivot-hf loads, although transformers 5.25+ turns them on by default: they change the numbers the "
+            "exactness tests and the reference log-prob cache rely on, overlap with `use_liger_kernel`, and fall back "
+            "silently offline. Turn on for speed on GPUs with Hub access."
+        },
+    )
     lora_target_parts: list[str] = field(
         default_factory=lambda: ["language_model"],
         metadata={

@@ -634,6 +634,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         vision_kwargs: dict | None = None,
         text_kwargs: dict | None = None,
         image_token: str | None = None,
+        use_kernels: bool = False,
         **config_kwargs,
     ) -> "PivotForConditionalGeneration":
         """Compose a new Pivot MLLM from a pretrained vision encoder and a pretrained causal LM (Hub ids or folders).
@@ -650,10 +651,14 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         tokenizer or the `PivotProcessor` itself (its `image_token` is then used). `image_token_index` and
         `image_token`, when given, must agree with that tokenizer (`ValueError` naming both otherwise); only when the
         text folder has no tokenizer is `image_token_index` used as given (default: appended after the vocabulary).
+
+        `use_kernels` is handed to both sub-models' `from_pretrained` (transformers' Hub kernels). It defaults to
+        False here, whatever transformers' own default (True from 5.25): Hub kernels change the numbers and need the
+        Hub; pass True to opt in.
         """
         vision_kwargs = dict(vision_kwargs or {})
         text_kwargs = dict(text_kwargs or {})
-        common = {}
+        common = {"use_kernels": use_kernels}
         if torch_dtype is not None:
             common["dtype"] = torch_dtype
         if attn_implementation is not None:
@@ -694,6 +699,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         image_token_index: int | None = None,
         tokenizer=None,
         image_token: str | None = None,
+        use_kernels: bool = False,
         **config_kwargs,
     ) -> "PivotForConditionalGeneration":
         """Compose from already-instantiated models (weights are moved, not copied).

@@ -105,7 +105,7 @@ def quantization_kwargs(model_args: PivotModelConfig) -> dict:
 def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = None, path: str | None = None):
     """The policy (or, with `path`, another Pivot checkpoint such as the reference model)."""
     layer = preflight_model(model_args)
-    kwargs = {}
+    kwargs = {"use_kernels": model_args.use_kernels}  # an explicit choice: transformers 5.25+ defaults to True
     if _dtype(model_args) is not None:
         kwargs["dtype"] = _dtype(model_args)
     if model_args.attn_implementation:
@@ -127,6 +127,7 @@ def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = 
             tokenizer=processor.tokenizer,
             torch_dtype=kwargs.get("dtype"),
             attn_implementation=kwargs.get("attn_implementation"),
+            use_kernels=model_args.use_kernels,
         )
     return model
 
