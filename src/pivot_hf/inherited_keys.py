@@ -188,7 +188,7 @@ KEY_DECISIONS: dict[str, Decision] = {
     ),
     **_honoured(
         "vision_model_name_or_path text_model_name_or_path vision_feature_layer projector_type ref_model_name_or_path "
-        "projector_init_from projector_reuse_layers freeze_reused_projector lora_target_parts",
+        "projector_init_from projector_reuse_layers freeze_reused_projector lora_target_parts use_kernels",
         _OURS + " model building (pivot_hf.trainer.model_loading, adapters)",
     ),
     **_honoured(
