@@ -7,7 +7,8 @@ Stages (each with its own time limit carved from the budget, each recorded as ok
 
 1. build:  a random Pivot checkpoint (SigLIP2-So400m/16 + Qwen2.5-1.5B, bf16; `--tiny`: the benchmark's tiny
            config), shared with the throughput benchmark.
-2. zero3:  3 DPO steps of `recipes/dpo.py` via `accelerate launch`, `accelerate_configs/zero3.yaml`, 1 process, bf16.
+2. zero3:  3 DPO steps of `recipes/dpo.py` via `accelerate launch`, `accelerate_configs/zero3.yaml`, 1 process, bf16
+           (`--tiny` on CPU: 2 processes on DeepSpeed's CPU accelerator, gloo, fp32).
 3. fsdp2:  the same with `accelerate_configs/fsdp2.yaml` (`--tiny` on CPU: 2 gloo processes, fp32).
 4. throughput: `benchmarks/dpo_throughput.py --setting gpu` (`--tiny` on CPU), 1 repeat.
 5. throughput_mmpr: the same on MMPR-like heavy-tailed lengths at 8 pairs per batch (`--lengths mmpr --batch-pairs 8`:
@@ -17,7 +18,7 @@ Stages (each with its own time limit carved from the budget, each recorded as ok
            linear layer of the LLM, tower and projector trained in full, fp32): the adapter is saved, the LLM holds
            4-bit layers, step-1 loss is ln 2 and the tower changed (CUDA + bitsandbytes only).
 
-Without CUDA, what needs it is skipped with the reason printed; everything else runs the same code as on the GPU.
+Without CUDA, what needs it (Liger) is skipped with the reason printed; everything else runs the same code as on the GPU.
 """
 
 from __future__ import annotations
@@ -167,13 +168,6 @@ class Check:
 
     def dpo_steps(self, stage: str, source: str, model: str, limit_s: float) -> None:
         if stage == "zero3":
-            if not self.cuda:
-                return self.skip(
-                    stage,
-                    "needs CUDA: on CPU processes (DeepSpeed 0.19.8, DS_ACCELERATOR=cpu, gloo) the HF Trainer sizes "
-                    "the DeepSpeed batch for 1 process and DeepSpeed stops at its batch check (train_batch_size 1 != "
-                    "1 * 1 * 2); the GPU run of this script covers ZeRO-3",
-                )
             try:
                 import deepspeed  # noqa: F401
             except ImportError as error:

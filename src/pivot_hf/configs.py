@@ -286,6 +286,13 @@ class PivotTrainingFields:
             "that did not change is an error (the most common silent failure of MLLM encoder training)."
         },
     )
+    max_image_pixels: int = field(
+        default=89_478_485,
+        metadata={
+            "help": "Row contract: an image with more pixels (width x height) than this is skipped and counted as "
+            "`image_too_large` before any compute, from its header (decompression-bomb guard; PIL's own default)."
+        },
+    )
 
     update_norm_memory_mib: float = field(
         default=512,
@@ -313,6 +320,8 @@ class PivotTrainingFields:
                 f"Unknown tunable_parts {unknown}. Fix: choose from {list(TUNABLE_PARTS)}, e.g. "
                 "`tunable_parts: [vision_tower, projector, language_model]`."
             )
+        if self.max_image_pixels < 1:
+            raise RecipeConfigError(f"`max_image_pixels` must be >= 1, got {self.max_image_pixels}.")
         if not self.tunable_parts:
             raise RecipeConfigError(
                 "`tunable_parts` is empty: nothing would train. Fix: list at least one of "

@@ -192,8 +192,9 @@ KEY_DECISIONS: dict[str, Decision] = {
         _OURS + " model building (pivot_hf.trainer.model_loading, adapters)",
     ),
     **_honoured(
-        "tunable_parts vision_tower_lr projector_lr check_tunable_parts_changed update_norm_memory_mib",
-        _OURS + " tunable parts and training monitor (pivot_hf.trainer.tunable, callbacks)",
+        "tunable_parts vision_tower_lr projector_lr check_tunable_parts_changed update_norm_memory_mib "
+        "max_image_pixels",
+        _OURS + " tunable parts, training monitor and image loading (trainer.tunable, callbacks, data)",
     ),
     **_honoured(
         "share_image_features share_prompt_prefix compact_lm_head ref_logps_cache_dir padding_free_row_tokens",

@@ -27,7 +27,8 @@ def multimodal_chat_template(text_template: str, image_token: str, system_prompt
     Messages whose `content` is a list of parts (`{"type": "image"}`, `{"type": "text", "text": ...}`, as TRL and
     transformers produce them) are flattened to strings first: an image part becomes `<image>\\n`, where the official
     recipe puts it. The LLM's template is then applied unchanged, so every LLM (ChatML for Qwen, Llama's, ...) keeps
-    its own format. Written with immutable Jinja operations only (transformers renders in a sandbox).
+    its own format. Any other part type (e.g. `input_image`; transformers maps OpenAI's `image_url` to an image part)
+    is an error naming it and the accepted ones, never dropped. Written with immutable Jinja operations only (transformers renders in a sandbox).
     """
     image_literal = image_token.replace("\\", "\\\\").replace("'", "\\'")
     header = ["{%- set _pivot = namespace(messages=[]) -%}"]
@@ -45,7 +46,11 @@ def multimodal_chat_template(text_template: str, image_token: str, system_prompt
         "{%- set _text = namespace(value='') -%}"
         "{%- for _part in _message['content'] -%}"
         "{%- if _part['type'] == 'image' -%}{%- set _text.value = _text.value + '" + image_literal + "\\n' -%}"
-        "{%- elif _part['type'] == 'text' -%}{%- set _text.value = _text.value + _part['text'] -%}{%- endif -%}"
+        "{%- elif _part['type'] == 'text' -%}{%- set _text.value = _text.value + _part['text'] -%}"
+        # Any other part type would vanish silently (e.g. `input_image`: an image with 0 image tokens).
+        "{%- else -%}{{- raise_exception('Unknown content part type ' ~ (_part['type'] | string) ~ ': accepted "
+        "types are image and text (transformers maps an OpenAI image_url part to image)') -}}"
+        "{%- endif -%}"
         "{%- endfor -%}"
         "{%- set _pivot.messages = _pivot.messages + [{'role': _message['role'], 'content': _text.value}] -%}"
         "{%- endif -%}"
@@ -124,10 +129,13 @@ class PivotProcessor(ProcessorMixin):
 
         Data pipelines use it to drop rows whose text plus image tokens cannot fit `max_length` before training; with a
         variable-resolution tower they measure each row's images (`variable_resolution`), since a non-square image can
-        have more tokens than a square one.
+        have more tokens than a square one. Without an image, a variable-resolution tower answers its maximum
+        (`max_num_patches`): a bound that no image exceeds, never a count that a tall image would overrun.
         """
         if isinstance(image, Image.Image) and self.variable_resolution:
             image = image.size
+        if image is None and self.variable_resolution:
+            return int(self.image_processor.max_num_patches)
         if isinstance(image, tuple) and self.variable_resolution:
             count = _naflex_tokens(self.image_processor, int(image[0]), int(image[1]))
             if count is not None:

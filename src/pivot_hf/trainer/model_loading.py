@@ -102,6 +102,30 @@ def quantization_kwargs(model_args: PivotModelConfig) -> dict:
     return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
 
 
+def import_model_classes(*configs) -> None:
+    """Import the modeling modules of these configs (and their sub-configs) now, outside any `deepspeed.zero.Init`.
+
+    Under ZeRO-3, transformers builds the model inside `zero.Init`, which wraps `__init__` of every module class and,
+    for classes *defined* inside the context, records the `__init__` it saw at definition. On exit it puts that one
+    back, undoing any class decorator applied after definition: `kernels.use_kernelized_func` (Qwen2Attention in
+    transformers 5.x) installs an `__init__` that creates `_kernel_funcs`, which its `forward` reads. A modeling module
+    first imported inside one `zero.Init` (the policy) thus yields modules without `_kernel_funcs` in the next (the
+    reference model): AttributeError in the first forward. Imported before, the classes are never redefined there.
+    """
+    from transformers import AutoModel
+
+    pending = list(configs)
+    while pending:
+        config = pending.pop()
+        if config is None:
+            continue
+        try:
+            AutoModel._model_mapping[type(config)]  # the lazy mapping imports the modeling module
+        except KeyError:
+            pass  # a composite config (Pivot) without a base-model entry: its sub-configs are what is built
+        pending.extend(getattr(config, key) for key in getattr(config, "sub_configs", {}) if hasattr(config, key))
+
+
 def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = None, path: str | None = None):
     """The policy (or, with `path`, another Pivot checkpoint such as the reference model)."""
     layer = preflight_model(model_args)
@@ -112,6 +136,10 @@ def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = 
         kwargs["attn_implementation"] = model_args.attn_implementation
     kwargs.update(quantization_kwargs(model_args))
     if path is not None or model_args.model_name_or_path:
+        source = path or model_args.model_name_or_path
+        import_model_classes(
+            PivotForConditionalGeneration.config_class.from_pretrained(source, revision=model_args.model_revision)
+        )
         model = PivotForConditionalGeneration.from_pretrained(
             path or model_args.model_name_or_path, revision=model_args.model_revision, **kwargs
         )
