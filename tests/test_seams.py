@@ -198,6 +198,13 @@ def _fresh(path, like=None):
     return model
 
 
+def _pair_inputs(path) -> dict:
+    """Two rows sharing image and prompt: the shape the paired forward takes."""
+    processor = PivotProcessor.from_pretrained(path)
+    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(1)))
+    return {k: v for k, v in batch.items() if k != "completion_mask"}
+
+
 def _assert_untouched(model, path, stock):
     """No attribute we added (the same per-module attributes as `stock`, the same model after a run of stock TRL, which
     adds its fused LM head, model tags, accelerate's mark and checkpointing), transformers' sdpa for every attention,
@@ -205,10 +212,7 @@ def _assert_untouched(model, path, stock):
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
     assert model.config.text_config._attn_implementation == "sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
-    processor = PivotProcessor.from_pretrained(path)
-    # Two rows sharing image and prompt: the shape the paired forward would have taken.
-    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(1)))
-    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    inputs = _pair_inputs(path)
     model.eval()
     with torch.no_grad():
         ours = model(**inputs, output_hidden_states=True, use_cache=False)
@@ -286,6 +290,15 @@ def test_fast_dpo_train_evaluate_and_failure_leave_the_model_untouched(tiny_pivo
     stock.train()
     _assert_untouched(model, path, stock_model)
     _assert_untouched(trainer.ref_model, path, stock.ref_model)
+    # The case as a user meets it: the trained model and the checkpoint it saved give the same per-row outputs.
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = PivotForConditionalGeneration.from_pretrained(str(tmp_path / "saved"), dtype=torch.float32).eval()
+    inputs = _pair_inputs(path)
+    with torch.no_grad():
+        ours = model.eval()(**inputs, output_hidden_states=True, use_cache=False)
+        theirs = reloaded(**inputs, output_hidden_states=True, use_cache=False)
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     trainer.evaluate()
     _assert_untouched(model, path, stock_model)

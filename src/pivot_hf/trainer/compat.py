@@ -8,6 +8,9 @@ docs/architecture.md lists every remaining touch with its guard.
 - `trl.trainer.utils._use_triton`: TRL's fused LM head scores only the positions with a label when it returns True
   (on CUDA/XPU); elsewhere it scores every position. `compact_lm_head_scoring` makes it True for the scope of our
   forwards, on every device (the math is TRL's own).
+- `PreTrainedModel._weight_conversions` (the load-time key renamings `save_pretrained` reverses): restricted to the
+  ones that matched a key for the scope of a ZeRO-3 save (`used_weight_conversions_only`), put back on exit; a model
+  without it is left alone (the ZeRO-3 save-name tests check the names written).
 - `transformers.Trainer._get_output_dir`, called by `Trainer._save_checkpoint` for the run folder: the atomic
   checkpoints stage a save by overriding it for the duration of that call (`checkpointing.AtomicCheckpointMixin`).
 """
@@ -82,4 +85,20 @@ def compact_lm_head_scoring(enabled: bool = True):
         trl_utils._use_triton = original
 
 
-__all__ = ["TESTED", "compact_lm_head_scoring"]
+@contextlib.contextmanager
+def used_weight_conversions_only(model):
+    """While active, `model`'s recorded load-time renamings are only those that matched a key at load (what the
+    ordinary load path records), so `save_pretrained` writes the names a one-process save writes. A no-op for a model
+    that recorded none; the recorded list is put back on exit."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions or all(getattr(c, "was_used", lambda: True)() for c in conversions):
+        yield  # the ordinary load path already kept only the used ones (or nothing was recorded)
+        return
+    model._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
+    try:
+        yield
+    finally:
+        model._weight_conversions = conversions  # the model is left as it was
+
+
+__all__ = ["TESTED", "compact_lm_head_scoring", "used_weight_conversions_only"]
