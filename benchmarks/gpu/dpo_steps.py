@@ -59,6 +59,9 @@ def sharding_report(trainer) -> dict:
         # partitioned: each rank holds a shard smaller than the tensor
         "zero3_partitioned_parameters": sum(hasattr(p, "ds_id") and p.ds_tensor.numel() < p.ds_numel for p in params),
         "parameters": len(params),
+        # QLoRA: bitsandbytes layers of the LLM, and the trainable parameters after PEFT wrapping.
+        "quantized_linear_layers": sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in module.modules()),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
         "optimizer_groups": optimizer_groups(trainer) if trainer.optimizer is not None else [],
     }
 

@@ -87,6 +87,21 @@ def preflight_model(model_args: PivotModelConfig):
     return layer
 
 
+def quantization_kwargs(model_args: PivotModelConfig) -> dict:
+    """`from_pretrained` kwargs of `load_in_4bit` / `load_in_8bit` (QLoRA; `check_quantization` has already refused
+    them off CUDA or without `use_peft`): TRL's bitsandbytes config on this process's GPU, with the vision tower, the
+    projector and the LM head kept in full precision, since the tunable parts without adapters train in full."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return {}
+    from accelerate import PartialState
+    from trl import get_quantization_config
+
+    config = get_quantization_config(model_args)
+    config.llm_int8_skip_modules = ["vision_tower", "multi_modal_projector", "lm_head"]
+    # bitsandbytes weights cannot move after loading: each process loads its copy onto its own GPU.
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
+
+
 def import_model_classes(*configs) -> None:
     """Import the modeling modules of these configs (and their sub-configs) now, outside any `deepspeed.zero.Init`.
 
@@ -119,6 +134,7 @@ def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = 
         kwargs["dtype"] = _dtype(model_args)
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
+    kwargs.update(quantization_kwargs(model_args))
     if path is not None or model_args.model_name_or_path:
         source = path or model_args.model_name_or_path
         import_model_classes(
@@ -231,6 +247,7 @@ def load_reference_model(model_args: PivotModelConfig, policy) -> PivotForCondit
 
 
 __all__ = [
+    "quantization_kwargs",
     "apply_projector_init",
     "check_feature_layer",
     "check_max_length",
