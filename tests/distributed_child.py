@@ -70,7 +70,8 @@ def _allow_fsdp_on_cpu() -> None:
 
 
 def _install() -> None:
-    from pivot_hf.trainer import PivotDPOTrainer, PivotGRPOTrainer, PivotSFTTrainer
+    from pivot_hf.trainer import PivotDPOTrainer, PivotSFTTrainer
+    from pivot_hf.trainer.grpo import PivotGRPOTrainer
 
     if os.environ.get("PIVOT_TEST_FSDP_ON_CPU") == "1":
         _allow_fsdp_on_cpu()
