@@ -397,7 +397,9 @@ def _batch_shapes(trainer, dataset, batch_size: int) -> tuple[list[dict], list[d
     the same)."""
     import torch
 
-    from pivot_hf.trainer.fast_dpo import _place_units, _RefLogpsCollator, plan_pairs
+    from pivot_hf.trainer.fast_dpo import plan_pairs
+    from pivot_hf.trainer.fast_dpo.collator import _RefLogpsCollator
+    from pivot_hf.trainer.fast_dpo.packing import _place_units
 
     collator = trainer.data_collator
     collator = collator.inner if isinstance(collator, _RefLogpsCollator) else collator

@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pivot_hf.configs import PivotModelConfig, start_recipe  # noqa: E402
 from pivot_hf.trainer import load_model  # noqa: E402
+from pivot_hf.trainer.adapters import lora_config_from_model_args  # noqa: E402
 from pivot_hf.trainer.grpo import (  # noqa: E402
     PivotGRPOConfig,
     PivotGRPOScriptArguments,
@@ -52,14 +53,22 @@ def main(argv=None):
         length_unit=training_args.length_reward_unit,
     )
     model = load_model(model_args, processor)
-    if training_args.beta > 0 and not model_args.model_name_or_path:
+    # With `use_peft` (TRL's LoRA keys) the LLM gets adapters and the other tunable parts train in full beside them;
+    # the KL reference is then the adapter-disabled policy.
+    peft_config = lora_config_from_model_args(model_args, model)
+    if training_args.beta > 0 and peft_config is None and not model_args.model_name_or_path:
         raise SystemExit(
             "beta > 0 needs a reference model, which TRL reloads from the policy's checkpoint: start GRPO from a "
             "Pivot checkpoint (`model_name_or_path`, e.g. the Stage-1 output), or set `beta: 0`."
         )
 
     trainer = PivotGRPOTrainer(
-        model, reward_funcs, args=training_args, train_dataset=train_dataset, processing_class=processor
+        model,
+        reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, start_recipe  # noqa: E402
 from pivot_hf.trainer import PivotSFTTrainer, apply_projector_init, load_model  # noqa: E402
+from pivot_hf.trainer.adapters import lora_config_from_model_args  # noqa: E402
 from pivot_hf.trainer.collators import AssistantTurnsVisionCollator  # noqa: E402
 from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
 from pivot_hf.trainer.preflight import load_checked_processor  # noqa: E402
@@ -40,6 +41,8 @@ def main(argv=None):
     train_dataset, eval_dataset, _ = load_training_data(script_args, training_args, processor, "sft")
 
     model = load_model(model_args, processor)
+    # With `use_peft` (TRL's LoRA keys) the LLM gets adapters and the other tunable parts train in full beside them.
+    peft_config = lora_config_from_model_args(model_args, model)
     collator = None
     if script_args.sft_loss_on == "assistant_turns" and {"messages", "images"} <= set(train_dataset.column_names):
         collator = AssistantTurnsVisionCollator(processor)
@@ -50,6 +53,7 @@ def main(argv=None):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
+        peft_config=peft_config,
         # Stage 3: reused projector layers are loaded (and frozen) after the tunable parts are set.
         after_tunable_parts=lambda m: apply_projector_init(m, model_args),
     )

@@ -17,14 +17,14 @@ from trl.trainer.utils import add_fused_lm_head
 from pivot_hf import PivotForConditionalGeneration, PivotProcessor
 from pivot_hf.trainer.fast_dpo import (
     FastDPOMixin,
-    _place_units,
     compact_lm_head_scoring,
-    find_pivot_model,
     install_pair_forward,
     pack_pairs,
     pack_rows,
     plan_pairs,
 )
+from pivot_hf.trainer.fast_dpo.forward import find_pivot_model
+from pivot_hf.trainer.fast_dpo.packing import _place_units
 
 
 def _trainer_and_config():
@@ -383,7 +383,9 @@ def test_padding_free_trainer_is_on_by_default_and_silences_trl(tiny, tmp_path, 
     assert not [w for w in warnings if "padding_free" in w] and trainer.args.padding_free is True
     seen = []
     hook = find_pivot_model(trainer.model).pair_forward
-    monkeypatch.setattr("pivot_hf.trainer.fast_dpo.pack_pairs", lambda *a, **k: seen.append(k) or pack_pairs(*a, **k))
+    monkeypatch.setattr(
+        "pivot_hf.trainer.fast_dpo.forward.pack_pairs", lambda *a, **k: seen.append(k) or pack_pairs(*a, **k)
+    )
     batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(2)))
     with torch.no_grad():
         hook(find_pivot_model(trainer.model), **{k: v for k, v in batch.items() if k != "completion_mask"})
@@ -395,7 +397,7 @@ def test_padding_free_trainer_is_on_by_default_and_silences_trl(tiny, tmp_path, 
 def test_pair_block_attention_equals_the_dense_block_mask(window):
     """`PairBlocks.attend` (two sdpa calls per pair) against one dense masked attention over the whole row: grouped
     query heads, single-token and empty rejected tails, and a sliding window shorter than the blocks."""
-    from pivot_hf.trainer.pair_attention import PairBlocks
+    from pivot_hf.trainer.fast_dpo.attention import PairBlocks
 
     torch.manual_seed(0)
     spans, start = [], 0
@@ -439,7 +441,7 @@ def test_pair_block_marker_is_refused_by_other_layouts():
     sdpa calls without a marker go to transformers' function unchanged."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from pivot_hf.trainer.pair_attention import PairBlocks, install_pair_attention
+    from pivot_hf.trainer.fast_dpo.attention import PairBlocks, install_pair_attention
 
     install_pair_attention()
     install_pair_attention()  # idempotent: wrapped once
@@ -478,7 +480,7 @@ def test_attention_that_ignores_the_pair_layout_is_refused(tiny, monkeypatch):
     the pairs of the packed row attend to each other: the forward raises instead of training on that."""
     from transformers import AttentionInterface
 
-    from pivot_hf.trainer.pair_attention import install_pair_attention
+    from pivot_hf.trainer.fast_dpo.attention import install_pair_attention
 
     path, processor = tiny
     batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(2)))
@@ -492,7 +494,7 @@ def test_attention_that_ignores_the_pair_layout_is_refused(tiny, monkeypatch):
 
     # The attention layers call a plain causal sdpa that never sees the layout (and nothing re-wraps it).
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", causal_only)
-    monkeypatch.setattr("pivot_hf.trainer.fast_dpo.install_pair_attention", lambda: None)
+    monkeypatch.setattr("pivot_hf.trainer.fast_dpo.forward.install_pair_attention", lambda: None)
     inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
     with pytest.raises(RuntimeError, match="did not go through transformers' registered `sdpa`"):
         model(**inputs, use_cache=False)

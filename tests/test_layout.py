@@ -75,5 +75,6 @@ def test_what_runs_inside_a_trainer_lives_in_trainer():
     top_level = {path.stem for path in package.glob("*.py")}
     assert not top_level & {"fast_dpo", "checkpointing", "grpo", "export", "model_card"}
     trainer = {path.stem for path in (package / "trainer").glob("*.py")}
+    trainer |= {path.parent.name for path in (package / "trainer").glob("*/__init__.py")}
     assert {"dpo", "sft", "grpo", "fast_dpo", "tunable", "checkpointing", "collators", "model_loading"} <= trainer
     assert {"encoder", "model_card"} <= {path.stem for path in (package / "export").glob("*.py")}

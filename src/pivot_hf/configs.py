@@ -147,9 +147,25 @@ class PivotModelConfig(ModelConfig):
         default=False,
         metadata={"help": "Keep the reused projector layers frozen (Table I's best: True with 1 layer)."},
     )
+    lora_target_parts: list[str] = field(
+        default_factory=lambda: ["language_model"],
+        metadata={
+            "help": "With `use_peft`: the parts whose linear layers (selected by `lora_target_modules`, default "
+            "all-linear) get LoRA adapters; any of vision_tower, projector, language_model. The other parts of "
+            "`tunable_parts` train in full at their own LR (vision_tower_lr, projector_lr), as ms-swift's "
+            "`--freeze_vit false`."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        self.lora_target_parts = _normalize_parts(self.lora_target_parts)
+        unknown = [p for p in self.lora_target_parts if p not in TUNABLE_PARTS]
+        if unknown or not self.lora_target_parts:
+            raise RecipeConfigError(
+                f"lora_target_parts={self.lora_target_parts} must list one or more of {list(TUNABLE_PARTS)}."
+            )
+        check_quantization(self)
         has_ckpt = bool(self.model_name_or_path)
         has_pair = bool(self.vision_model_name_or_path) or bool(self.text_model_name_or_path)
         if has_ckpt and has_pair:
@@ -166,6 +182,34 @@ class PivotModelConfig(ModelConfig):
                 "`projector_init_from` is set but `projector_reuse_layers` is 0: set it to 1 or 2, or drop "
                 "`projector_init_from`."
             )
+
+
+def check_quantization(model_args) -> None:
+    """`load_in_4bit` / `load_in_8bit` (bitsandbytes) are honoured on CUDA with `use_peft` (QLoRA); anything else is
+    refused here, when the recipe is parsed: before a weight is loaded."""
+    import torch
+
+    keys = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(model_args, k, False)]
+    if not keys:
+        return
+    if len(keys) > 1:
+        raise RecipeConfigError("`load_in_4bit` and `load_in_8bit` are both set. Fix: choose one.")
+    key = keys[0]
+    if not torch.cuda.is_available():
+        raise RecipeConfigError(
+            f"`{key}: true` quantizes the model with bitsandbytes, which needs a CUDA GPU, and none is visible on this "
+            f"machine. Fix: set `{key}: false` (`--{key} false`) on CPU; use `use_peft: true` alone for LoRA."
+        )
+    if not model_args.use_peft:
+        raise RecipeConfigError(
+            f"`{key}: true` without `use_peft: true`: quantized weights cannot be trained in full. Fix: set "
+            "`use_peft: true` (QLoRA), or drop the quantization."
+        )
+    if not model_args.model_name_or_path:
+        raise RecipeConfigError(
+            f"`{key}: true` needs `model_name_or_path` (a Pivot checkpoint to load quantized); a newly composed MLLM "
+            "is built in full precision. Fix: save the composed model (Stage 1) and continue from it."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- training

@@ -212,6 +212,20 @@ def _truncated_tower(vision_tower: nn.Module, num_blocks: int) -> tuple[nn.Modul
     return view, capture
 
 
+def active_module(module: nn.Module) -> nn.Module:
+    """The module that runs in place of `module`: for PEFT's `ModulesToSaveWrapper` (a part trained in full beside
+    LoRA adapters) the trained copy of the active adapter, or the frozen original while adapters are disabled (the
+    DPO reference pass); any other module is returned as is."""
+    copies = getattr(module, "modules_to_save", None)
+    original = getattr(module, "original_module", None)
+    if not isinstance(copies, nn.ModuleDict) or not isinstance(original, nn.Module):
+        return module
+    active = module.active_adapters
+    if module.disable_adapters or not active or active[0] not in copies:
+        return original
+    return copies[active[0]]
+
+
 def encode_images(
     vision_tower: nn.Module,
     pixel_values: torch.Tensor,
@@ -231,6 +245,9 @@ def encode_images(
     Returns a `(batch, num_patches, hidden)` tensor, or for SigLIP2 NaFlex inputs a list with one
     `(num_valid_patches_i, hidden)` tensor per image (padding patches removed).
     """
+    # A tower trained in full beside LoRA adapters sits in PEFT's wrapper, which holds two towers: the view is cut from
+    # the one that runs now (LoRA layers inside the tower are ordinary submodules and need nothing).
+    vision_tower = active_module(vision_tower)
     if isinstance(feature_layer, (list, tuple)):
         common = {"num_prefix_tokens": num_prefix_tokens, "pixel_attention_mask": pixel_attention_mask}
         per_layer = [

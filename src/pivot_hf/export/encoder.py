@@ -521,6 +521,9 @@ def export_encoder(
 ) -> str:
     """Write the PIVOT encoder of a Pivot checkpoint (folder, Hub id or loaded model) to `output_dir`, atomically.
 
+    A folder written by a `use_peft` run (PEFT adapter for a base Pivot checkpoint) is merged first
+    (`pivot_hf.export.merge.merge_adapter`): the exported tower is the merged model's tower.
+
     The folder holds `config.json` + `model.safetensors` of the tower's transformers class, the image processor's
     `preprocessor_config.json`, `README.md` (model card) and, with `export_projector`, `projector/`. Returns the path.
     """
@@ -529,9 +532,15 @@ def export_encoder(
         raise FileExistsError(f"{output_dir} exists; pass overwrite_output_dir to replace it.")
     if isinstance(model_or_path, str):
         from ..modeling_pivot import PivotForConditionalGeneration
+        from .merge import is_adapter_dir, merge_adapter
 
         source_path = model_or_path
-        model = PivotForConditionalGeneration.from_pretrained(model_or_path, dtype="auto")
+        if is_adapter_dir(model_or_path):
+            # A `use_peft` run: the base checkpoint with the adapter merged (LoRA on the tower folded into its layers,
+            # a tower trained in full taken as trained).
+            model = merge_adapter(model_or_path)
+        else:
+            model = PivotForConditionalGeneration.from_pretrained(model_or_path, dtype="auto")
         if image_processor is None:
             image_processor = _load_image_processor(model_or_path)
         if run_dir is None and os.path.isdir(model_or_path):

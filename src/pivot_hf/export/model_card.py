@@ -109,7 +109,7 @@ def read_run_metadata(run_dir: str | None) -> dict:
         meta["sources"].append("pivot_run.json")
         meta["run"] = {
             key: summary[key]
-            for key in ("method", "loss_type", "tunable_parts", "global_step", "tensors_changed")
+            for key in ("method", "loss_type", "tunable_parts", "global_step", "tensors_changed", "peft")
             if summary.get(key) is not None
         }
         for key in ("dataset_name", "tunable_parts"):
@@ -224,6 +224,26 @@ def run_method(run_metadata: dict) -> str:
     return "unknown"
 
 
+def describe_peft(run_metadata: dict) -> str:
+    """A sentence on the run's LoRA adapters (rank, alpha, DoRA/rsLoRA, adapted parts), or '' for a full run."""
+    peft = (run_metadata.get("run") or {}).get("peft")
+    if not isinstance(peft, dict):
+        return ""
+    kind = "DoRA" if peft.get("use_dora") else "LoRA"
+    scaling = ", rsLoRA scaling" if peft.get("use_rslora") else ""
+    parts = peft.get("adapted_parts") or ["some layers"]
+    names = {"vision_tower": "the vision encoder", "projector": "the projector", "language_model": "the LLM"}
+    adapted = " and ".join(names.get(p, p) for p in parts)
+    text = (
+        f" The run used {kind} adapters of rank {peft.get('r')} (alpha {peft.get('lora_alpha')}{scaling}) on {adapted}"
+    )
+    if "vision_tower" in parts:
+        text += "; the encoder's adapters are merged into the weights published here"
+    elif "vision_tower" in (peft.get("modules_to_save") or []):
+        text += "; the encoder itself trained in full"
+    return text + "."
+
+
 def describe_run(encoder_config, run_metadata: dict) -> str:
     """The card's first sentence: what the run recorded next to the checkpoint did to this encoder."""
     method = run_method(run_metadata)
@@ -234,7 +254,7 @@ def describe_run(encoder_config, run_metadata: dict) -> str:
         extra = (
             f" (`loss_type: {_fmt(loss)}`)" if method == "dpo" and loss not in (None, "sigmoid", ["sigmoid"]) else ""
         )
-        return f"{name} {_METHODS[method]}{extra}.{tail}"
+        return f"{name} {_METHODS[method]}{extra}.{describe_peft(run_metadata)}{tail}"
     if method == "untrained":
         return (
             f"{name} exported from a LLaVA-style MLLM whose training run did not train the encoder (its weights are "

@@ -8,10 +8,12 @@ features, shared-prefix forward, cached reference log-probs) sits ahead of TRL s
 from __future__ import annotations
 
 import copy
+import logging
 
 from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 
+from .adapters import preserved_requires_grad
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
 from .fast_dpo import FastDPOMixin
@@ -20,12 +22,17 @@ from .preflight import check_model_processor
 from .tunable import TunablePartsMixin, as_pivot_config
 
 
+logger = logging.getLogger(__name__)
+
+
 class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer):
     """`PivotDPOTrainer(model, ref_model, args=PivotDPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     `ref_model=None` does what TRL does: the reference is a frozen copy of the policy as passed (vision tower
-    included; with `precompute_ref_log_probs` it lives only until the log-probs are cached, with PEFT the adapter is
-    switched off instead). The recipes load PIVOT's reference explicitly (`pivot_hf.trainer.load_reference_model`).
+    included; with `precompute_ref_log_probs` it lives only until the log-probs are cached). With `peft_config` there
+    is no second model: the reference is the policy with its adapters disabled, where the parts trained in full beside
+    the adapters (PEFT's `modules_to_save`) run as their frozen originals, i.e. exactly the starting network. The
+    recipes load PIVOT's reference explicitly (`pivot_hf.trainer.load_reference_model`) unless `use_peft` is set.
     """
 
     _tag_names = ["trl", "dpo", "pivot"]
@@ -47,12 +54,32 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
         # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
         processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
         check_model_processor(getattr(model, "config", None), processing_class)
-        self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
+        kwargs["peft_config"] = self._setup_tunable_parts(
+            model, args, after_tunable_parts, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
+        )
         if ref_model is None and _needs_reference_copy(model, args, kwargs):
             # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a
             # copy of the model as passed is the reference TRL means. (Precompute and PEFT need no separate model.)
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         super().__init__(model, ref_model, args, *trainer_args, **kwargs)
+        self._finish_tunable_parts()
+        if is_peft_model(self.model) and self.ref_model is None and self.is_world_process_zero():
+            from .adapters import describe_reference
+
+            adapted, full = self._peft_parts or ([], [])
+            how = describe_reference(adapted, full)
+            when = "once, before training (precompute_ref_log_probs)" if args.precompute_ref_log_probs else "live"
+            logger.info("DPO reference (%s): %s.", when, how)
+
+    # PEFT's `disable_adapter()` (the reference pass) marks every adapter and `modules_to_save` weight trainable on
+    # exit; the flags set by the tunable parts are kept instead.
+    def compute_ref_log_probs(self, model, inputs):
+        with preserved_requires_grad(self.model):
+            return super().compute_ref_log_probs(model, inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with preserved_requires_grad(self.model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def _needs_reference_copy(model, args, kwargs) -> bool:

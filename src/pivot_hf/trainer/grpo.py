@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig, GRPOTrainer
 
 from ..configs import PivotScriptArguments, PivotTrainingFields, RecipeConfigError
+from .adapters import preserved_requires_grad
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
 from .tunable import TunablePartsMixin, as_pivot_config
@@ -339,7 +340,8 @@ class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitor
 
     The tunable parts, per-part learning-rate groups and the end-of-run check that the vision tower changed are the
     SFT/DPO trainers' own (`TunablePartsMixin`). With `beta > 0`, TRL builds the KL reference by reloading the
-    policy's checkpoint (`model.config.name_or_path`), which `import pivot_hf` makes loadable as a Pivot model.
+    policy's checkpoint (`model.config.name_or_path`), which `import pivot_hf` makes loadable as a Pivot model; with
+    `peft_config` it is the adapter-disabled policy, and the tunable parts without adapters train in full beside them.
     """
 
     _tag_names = ["trl", "grpo", "pivot"]
@@ -350,8 +352,17 @@ class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitor
         args = as_pivot_config(args, PivotGRPOConfig)
         # TRL's positional order after `args`: train_dataset, eval_dataset, processing_class, ...
         train_dataset = kwargs.get("train_dataset", trainer_args[0] if trainer_args else None)
-        self._setup_tunable_parts(model, args, train_dataset=train_dataset)
+        kwargs["peft_config"] = self._setup_tunable_parts(
+            model, args, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
+        )
         super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
+        self._finish_tunable_parts()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Under PEFT the KL reference is the adapter-disabled policy; PEFT's re-enable would un-freeze what the
+        # tunable parts froze (see `preserved_requires_grad`).
+        with preserved_requires_grad(self.model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 __all__ = [

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from .adapters import peft_summary
+
 
 def save_run_summary(trainer, train_output, processor, script_args, model_args) -> dict:
     """Save metrics, state, the processor and a `pivot_run.json` summary (last logged metrics, tunable-part check)."""
@@ -40,6 +42,8 @@ def save_run_summary(trainer, train_output, processor, script_args, model_args) 
             "first_log": logged[0] if logged else {},
             "last_log": logged[-1] if logged else {},
             "tensors_changed": {part: [e["changed"], e["total"]] for part, e in report.items()},
+            # LoRA rank, alpha, DoRA/rsLoRA and the parts trained in full beside the adapters (None: no PEFT).
+            "peft": peft_summary(trainer.accelerator.unwrap_model(trainer.model)),
         }
         with open(os.path.join(output_dir, "pivot_run.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, default=str)

@@ -15,7 +15,11 @@ from .tunable import TunablePartsMixin, as_pivot_config
 
 
 class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, SFTTrainer):
-    """`PivotSFTTrainer(model, args=PivotSFTConfig(...), train_dataset=..., processing_class=processor)`."""
+    """`PivotSFTTrainer(model, args=PivotSFTConfig(...), train_dataset=..., processing_class=processor)`.
+
+    With `peft_config` (e.g. a `LoraConfig`, or `pivot_hf.trainer.adapters.lora_config_from_model_args`), the parts
+    of `args.tunable_parts` that carry no adapter train in full beside the adapters (PEFT's `modules_to_save`).
+    """
 
     _tag_names = ["trl", "sft", "pivot"]
 
@@ -32,8 +36,11 @@ class PivotSFTTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorM
         processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
         check_model_processor(getattr(model, "config", None), processing_class)
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
-        self._setup_tunable_parts(model, args, after_tunable_parts, train_dataset=train_dataset)
+        kwargs["peft_config"] = self._setup_tunable_parts(
+            model, args, after_tunable_parts, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
+        )
         super().__init__(model, args, *trainer_args, **kwargs)
+        self._finish_tunable_parts()
 
 
 __all__ = ["PivotSFTTrainer"]

@@ -190,7 +190,10 @@ def as_pivot_config(args, pivot_cls):
 class TunablePartsMixin:
     """Tunable parts, per-part LR groups and the did-it-train check, for `PivotSFTTrainer` and `PivotDPOTrainer`."""
 
-    def _setup_tunable_parts(self, model, args, after_tunable_parts=None, train_dataset=None):
+    def _setup_tunable_parts(self, model, args, after_tunable_parts=None, train_dataset=None, peft_config=None):
+        """Before the parent's `__init__`: `requires_grad` from `tunable_parts`, and with a `peft_config` the config
+        the parent wraps the model with (every tunable part without adapters trained in full). Returns that config.
+        `_finish_tunable_parts` completes the setup once the parent has wrapped the model."""
         if isinstance(model, str):
             raise TypeError("Pivot trainers take an instantiated model; build it with pivot_hf.trainer.load_model.")
         check_part_lrs(args)
@@ -206,17 +209,29 @@ class TunablePartsMixin:
                 "stays unchanged, although tunable_parts=%s lists it. Train on image rows to train the tower.",
                 args.tunable_parts,
             )
-        apply_tunable_parts(model, args.tunable_parts)
+        from accelerate.utils import is_peft_model
+
+        if is_peft_model(model):
+            # Wrapped by the caller (e.g. an adapter to continue): its own `requires_grad` flags are what trains.
+            if peft_config is not None:
+                raise RecipeConfigError("Pass either a PeftModel or a `peft_config`, not both.")
+        else:
+            apply_tunable_parts(model, args.tunable_parts)
         if after_tunable_parts is not None:
             # e.g. Stage 3's projector reuse, whose freeze must win over `tunable_parts`
             after_tunable_parts(model)
-        split = trainable_split(model)
         if not any(p.requires_grad for p in model.parameters()):
             raise RecipeConfigError(
                 f"tunable_parts={args.tunable_parts} leaves no trainable weight in the model. Fix: add a part that has "
                 f"weights (one of {list(TUNABLE_PARTS)})."
             )
-        self._log_split(split, args)
+        self._peft_parts = None
+        if peft_config is not None:
+            from .adapters import complete_lora_config
+
+            peft_config, adapted, full = complete_lora_config(model, peft_config, args.tunable_parts)
+            self._peft_parts = (adapted, full)
+            self._requires_grad_before_peft = {n: p.requires_grad for n, p in model.named_parameters()}
         half = {p.dtype for p in model.parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)}
         plugin = getattr(args, "deepspeed_plugin", None)
         if half and plugin is None and int(os.environ.get("RANK", "0")) == 0:
@@ -231,11 +246,38 @@ class TunablePartsMixin:
         if args.use_liger_kernel:
             _apply_liger_to_language_model(model)
         self._deepspeed_optimizer_check(args)
+        return peft_config
+
+    def _finish_tunable_parts(self):
+        """After the parent's `__init__` (PEFT wrapping done): re-freeze under PEFT what was frozen before it, then
+        log the trainable split of the model that will actually train."""
+        from accelerate.utils import is_peft_model
+
+        model = self.model
+        if is_peft_model(model) and getattr(self, "_requires_grad_before_peft", None) is not None:
+            from .adapters import restore_frozen
+
+            restore_frozen(model, self._requires_grad_before_peft)
+            self._requires_grad_before_peft = None
+            adapted, full = self._peft_parts
+            if int(os.environ.get("RANK", "0")) == 0:
+                config = model.peft_config[model.active_adapter]
+                logger.info(
+                    "PEFT: %s adapters (r=%s, alpha=%s%s%s) on %s; trained in full beside them: %s.",
+                    getattr(config.peft_type, "value", config.peft_type),
+                    config.r,
+                    config.lora_alpha,
+                    ", DoRA" if config.use_dora else "",
+                    ", rsLoRA" if config.use_rslora else "",
+                    adapted,
+                    full or "nothing",
+                )
+        self._log_split(trainable_split(model), self.args)
 
     @staticmethod
     def _log_split(split, args):
         lrs = _part_lrs(args)
-        lines = ["Trainable parameters per part:"]
+        lines = ["Trainable parameters per part (after wrapping):"]
         for part, counts in split.items():
             frac = counts["trainable"] / counts["total"] if counts["total"] else 0.0
             lr = f"lr {lrs[part]:g}" if part in args.tunable_parts else "frozen"
