@@ -1,27 +1,40 @@
 """PIVOT DPO throughput: the stock path (TRL DPOTrainer + transformers LLaVA, live reference) vs pivot_hf's fast path.
 
     python benchmarks/dpo_throughput.py --setting cpu            # mid-size random model, a few minutes on CPU
+    python benchmarks/dpo_throughput.py --setting cpu --lengths mmpr --batch-pairs 8 --check
+                                                                 # MMPR-like heavy-tailed lengths, 8 pairs per batch
+    python benchmarks/dpo_throughput.py --setting real-shape     # SigLIP2-So400m/16 + Qwen2.5-0.5B on CPU, fp32
     python benchmarks/dpo_throughput.py --setting gpu            # real shape (SigLIP2-So400m/16 + Qwen2.5-1.5B), bf16
     python benchmarks/dpo_throughput.py --setting gpu --tiny     # the gpu code path on a tiny config (runs on CPU)
-    python benchmarks/dpo_throughput.py --setting cpu --lengths mmpr --batch-pairs 8 --ablate-padding-free
-                                                                 # MMPR-like heavy-tailed lengths, 8 pairs per batch
 
 One run builds one random checkpoint (saved as a Pivot checkpoint and, with the same tensors, as a transformers LLaVA
 checkpoint) and one preference dataset, then trains each path in its own subprocess (so peak RSS is separable) on
 the same data, batch, seed and optimizer:
 
-- stock: `trl.DPOTrainer` on `LlavaForConditionalGeneration` with a live reference model (TRL's defaults);
+- stock: `trl.DPOTrainer` on `LlavaForConditionalGeneration` with a live reference model. Every TRL option that
+  could apply to vision data is asked for: `padding_free=True` (TRL 1.16 disables it and pads) and, in a first
+  trainer, `precompute_ref_log_probs=True` (TRL refuses it for vision datasets); `use_liger_kernel` with `--liger`
+  on CUDA. What TRL refused or disabled is printed. The LLaVA checkpoint's tower is cut after the feature layer
+  (`_cut_llava_tower`), so both paths run the same tower blocks; the blocks each forward really ran are counted by
+  hooks and printed, and the FLOP model counts each path's own.
 - ours:  `PivotDPOTrainer` (its `FastDPOMixin`) on `PivotForConditionalGeneration` with `precompute_ref_log_probs`:
   one image encoding and one prefix pass per pair, compact LM head, reference log-probs cached once and freed, pairs
-  packed padding-free (`padding_free`, the default);
+  packed padding-free (`padding_free`, the default), the update-norm monitor on (logged every step, as in the recipes);
 - ours-padded (with `--ablate-padding-free`): ours with `padding_free=False` (one padded row per pair).
 
 `--lengths short` (default): 10-30-word answers. `--lengths mmpr`: heavy-tailed prompt and answer lengths like
 MMPR-v1.2's (see `MMPR_MIX`).
 
-Throughput is measured over training steps after a warm-up step. Ours also pays the cached reference pass once per
-schedule: it is timed and amortised over `--epochs` (3, the paper's schedule) of the benchmark dataset. Losses are
-logged at every step and must agree. The last line is `ratio ours/stock pairs/s: <x> | peak memory stock ... ours ...`.
+Protocol, made for machines shared with other jobs: `--repeats` A/B pairs of runs (stock, ours, stock, ours, ...;
+default 3), each run's throughput the median step time after the warm-up step, the ratio ours/stock taken per A/B
+pair, and the median [min-max] of those ratios printed, never the best run. Each worker also records its process
+CPU-seconds per step (all threads): the CPU-time ratio measures the work each path does whatever share of the cores
+it got. Ours pays the cached reference pass once per schedule: it is timed and amortised over 1 and over 3 epochs
+(`--epochs`), both reported. The 1-minute load average at the start and end of every run is printed with the
+figures. `--threads N` sets every worker's torch intra-op threads (default: torch's, one per core); on a machine
+whose cores are busy with other jobs, `--threads 1` (or `OMP_NUM_THREADS=1`) avoids each kernel waiting at its
+barrier for a preempted thread. `--check` exits 1 unless every path's loss agrees with stock's at every step
+(`--check-rtol`, 1e-5 relative). The last line is `ratio ours/stock pairs/s, median [min-max] of N A/B pairs: ...`.
 """
 
 from __future__ import annotations
@@ -841,6 +854,9 @@ def main(argv=None) -> None:
         "--check", action="store_true", help="exit 1 unless every path's loss agrees with stock's at every step"
     )
     parser.add_argument("--check-rtol", type=float, default=1e-5, help="relative loss tolerance of --check")
+    parser.add_argument(
+        "--force-memory", action="store_true", help="real-shape on CPU: run even where the memory estimate says no"
+    )
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the summary here")
     parser.add_argument(
@@ -885,6 +901,8 @@ def main(argv=None) -> None:
     data = build_dataset(setting, workdir, config.vision_config.image_size, args.lengths)
     print(f"[setup] checkpoint + data in {time.perf_counter() - t0:.0f}s: {workdir}", flush=True)
     force_cpu = not on_gpu
+    if setting.get("real_shape") and not on_gpu:
+        _memory_preflight(paths, args.force_memory)
     overrides = ["--lengths", args.lengths, "--batch-pairs", str(setting["batch_size"])]
     overrides += ["--steps", str(setting["max_steps"])]
     if args.text_layers:
@@ -963,6 +981,30 @@ def main(argv=None) -> None:
         )
         if bad:
             sys.exit(1)
+
+
+def _memory_preflight(paths: dict, force: bool) -> None:
+    """Before the real-shape runs on CPU: the fp32 tensors each path holds at its peak against the memory available.
+    Stock: policy + live reference + gradients + AdamW's two moments = 5x the weights; ours: 4x (the reference lives
+    only during the cached pass, before the optimizer state exists). Activations, libraries and allocator slack come
+    on top. Exits with the figures when stock cannot fit, naming `--text-layers` (a shallower LLM, the real tower)."""
+    import psutil
+
+    weights = sum(f.stat().st_size for f in Path(paths["pivot"]).glob("*.safetensors"))
+    available = psutil.virtual_memory().available
+    need = {"stock": 5 * weights, "ours": 4 * weights}
+    print(
+        f"[memory] weights {weights / 2**30:.1f} GiB; tensors at the peak: stock {need['stock'] / 2**30:.1f} GiB, "
+        f"ours {need['ours'] / 2**30:.1f} GiB (+ activations and libraries); available now "
+        f"{available / 2**30:.1f} GiB",
+        flush=True,
+    )
+    if need["stock"] > available and not force:
+        sys.exit(
+            "stock cannot run at this shape on this machine now (policy + live reference + gradients + AdamW need "
+            f"{need['stock'] / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available): use --text-layers N for a "
+            "shallower LLM with the real tower, or --force-memory to try anyway."
+        )
 
 
 def _print_summary(summary: dict, last: dict, names: list[str], epochs_list: list[int], runs: list, on_gpu: bool):

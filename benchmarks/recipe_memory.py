@@ -7,7 +7,8 @@ Runs `recipes/dpo.py`'s `main` in this process on a random-weight Pivot checkpoi
 image tokens) + Qwen2.5-0.5B (the package's real configs, built by `dpo_throughput.py --setting real-shape`) and a few
 MMPR-like pairs, with the recipe's own keys except what a 2-step CPU run must change: `max_steps 2`,
 `gradient_accumulation_steps 1` (gradients accumulate in place, so the peak does not depend on it), the reference
-log-probs precomputed (`precompute_ref_log_probs`), no checkpoint saving, no tracker, no dataloader workers. Extra
+log-probs precomputed (`precompute_ref_log_probs`), `use_cpu` (the recipe's `bf16: true` then autocasts on the CPU),
+no checkpoint saving, no tracker, no dataloader workers. Extra
 `--key value` arguments go to the recipe.
 
 While it runs, a thread samples the process RSS every 10 ms and attributes it to the phase the run is in (loading,
@@ -77,6 +78,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default="/tmp/pivot-dpo-bench-real-shape")
     parser.add_argument("--pairs", type=int, default=2, help="MMPR-like pairs in the dataset (batch 1: one per step)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tiny", action="store_true", help="the same run on a tiny model (checks the harness)")
     args, recipe_overrides = parser.parse_known_args(argv)
 
     sys.path.insert(0, str(HERE))
@@ -86,11 +88,14 @@ def main(argv=None) -> None:
 
     sampler = Sampler()
     sampler.start()
-    setting = _setting("real-shape", batch_pairs=1, lengths="mmpr", steps=args.pairs)
-    workdir = Path(args.workdir)
+    key = "gpu-tiny" if args.tiny else "real-shape"
+    setting = _setting(key, batch_pairs=1, lengths="mmpr", steps=args.pairs)
+    setting["dtype"] = "float32"  # the recipe loads fp32 weights (bf16 is autocast)
+    workdir = Path(args.workdir + ("-tiny" if args.tiny else ""))
     sampler.phase = "building the random checkpoint (not the recipe)"
     paths = build_checkpoint(setting, workdir)
-    data = build_dataset(setting, workdir, 384, "mmpr")
+    image_size = setting["vision"]["image_size"] if args.tiny else 384
+    data = build_dataset(setting, workdir, image_size, "mmpr")
     import gc
 
     gc.collect()
@@ -125,6 +130,9 @@ def main(argv=None) -> None:
                 t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)
             )
             sampler.phase = "between steps"
+
+        def on_train_end(self, args, state, control, **kwargs):
+            sampler.phase = "after training (saving, curves)"
 
     base = recipe.PivotDPOTrainer
 
@@ -176,7 +184,7 @@ def main(argv=None) -> None:
         "none",
         "--dataloader_num_workers",
         "0",
-        "--overwrite_output_dir",
+        "--use_cpu",
         "true",
         *recipe_overrides,
     ]
@@ -214,7 +222,8 @@ def main(argv=None) -> None:
         "recipe_args": recipe_args,
         "torch_threads": torch.get_num_threads(),
     }
-    print(f"\nheadline recipe (recipes/so400m.yaml), SigLIP2-So400m/16 + Qwen2.5-0.5B, 2 steps on CPU, {seconds:.0f}s")
+    shape = "a tiny model" if args.tiny else "SigLIP2-So400m/16 + Qwen2.5-0.5B"
+    print(f"\nheadline recipe (recipes/so400m.yaml), {shape}, 2 steps on CPU, {seconds:.0f}s")
     print(f"peak RSS: {peak / GIB:.2f} GiB (update_norm_memory_mib={monitor_budget}); load {load_before:.1f}")
     print("component                                                      GiB")
     for name, value in table.items():
