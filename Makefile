@@ -20,8 +20,8 @@ install:
 test: install
 	$(PYTHON) -m pytest tests -n 2 --dist loadfile -q
 
-# Fresh venvs at both ends of the tested range (requirements/lower.txt; the newest releases pip picks, no lock), the
-# smoke subset (`-m compat`) in each, then checkpoints written at one end and read at the other (tests/compat/run.sh).
+# Fresh venvs at both ends of what users install (requirements/lower.txt; the newest releases the registry has, our
+# upper bounds ignored), the smoke subset (`-m compat`) in each, then checkpoints across them (tests/compat/run.sh).
 test-compat:
 	PYTHON=$(PYTHON) bash tests/compat/run.sh
 

@@ -2,35 +2,35 @@
 
 import ast
 import os
-import re
+import runpy
 
 from setuptools import find_packages, setup
 
 
-def _tested_transformers_range():
-    """`TESTED_TRANSFORMERS_RANGE` from configuration_pivot.py (read, not imported: that needs torch), the one place it
-    is written: the same file travels with checkpoints and warns when loaded outside the range."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src", "pivot_hf", "configuration_pivot.py")
-    source = open(path, encoding="utf-8").read()
-    match = re.search(r"^TESTED_TRANSFORMERS_RANGE = (.+)$", source, re.MULTILINE)
-    return ast.literal_eval(match.group(1))
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src", "pivot_hf")
 
 
-_lower, _upper = _tested_transformers_range()
+def _literal(file_name: str, name: str):
+    """The literal assigned to `name` in a source file of the package (parsed, not imported: that needs torch)."""
+    path = os.path.join(_SRC, file_name)
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{name} is not assigned in {path}")
 
-# The tested range: both ends run in CI (`make test-compat`: requirements/lower.txt, and the newest releases pip picks
-# here), upper bounds exclusive at the first untested minor. requirements/lock.txt pins the newest end exactly.
-# torch: only the 2.13.0 CPU wheel is available to CI, so 2.13 is both ends. `make install` puts that wheel on machines
-# without CUDA before this runs, so pip never resolves a multi-gigabyte CUDA build there.
-_deps = [
-    "torch>=2.13,<2.14",
-    f"transformers>={_lower},<{_upper}",
-    "trl>=1.16,<1.17",  # 1.16: the fused LM head the trainers score through runs without Triton (CPU)
-    "peft>=0.21,<0.22",
-    "accelerate>=1.15,<1.16",
-    "datasets>=5.0.1,<5.3",
-    "huggingface_hub>=1.33,<2.5",
-    "tokenizers>=0.23.2,<0.24",
+
+# The tested range (README, "Tested versions"): transformers' in configuration_pivot.py (it travels with checkpoints),
+# the rest in versions.py (stdlib only, so it runs here without the package). pip gets each lower end (tested in CI,
+# requirements/lower.txt) and an upper bound at the next MAJOR release: a newer minor release a user already has is
+# kept, never downgraded; `import pivot_hf` warns about it, and CI's newest-release smoke meets it first.
+# requirements/lock.txt pins the newest tested set (`make install`).
+_versions = runpy.run_path(os.path.join(_SRC, "versions.py"))
+_ranges = {
+    "transformers": _literal("configuration_pivot.py", "TESTED_TRANSFORMERS_RANGE"),
+    **_versions["TESTED_RANGES"],
+}
+_deps = [_versions["pip_requirement"](name, tested) for name, tested in _ranges.items()] + [
     "evaluate>=0.4",
     "safetensors>=0.4",
     "pyyaml>=6.0",
@@ -54,8 +54,11 @@ extras = {
     # lmms-eval 0.7.3's `simple_evaluate` patches `filelock._api`, which filelock 4 removed: keep the last 3.x
     # (huggingface_hub and datasets accept it). CPU machines: requirements-eval-cpu.txt (no torchvision).
     "eval": ["lmms-eval>=0.7.3,<0.8", "filelock>=3.16,<4"],
-    "deepspeed": ["deepspeed>=0.15"],
+    # ZeRO-2/3 (accelerate_configs/zero*.yaml). Tested: 2 CPU processes in the suite (DeepSpeed's CPU accelerator, gloo;
+    # it compiles a small C++ op with the machine's g++ on first start), so `make install` (the dev extra) installs it.
+    "deepspeed": ["deepspeed>=0.19,<0.20"],
 }
+extras["tests"] = extras["tests"] + extras["deepspeed"]
 extras["dev"] = extras["tests"] + extras["quality"]
 
 setup(

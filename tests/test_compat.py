@@ -22,6 +22,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from pivot_hf.configuration_pivot import TESTED_TRANSFORMERS_RANGE, untested_transformers_message
+from pivot_hf.versions import TESTED_RANGES, pip_requirement, untested_versions, untested_versions_message
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,11 +31,23 @@ RANGED = ("torch", "transformers", "trl", "accelerate", "datasets", "peft", "hug
 
 
 def _setup_requirements() -> dict[str, Requirement]:
-    source = (REPO / "setup.py").read_text()
-    lower, upper = TESTED_TRANSFORMERS_RANGE
-    deps = re.search(r"_deps = \[(.*?)\n\]", source, re.S).group(1)
-    specs = [s.replace("{_lower}", lower).replace("{_upper}", upper) for s in re.findall(r'f?"([^"]+)"', deps)]
-    return {Requirement(s).name.replace("-", "_").lower(): Requirement(s) for s in specs}
+    """What setup.py asks pip for, as pip sees it (setup() intercepted)."""
+    import runpy
+
+    import setuptools
+
+    captured = {}
+    original = setuptools.setup
+    setuptools.setup = lambda **kwargs: captured.update(kwargs)
+    try:
+        runpy.run_path(str(REPO / "setup.py"))
+    finally:
+        setuptools.setup = original
+    return {Requirement(s).name.replace("-", "_").lower(): Requirement(s) for s in captured["install_requires"]}
+
+
+def _tested_ranges() -> dict[str, tuple[str, str]]:
+    return {"transformers": TESTED_TRANSFORMERS_RANGE, **TESTED_RANGES}
 
 
 def _pins(name: str) -> dict[str, Version]:
@@ -47,32 +60,72 @@ def _pins(name: str) -> dict[str, Version]:
     return pins
 
 
+def _minor(version) -> tuple[int, int]:
+    return Version(str(version)).release[:2] if not isinstance(version, Version) else version.release[:2]
+
+
 # ------------------------------------------------------------------------------------------ the range, written once
-def test_every_hf_package_has_a_closed_range_whose_lower_end_is_pinned():
+def test_every_hf_package_has_a_tested_range_whose_ends_are_pinned():
     requirements = _setup_requirements()
     lower, lock = _pins("lower.txt"), _pins("lock.txt")
-    for name in RANGED:
-        spec = requirements[name].specifier
-        floors = [Version(s.version) for s in spec if s.operator == ">="]
-        ceilings = [Version(s.version) for s in spec if s.operator == "<"]
-        assert len(floors) == 1 and len(ceilings) == 1, f"{name}: {spec} needs one >= and one exclusive <"
-        # The lower end is what requirements/lower.txt installs, the lock lies inside the range.
-        assert lower[name] == floors[0] or (lower[name] in spec and lower[name].release[:2] == floors[0].release[:2])
-        assert lock[name] in spec, f"lock pins {name}=={lock[name]} outside {spec}"
-    lo, hi = TESTED_TRANSFORMERS_RANGE
-    assert str(requirements["transformers"].specifier) in (f"<{hi},>={lo}", f">={lo},<{hi}")
+    assert set(_tested_ranges()) == set(RANGED)
+    for name, (first, first_untested) in _tested_ranges().items():
+        # requirements/lower.txt installs the lowest tested version; the lock (`make install`) lies inside the range.
+        assert lower[name] == Version(first) or _minor(lower[name]) == _minor(first), (name, lower[name], first)
+        assert _minor(first) <= _minor(lock[name]) < _minor(first_untested), f"lock pins {name}=={lock[name]}"
+        # pip asks for the lowest tested version and stops at the major release after the newest tested one.
+        assert requirements[name] == Requirement(pip_requirement(name, (first, first_untested)))
     # The lock pins everything `pip install -e .[dev]` brings, not only the ranged packages.
     assert {"pytest", "safetensors", "numpy", "pyarrow", "ruff"} <= set(lock)
+
+
+def test_a_newer_minor_release_is_never_downgraded_and_the_next_major_is_refused():
+    """The range policy: pip keeps a release newer than the tested range (it is warned about at import), and refuses
+    the next major (untested API breaks) and anything below the lowest tested version."""
+    requirements = _setup_requirements()
+    for name, (first, first_untested) in _tested_ranges().items():
+        spec = requirements[name].specifier
+        major, minor = _minor(first_untested)
+        newer_minor = f"{major}.{minor + 7}.0"
+        assert spec.contains(newer_minor), f"pip would downgrade {name} {newer_minor}: {spec}"
+        newest_major = major if minor > 0 else major - 1
+        assert not spec.contains(f"{newest_major + 1}.0.0"), f"{name}: the next major passes {spec}"
+        below = Version(first).release
+        assert not spec.contains(f"{below[0]}.{below[1] - 1}.0" if below[1] else "0.0.1"), f"{name}: {spec}"
 
 
 def test_installed_versions_are_inside_the_range():
     from importlib.metadata import version
 
-    requirements = _setup_requirements()
-    for name in RANGED:
+    for name, (first, first_untested) in _tested_ranges().items():
         installed = Version(version(name.replace("_", "-")).split("+")[0])
-        assert installed in requirements[name].specifier, f"{name} {installed} outside {requirements[name]}"
+        assert _minor(first) <= _minor(installed) < _minor(first_untested), f"{name} {installed} is not tested"
     assert untested_transformers_message() is None
+    assert untested_versions() == {}
+
+
+def test_newer_than_tested_releases_are_named_in_one_message():
+    message = untested_versions_message({"trl": "1.17.0", "accelerate": "1.15.0", "peft": "0.22.0rc1"})
+    assert "trl 1.17.0 (tested >=1.16,<1.17)" in message and "peft 0.22.0rc1" in message
+    assert "accelerate" not in message and "pip install -c requirements/lock.txt" in message
+    assert untested_versions_message({"trl": "1.16.3", "torch": "2.13.0+cpu"}) is None
+
+
+def test_import_warns_once_about_a_newer_release(tmp_path):
+    """A trl newer than tested (its metadata found first on sys.path): `import pivot_hf` warns once, naming it."""
+    dist = tmp_path / "trl-1.99.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: trl\nVersion: 1.99.0\n")
+    script = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import pivot_hf, importlib; importlib.reload(pivot_hf)\n"
+        "print('WARNINGS', sum('not been tested with trl 1.99.0' in str(w.message) for w in caught))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "src")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert "WARNINGS 1" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -81,8 +134,9 @@ def test_installed_versions_are_inside_the_range():
         ("5.17.9", False),
         ("5.18.0", True),
         ("5.24.3", True),
-        ("5.25.0.dev0", False),
-        ("5.25.0", False),
+        ("5.25.0", True),
+        ("5.26.0.dev0", False),
+        ("5.26.0", False),
         ("6.0.0", False),
     ],
 )

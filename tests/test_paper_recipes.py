@@ -3,6 +3,7 @@ known real config, is up to date with its generator, and recipes/README.md cover
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -129,7 +130,8 @@ def test_readme_covers_every_table_and_figure():
 
 def _chain(*args: str) -> subprocess.CompletedProcess:
     script = RECIPES / "paper" / "run_chain.sh"
-    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, cwd="/")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}  # the documented default interpreter, `python`
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, cwd="/", env=env)
 
 
 def test_run_chain_dry_run_lists_the_chain_in_order():

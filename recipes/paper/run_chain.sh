@@ -17,7 +17,10 @@
 #              order given, so `bash recipes/paper/run_chain.sh siglip2-so400m+qwen2.5-1.5b export 2` resumes at
 #              Stage 2. Each step reads the previous one's folder under runs/paper/<pair>/.
 #   --dry-run  print the commands, one a line, without running them.
+# Python steps run on $PYTHON (default `python`; e.g. PYTHON="$(command -v python)" inside a venv), accelerate's on the
+# `accelerate` found first on PATH, as a user's shell would.
 set -euo pipefail
+PYTHON="${PYTHON:-python}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STAGES_DIR="$HERE/stages"
@@ -91,7 +94,7 @@ if want 2; then
 fi
 if want export; then
   for post in pivot sft; do
-    run python recipes/export_encoder.py --model_name_or_path "$BASE/2_$post" --output_dir "$BASE/encoder_$post" \
+    run "$PYTHON" recipes/export_encoder.py --model_name_or_path "$BASE/2_$post" --output_dir "$BASE/encoder_$post" \
       --export_projector --base_model "$BASE_ENCODER"
   done
 fi

@@ -19,17 +19,21 @@ from transformers import (
 from .configuration_pivot import PivotConfig
 from .modeling_pivot import PivotForConditionalGeneration, PivotModel, encode_images
 from .processing_pivot import PivotProcessor
+from .versions import warn_if_untested_versions
 
 
 __version__ = "0.1.0.dev0"
+
+# Newer-than-tested releases are kept (setup.py bounds stop at the next major), so say so once.
+warn_if_untested_versions()
 
 AutoConfig.register("pivot", PivotConfig, exist_ok=True)
 AutoModel.register(PivotConfig, PivotModel, exist_ok=True)
 AutoModelForImageTextToText.register(PivotConfig, PivotForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PivotConfig, PivotProcessor, exist_ok=True)
 
-# Saved checkpoints carry `auto_map` and these three files, so they load with `trust_remote_code=True` in a process
-# that never imported pivot_hf.
+# Saved checkpoints carry `auto_map` and the model's files (configuration, modeling, compat shims, processing),
+# so they load with `trust_remote_code=True` in a process that never imported pivot_hf.
 PivotConfig.register_for_auto_class()
 PivotModel.register_for_auto_class("AutoModel")
 PivotForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -1,8 +1,8 @@
 """Configuration of the Pivot MLLM: any vision encoder -> 2-layer MLP projector -> any causal LM.
 
-This file and `modeling_pivot.py` / `processing_pivot.py` import nothing from `pivot_hf` outside of themselves: they
-are copied next to saved checkpoints (`auto_map`) so that a process which never installed pivot_hf can load a Pivot
-checkpoint with `trust_remote_code=True`.
+This file and `modeling_pivot.py` / `pivot_compat.py` / `processing_pivot.py` import nothing from `pivot_hf` outside
+of themselves: they are copied next to saved checkpoints (`auto_map`) so that a process which never installed pivot_hf
+can load a Pivot checkpoint with `trust_remote_code=True`.
 """
 
 import re
@@ -16,7 +16,7 @@ from transformers import LlavaConfig, PreTrainedConfig
 # The transformers versions this file and modeling_pivot.py are tested with: `[lower, upper)`, upper exclusive at the
 # first untested minor release. setup.py reads this constant, and it travels with every checkpoint (`auto_map`), so a
 # checkpoint loaded years later under another transformers says what it was tested with.
-TESTED_TRANSFORMERS_RANGE = ("5.18", "5.25")
+TESTED_TRANSFORMERS_RANGE = ("5.18", "5.26")
 
 
 def _minor_version(version: str) -> tuple[int, int]:

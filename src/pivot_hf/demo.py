@@ -239,9 +239,9 @@ def evaluate_choices(
     processor = PivotProcessor.from_pretrained(checkpoint)
     dataset, _ = load_pivot_dataset(pairs, "preference", num_samples=-1, image_folder=image_folder)
     collator = DataCollatorForVisionPreference(processor=processor)
-    models = {"policy": PivotForConditionalGeneration.from_pretrained(checkpoint).eval()}
+    models = {"policy": PivotForConditionalGeneration.from_pretrained(checkpoint, use_kernels=False).eval()}
     if reference:
-        models["ref"] = PivotForConditionalGeneration.from_pretrained(reference).eval()
+        models["ref"] = PivotForConditionalGeneration.from_pretrained(reference, use_kernels=False).eval()
     margins = {name: [] for name in models}
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
@@ -261,8 +261,8 @@ def vision_change(before: str, after: str) -> tuple[int, int]:
 
     from .modeling_pivot import PivotForConditionalGeneration
 
-    a = PivotForConditionalGeneration.from_pretrained(before)
-    b = PivotForConditionalGeneration.from_pretrained(after)
+    a = PivotForConditionalGeneration.from_pretrained(before, use_kernels=False)
+    b = PivotForConditionalGeneration.from_pretrained(after, use_kernels=False)
     unreached = set(a.unreached_vision_parameter_names())
     names = [n for n, _ in a.named_parameters() if n.startswith("model.vision_tower.") and n not in unreached]
     changed = sum(not torch.equal(a.get_parameter(n), b.get_parameter(n)) for n in names)

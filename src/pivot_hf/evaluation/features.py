@@ -177,13 +177,13 @@ class VisionBackbone:
 
             import pivot_hf  # noqa: F401  (registers the Pivot classes with the Auto classes)
 
-            model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype)
+            model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype, use_kernels=False)
             layer = model.config.vision_feature_layer if feature_layer is None else feature_layer
             is_mllm = True
         else:
             if source != "encoder":
                 raise ValueError(f"{model_name_or_path} is a vision encoder: only source='encoder' applies.")
-            model = AutoModel.from_pretrained(model_name_or_path, dtype=dtype)
+            model = AutoModel.from_pretrained(model_name_or_path, dtype=dtype, use_kernels=False)
             if hasattr(model, "vision_model") and not hasattr(
                 model, "embeddings"
             ):  # a dual encoder: keep the image half

@@ -490,7 +490,7 @@ def _text_model(args: EvalVisionArguments, bb):
     from transformers import AutoModel, AutoTokenizer
 
     if args.text_model_name_or_path:
-        model = AutoModel.from_pretrained(args.text_model_name_or_path)
+        model = AutoModel.from_pretrained(args.text_model_name_or_path, use_kernels=False)
         tok = AutoTokenizer.from_pretrained(args.text_model_name_or_path)
         name = args.text_model_name_or_path
     elif bb.is_mllm:
@@ -621,13 +621,17 @@ def _run_gradcam(args: EvalVisionArguments, models=None) -> dict:
     dtype = getattr(torch, args.dtype)
     ref = None
     if args.ref_model_name_or_path:
-        ref = AutoModelForImageTextToText.from_pretrained(args.ref_model_name_or_path, dtype=dtype).to(device).eval()
+        ref = (
+            AutoModelForImageTextToText.from_pretrained(args.ref_model_name_or_path, dtype=dtype, use_kernels=False)
+            .to(device)
+            .eval()
+        )
     runs = []
     for i, (name, label) in enumerate(zip(args.model_name_or_path, args.labels())):
         if models:
             model, processor = models[i]
         else:
-            model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device)
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, use_kernels=False).to(device)
             processor = AutoProcessor.from_pretrained(name)
         model.requires_grad_(False)  # gradients are taken w.r.t. the visual tokens only
         out_dir = os.path.join(args.output_dir, "gradmaps", label)

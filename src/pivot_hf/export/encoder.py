@@ -339,7 +339,7 @@ def load_projector(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     # A full Pivot checkpoint: load the model (key names are whatever transformers maps them to) and take the MLP.
     from ..modeling_pivot import PivotForConditionalGeneration
 
-    pivot = PivotForConditionalGeneration.from_pretrained(str(folder), dtype="auto")
+    pivot = PivotForConditionalGeneration.from_pretrained(str(folder), dtype="auto", use_kernels=False)
     has_two = hasattr(pivot.model.multi_modal_projector, "linear_2")
     return projector_state(pivot, 2 if has_two else 1)
 
@@ -428,7 +428,7 @@ def _verify_export(folder: str, model: nn.Module, encoder: nn.Module) -> None:
 
     from ..modeling_pivot import encode_images
 
-    loaded = AutoModel.from_pretrained(folder, dtype="auto").eval()
+    loaded = AutoModel.from_pretrained(folder, dtype="auto", use_kernels=False).eval()
     if type(loaded) is not type(encoder):
         raise RuntimeError(f"Exported folder loads as {type(loaded).__name__}, expected {type(encoder).__name__}")
     expected = encoder.state_dict()
@@ -540,7 +540,7 @@ def export_encoder(
             # a tower trained in full taken as trained).
             model = merge_adapter(model_or_path)
         else:
-            model = PivotForConditionalGeneration.from_pretrained(model_or_path, dtype="auto")
+            model = PivotForConditionalGeneration.from_pretrained(model_or_path, dtype="auto", use_kernels=False)
         if image_processor is None:
             image_processor = _load_image_processor(model_or_path)
         if run_dir is None and os.path.isdir(model_or_path):

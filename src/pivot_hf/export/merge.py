@@ -45,7 +45,7 @@ def load_adapter_model(adapter_dir: str | os.PathLike, base_model_name_or_path: 
             f"The adapter in {adapter_dir} was trained on base checkpoint {base!r}, which is not available here. "
             "Fix: pass the base Pivot checkpoint (`--base_model_name_or_path <dir or Hub id>`)."
         )
-    model = PivotForConditionalGeneration.from_pretrained(base, dtype=dtype)
+    model = PivotForConditionalGeneration.from_pretrained(base, dtype=dtype, use_kernels=False)
     return PeftModel.from_pretrained(model, str(adapter_dir))
 
 

@@ -87,7 +87,8 @@ class PivotLMM(lmms_base()):
             pass
         self._device = torch.device(device)
         trust_remote_code = _as_bool(trust_remote_code)
-        load_kwargs = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}
+        # Hub kernels off (transformers 5.25+ defaults to on): the paper's numbers are measured without them.
+        load_kwargs = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code, "use_kernels": False}
         if attn_implementation:
             load_kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs).to(self._device).eval()

@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 
+from ...data.images import dataset_images_digest
 from .collator import _RefLogpsCollator
 from .forward import _pair_forward_disabled, install_pair_forward
 from .reference_cache import (
@@ -241,6 +242,8 @@ class FastDPOMixin:
             "version": REF_CACHE_VERSION,
             "dataset": dataset_fingerprint(dataset),
             "rows": len(dataset),
+            # The pixels, not only the paths: images replaced in place must not reuse reference log-probs.
+            "images": dataset_images_digest(dataset),
             "reference": identity,
             "max_length": args.max_length,
             "truncation": {

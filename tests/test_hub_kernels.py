@@ -1,0 +1,83 @@
+"""Hub kernels (transformers' `use_kernels`) are our explicit choice, not transformers' default.
+
+transformers 5.25 loads models with Hub kernels on unless told otherwise (`use_kernels=None` -> True, or
+`USE_HUB_KERNELS=0`); that swaps layers for downloaded kernels, which changes the numbers our exactness tests and the
+reference log-prob cache rely on, and silently falls back offline. Every loader of ours passes `use_kernels` (the
+recipe key, default False), on both ends of the tested range; a user turns them on with `use_kernels: true`.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import transformers
+from packaging.version import Version
+from transformers import AutoModel, AutoModelForImageTextToText, PreTrainedModel
+
+from pivot_hf import PivotForConditionalGeneration
+from pivot_hf.configs import PivotModelConfig
+from pivot_hf.trainer.model_loading import load_model
+
+
+pytestmark = pytest.mark.compat
+
+# Where transformers itself turns kernels on by default: the default our loaders must override.
+KERNELS_BY_DEFAULT = (
+    Version(transformers.__version__).release[:2] >= (5, 25)
+    and importlib.util.find_spec("kernels") is not None
+    and os.environ.get("USE_HUB_KERNELS", "YES").upper() not in ("0", "NO", "FALSE", "OFF")
+)
+
+
+def _kernelized(model) -> list[str]:
+    return [name or "<root>" for name, m in model.named_modules() if isinstance(m, PreTrainedModel) and m.use_kernels]
+
+
+def test_recipes_load_without_hub_kernels(tiny_pivot_factory, one_torch_thread):
+    checkpoint = tiny_pivot_factory("siglip")
+    if KERNELS_BY_DEFAULT:  # else this test would pass whatever our loaders did
+        assert _kernelized(AutoModelForImageTextToText.from_pretrained(checkpoint)) == ["<root>"]
+    model = load_model(PivotModelConfig(model_name_or_path=checkpoint))
+    assert _kernelized(model) == []
+    model.train()  # transformers re-kernelizes on train()/eval() when kernels are on
+    assert _kernelized(model) == []
+
+
+def test_composition_loads_both_parts_without_hub_kernels(tiny_pivot_factory, one_torch_thread):
+    parts = Path(tiny_pivot_factory("siglip") + "-parts")
+    vision, text = parts / "vision-siglip", parts / "llm-qwen2"
+    if KERNELS_BY_DEFAULT:
+        assert AutoModel.from_pretrained(vision).use_kernels
+    model = PivotForConditionalGeneration.from_vision_text_pretrained(vision, text)
+    assert _kernelized(model) == []
+    via_recipe = load_model(PivotModelConfig(vision_model_name_or_path=str(vision), text_model_name_or_path=str(text)))
+    assert _kernelized(via_recipe) == []
+
+
+@pytest.mark.skipif(not KERNELS_BY_DEFAULT, reason="Hub kernels need transformers >= 5.25 and the `kernels` package")
+def test_use_kernels_key_turns_them_on(tiny_pivot_factory, one_torch_thread):
+    model = load_model(PivotModelConfig(model_name_or_path=tiny_pivot_factory("siglip"), use_kernels=True))
+    assert _kernelized(model) == ["<root>"]
+
+
+def test_every_model_load_in_the_package_decides_hub_kernels():
+    """Each `<model class>.from_pretrained(...)` call in src/ passes `use_kernels` (or forwards a kwargs dict that our
+    loader filled): a new loader cannot silently inherit transformers' default."""
+    import ast
+
+    not_models = ("Config", "Processor", "Tokenizer", "PeftModel", "VisionBackbone")
+    src = Path(__file__).resolve().parents[1] / "src" / "pivot_hf"
+    undecided = []
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr != "from_pretrained" or not isinstance(node.func.value, ast.Name | ast.Call):
+                continue
+            owner = ast.unparse(node.func.value)
+            if any(word in owner for word in not_models) or owner in ("cls", "super()"):
+                continue
+            if not any(k.arg == "use_kernels" or k.arg is None for k in node.keywords):
+                undecided.append(f"{path.relative_to(src)}:{node.lineno}: {ast.unparse(node)[:100]}")
+    assert not undecided, "\n".join(undecided)
