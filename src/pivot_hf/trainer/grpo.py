@@ -105,8 +105,8 @@ def _read_verifiable_jsonl(path: str, image_folder: str | None):
                 report.skip("invalid_text", record_id)
                 continue
             image = obj.get("image")
-            images = [image] if isinstance(image, str) else list(image or [])
-            if not all(isinstance(p, str) for p in images):
+            images = [image] if isinstance(image, str) else ([] if image is None else image)
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
                 report.skip("invalid_image_field", record_id)
                 continue
             question = question.replace("<image>\n", "").replace("<image>", "").strip()
