@@ -195,7 +195,9 @@ class RowContractMixin:
         if self.data_collator is None or isinstance(self.data_collator, CollateGuard):
             return
         if self.train_dataset is None or not hasattr(self.train_dataset, "__getitem__"):
-            return  # streamed rows are decoded (and checked) as they stream
+            # Streamed rows are decoded (and checked, counted) as they stream: the report is re-written at saves.
+            self.add_callback(DataReportCallback(self))
+            return
         self.data_collator = CollateGuard(
             self.data_collator,
             self.train_dataset,
