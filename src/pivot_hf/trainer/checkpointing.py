@@ -540,7 +540,15 @@ class AtomicCheckpointMixin:
             logger.info("Deleted older checkpoint %s (save_total_limit=%s)", path, self.args.save_total_limit)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
+        from .deepspeed_save import keep_tied_tensors_tied, only_used_weight_conversions
+
+        # Under DeepSpeed the saved names would differ from a one-process save's (see deepspeed_save): tied weights
+        # cloned apart (ZeRO-1/2), renamings reversed that the checkpoint never had (ZeRO-3).
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else None
+        state_dict = keep_tied_tensors_tied(state_dict, model)
+        with only_used_weight_conversions(model, base):
+            super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
