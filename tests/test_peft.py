@@ -22,6 +22,7 @@ from pivot_hf.trainer.adapters import (
     base_parameter_name,
     complete_lora_config,
     describe_reference,
+    restore_full_part_dtypes,
     scoped_target_modules,
 )
 
@@ -273,3 +274,21 @@ def test_reference_description_says_which():
     assert "['vision_tower'] (trained in full) run as the frozen originals" in describe_reference(
         ["language_model"], ["vision_tower"]
     )
+
+
+def test_full_parts_keep_their_dtype_after_a_qlora_style_cast(tiny):
+    """TRL casts every trainable weight to bf16 under QLoRA; the parts trained in full get their dtype back."""
+    from peft import get_peft_model
+
+    model = PivotForConditionalGeneration.from_pretrained(tiny)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    config, _, _ = complete_lora_config(model, LoraConfig(target_modules=["gate_proj"]), ["projector", "language_model"])
+    peft_model = get_peft_model(model, config)
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    restored = restore_full_part_dtypes(peft_model, dtypes)
+    assert restored and all("multi_modal_projector.modules_to_save" in n for n in restored)
+    for name, param in peft_model.named_parameters():
+        expected = torch.bfloat16 if ".lora_" in name else dtypes[base_parameter_name(name)]
+        assert param.dtype == expected, name
