@@ -282,7 +282,9 @@ def test_full_parts_keep_their_dtype_after_a_qlora_style_cast(tiny):
 
     model = PivotForConditionalGeneration.from_pretrained(tiny)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    config, _, _ = complete_lora_config(model, LoraConfig(target_modules=["gate_proj"]), ["projector", "language_model"])
+    config, _, _ = complete_lora_config(
+        model, LoraConfig(target_modules=["gate_proj"]), ["projector", "language_model"]
+    )
     peft_model = get_peft_model(model, config)
     for param in peft_model.parameters():
         if param.requires_grad:
