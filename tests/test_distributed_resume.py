@@ -18,7 +18,7 @@ from pivot_hf.trainer.checkpointing import STAGING_PREFIX, get_last_complete_che
 from test_distributed_fsdp import _recipe_args, cpu_accelerate_config, run_launched
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 @pytest.fixture(scope="module")
