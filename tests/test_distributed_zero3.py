@@ -98,6 +98,10 @@ def runs(tiny, tmp_path_factory):
             assert launch("zero3.yaml", args, log) == 0, log.read_text()[-4000:]
         elif name == "zero2_dpo":
             assert launch("zero2.yaml", dpo(out, 1), log) == 0, log.read_text()[-4000:]
+        elif name == "zero3_grpo":
+            args = [str(REPO / "recipes" / "grpo.py"), "--config", str(REPO / "recipes" / "grpo_tiny.yaml")]
+            args += ["--model_name_or_path", tiny, "--output_dir", str(out), "--per_device_train_batch_size", "2"]
+            assert launch("zero3.yaml", args, log) == 0, log.read_text()[-4000:]
         elif name == "zero3_sft":
             assert launch("zero3.yaml", _script(dpo(out, 1), "sft.py"), log) == 0, log.read_text()[-4000:]
         else:  # pragma: no cover
@@ -282,3 +286,18 @@ def test_saved_names_check_fails_on_the_names_transformers_writes(runs, tmp_path
     save_file(renamed, str(tmp_path / "bad" / "model.safetensors"))
     with pytest.raises(AssertionError):
         _assert_like_one_process_save(tmp_path / "bad", one)
+
+
+def test_zero3_grpo_runs_with_the_tower_training(runs, tiny):
+    """GRPO under ZeRO-3 (generation from partitioned weights, 2 completions per prompt): it runs to the end with every
+    parameter partitioned, the per-part groups kept, every trainable tensor changed and 1-process tensor names. Its
+    losses are not compared with one process: each rank samples its own completions."""
+    one, two = runs("one_dpo"), runs("zero3_grpo")
+    report = _report(two)
+    assert report["zero3_partitioned"] == report["parameters"] > 0
+    groups = {g["name"]: g for g in report["optimizer_groups"]}
+    assert all(groups[f"{part}_no_decay"]["parts"] == [part] for part in LRS), groups
+    changed = report["tunable_parts_report"]
+    assert all(e["changed"] == e["total"] > 0 for e in changed.values()), changed
+    assert len(report["losses"]) == 2
+    _assert_like_one_process_save(two, one)

@@ -475,3 +475,38 @@ def test_answer_starting_with_a_newline_keeps_its_newline_in_the_labels(tiny):
     batch = AssistantTurnsVisionCollator(processor)([row])
     labelled = [int(t) for t, label in zip(batch["input_ids"][0], batch["labels"][0]) if label != -100]
     assert processor.tokenizer.decode(labelled) == "\n\nA cat.<|im_end|>"
+
+
+def test_grpo_guard_keeps_the_batch_size_and_zeroes_the_rewards_of_a_skipped_row():
+    from pivot_hf.data.images import UNREADABLE_KEY
+    from pivot_hf.trainer.row_contract import CollateGuard, zero_reward_for_skipped_rows
+
+    guard = CollateGuard(lambda rows: rows, [{"id": "fb", "prompt": "p0", "solution": "cat"}], False, substitute=True)
+    rows = guard([{"id": "a", "prompt": "p1", "solution": "cat"}, {"id": "b", "prompt": "p2", UNREADABLE_KEY: "gone"}])
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["prompt"] == "p0"  # the fallback's content, b's id
+    assert [r[UNREADABLE_KEY] for r in rows] == [None, "gone"] and guard.skipped == [("b", "gone")]
+    reward = zero_reward_for_skipped_rows(accuracy_reward)
+    kwargs = {key: [r[key] for r in rows] for key in ("solution", UNREADABLE_KEY)}
+    assert reward(["<answer>cat</answer>"] * 2, **kwargs) == [1.0, 0.0] and reward.__name__ == "accuracy_reward"
+
+
+def test_run_identity_mismatch_is_refused_with_the_fixes(tmp_path):
+    """The one-process side of the 2-process test (`test_distributed_resume.py`): a checkpoint written by 2 ranks."""
+    from pivot_hf.trainer.checkpointing import RUN_IDENTITY_FILE, AtomicCheckpointMixin
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    saved = {
+        "world_size": 2,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "global_batch_size": 2,
+    }
+    (checkpoint / RUN_IDENTITY_FILE).write_text(json.dumps(saved))
+    trainer = AtomicCheckpointMixin.__new__(AtomicCheckpointMixin)
+    trainer.args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    trainer.accelerator = SimpleNamespace(num_processes=1)
+    with pytest.raises(ValueError, match="world_size=2; this launch has world_size=1.*--num_processes 2"):
+        trainer._refuse_other_run_shape(str(checkpoint))
+    trainer.accelerator.num_processes, trainer.args.per_device_train_batch_size = 2, 1
+    trainer._refuse_other_run_shape(str(checkpoint))  # the same shape resumes

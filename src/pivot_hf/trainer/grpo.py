@@ -40,7 +40,7 @@ from .rewards import (
     make_length_reward,
     normalize_answer,
 )
-from .row_contract import RowContractMixin, with_datasets
+from .row_contract import RowContractMixin, with_datasets, zero_reward_for_skipped_rows
 from .tunable import TunablePartsMixin, as_pivot_config
 
 
@@ -105,8 +105,8 @@ def _read_verifiable_jsonl(path: str, image_folder: str | None):
                 report.skip("invalid_text", record_id)
                 continue
             image = obj.get("image")
-            images = [image] if isinstance(image, str) else list(image or [])
-            if not all(isinstance(p, str) for p in images):
+            images = [image] if isinstance(image, str) else ([] if image is None else image)
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
                 report.skip("invalid_image_field", record_id)
                 continue
             question = question.replace("<image>\n", "").replace("<image>", "").strip()
@@ -308,8 +308,12 @@ class PivotGRPOTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixi
         kwargs["peft_config"] = self._setup_tunable_parts(
             model, args, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
         )
+        if reward_funcs is not None:
+            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs = [zero_reward_for_skipped_rows(f) for f in funcs]
         super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
         self._finish_tunable_parts()
+        self._guard_collator()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Under PEFT the KL reference is the adapter-disabled policy; PEFT's re-enable would un-freeze what the
