@@ -121,7 +121,7 @@ def main(argv=None) -> None:
             counts["grads"] = _bytes(p.grad for p in model.parameters() if p.grad is not None)
             snapshot = self.trainer.update_norm_callback._snapshot
             if snapshot is not None:
-                counts["monitor"] = _bytes(copy for pairs in snapshot["trainable"].values() for _, copy in pairs)
+                counts["monitor"] = _bytes(copy for pairs in snapshot["trainable"].values() for *_, copy in pairs)
             sampler.phase = "optimizer step"
 
         def on_step_end(self, args, state, control, **kwargs):

@@ -94,6 +94,11 @@ def _update_and_weight(now: list[torch.Tensor], then: list[torch.Tensor]) -> tor
     return total
 
 
+def _live_piece(tensor: torch.Tensor, index: int) -> torch.Tensor:
+    """Piece `index` (`_PIECE` elements) of a tensor's flattened values, read now."""
+    return tensor.detach().reshape(-1)[index * _PIECE : (index + 1) * _PIECE]
+
+
 @contextlib.contextmanager
 def _one_cpu_thread():
     """Run the monitor's CPU copies and norms on one intra-op thread, the caller's thread count restored after.
@@ -227,11 +232,13 @@ class UpdateNormCallback(TrainerCallback):
         offset = int(state.global_step) % stride
         sampled = {}
         for part, tensors in trainable.items():
-            pieces = [piece for t in tensors for piece in t.detach().reshape(-1).split(_PIECE) if piece.numel()]
+            # (tensor, piece index): the live piece is sliced again after the step (`_live_piece`), so that a
+            # non-contiguous parameter, whose flat view would be a copy, is read as the optimizer left it.
+            pieces = [(t, i) for t in tensors for i in range(math.ceil(t.numel() / _PIECE))]
             kept = pieces[offset::stride]
             if pieces and not kept:
                 kept = [pieces[offset % len(pieces)]]
-            sampled[part] = [(piece, piece.clone()) for piece in kept]
+            sampled[part] = [(t, i, _live_piece(t, i).clone()) for t, i in kept]
         return sampled
 
     @staticmethod
@@ -257,11 +264,11 @@ class UpdateNormCallback(TrainerCallback):
         # not one per tensor).
         sums = torch.zeros(len(parts), 2, dtype=torch.float64)
         for i, part in enumerate(parts):
-            pairs = [(now, then) for now, then in snapshot["trainable"].get(part, []) if now.numel()]
+            pairs = [(_live_piece(t, i), then) for t, i, then in snapshot["trainable"].get(part, [])]
             if not pairs:
                 continue
-            now = [t.detach().reshape(-1) for t, _ in pairs]
-            then = [t.reshape(-1) for _, t in pairs]
+            now = [t for t, _ in pairs]
+            then = [t for _, t in pairs]
             sums[i] += _update_and_weight(now, then).to(sums.device)
         # ... then the frozen tensors' checksums before and after the step.
         frozen_before = torch.stack([snapshot["frozen"][p][1] for p in parts])
