@@ -31,6 +31,7 @@ from ..configs import PivotScriptArguments, PivotTrainingFields, RecipeConfigErr
 from .adapters import preserved_requires_grad
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
+from .model_loading import trl_reference_loads_like
 from .tunable import TunablePartsMixin, as_pivot_config
 
 
@@ -340,7 +341,8 @@ class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitor
 
     The tunable parts, per-part learning-rate groups and the end-of-run check that the vision tower changed are the
     SFT/DPO trainers' own (`TunablePartsMixin`). With `beta > 0`, TRL builds the KL reference by reloading the
-    policy's checkpoint (`model.config.name_or_path`), which `import pivot_hf` makes loadable as a Pivot model; with
+    policy's checkpoint (`model.config.name_or_path`), which `import pivot_hf` makes loadable as a Pivot model, with the
+    policy's Hub-kernels choice (`use_kernels`, not transformers' default); with
     `peft_config` it is the adapter-disabled policy, and the tunable parts without adapters train in full beside them.
     """
 
@@ -355,7 +357,9 @@ class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitor
         kwargs["peft_config"] = self._setup_tunable_parts(
             model, args, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
         )
-        super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
+        # With `beta > 0` TRL reloads the KL reference itself: it gets the policy's Hub kernels, not transformers' default.
+        with trl_reference_loads_like(model, args, GRPOTrainer):
+            super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
         self._finish_tunable_parts()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
