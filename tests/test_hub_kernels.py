@@ -62,24 +62,27 @@ def test_use_kernels_key_turns_them_on(tiny_pivot_factory, one_torch_thread):
 
 
 def test_every_model_load_in_the_package_decides_hub_kernels():
-    """Each `<model class>.from_pretrained(...)` call in src/ passes `use_kernels` (or forwards a kwargs dict that our
-    loader filled): a new loader cannot silently inherit transformers' default."""
+    """Each `<model class>.from_pretrained(...)` call in src/, and in the recipes, benchmarks and scripts shipped
+    beside it, passes `use_kernels` (or forwards a kwargs dict that our loader filled): a new loader cannot silently
+    inherit transformers' default."""
     import ast
 
     not_models = ("Config", "Processor", "Tokenizer", "PeftModel", "VisionBackbone")
-    src = Path(__file__).resolve().parents[1] / "src" / "pivot_hf"
+    repo = Path(__file__).resolve().parents[1]
     undecided = []
-    for path in src.rglob("*.py"):
+    for path in [p for folder in ("src", "recipes", "benchmarks", "scripts") for p in (repo / folder).rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
-            if node.func.attr != "from_pretrained" or not isinstance(node.func.value, ast.Name | ast.Call):
+            if node.func.attr != "from_pretrained" or not isinstance(
+                node.func.value, ast.Name | ast.Call | ast.Attribute
+            ):
                 continue
             owner = ast.unparse(node.func.value)
             if any(word in owner for word in not_models) or owner in ("cls", "super()"):
                 continue
             if not any(k.arg == "use_kernels" or k.arg is None for k in node.keywords):
-                undecided.append(f"{path.relative_to(src)}:{node.lineno}: {ast.unparse(node)[:100]}")
+                undecided.append(f"{path.relative_to(repo)}:{node.lineno}: {ast.unparse(node)[:100]}")
     assert not undecided, "\n".join(undecided)
 
 
