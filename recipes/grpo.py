@@ -43,7 +43,9 @@ def main(argv=None):
 
     # Config-only checks first, then the data (cheap), then the weights.
     processor = load_checked_processor(model_args, training_args)
-    train_dataset, stats = load_grpo_dataset(script_args, training_args.format_prompt or None, processor.tokenizer)
+    train_dataset, stats = load_grpo_dataset(
+        script_args, training_args.format_prompt or None, processor.tokenizer, training_args.max_image_pixels
+    )
     if len(train_dataset) == 0:
         raise SystemExit(f"No GRPO rows with a checkable answer in {script_args.dataset_name} ({stats}).")
     reward_funcs = build_reward_funcs(

@@ -1,7 +1,7 @@
 """Child process of the sharded-training tests (tests/test_distributed_fsdp.py); it defines no tests.
 
 `python tests/distributed_child.py <script.py> [args...]`, usually under `accelerate launch`, runs a recipe as
-`__main__` after wrapping `PivotDPOTrainer.save_model`, so the recipe needs no test-only code. After the final save
+`__main__` after wrapping `save_model` of the DPO, SFT and GRPO trainers, so the recipe needs no test-only code. After the final save
 each rank reports how the model was held (FSDP2 units, DTensor parameters, optimizer groups), and all ranks run one
 forward pass of the trained (possibly sharded) model on a fixed input; rank 0 writes that input, its logits and the
 report to `<output_dir>/distributed_check.safetensors` / `distributed_check.json`, for comparison with the
@@ -24,18 +24,22 @@ def _report(trainer) -> dict:
     model = trainer.model
     fsdp_units = [name or "<root>" for name, m in model.named_modules() if isinstance(m, FSDPModule)]
     dtensors = sum(type(p).__name__ == "DTensor" for p in model.parameters())
-    groups = [
-        {"name": g.get("name"), "lr": g.get("initial_lr", g["lr"]), "tensors": len(g["params"])}
-        for g in trainer.optimizer.param_groups
-    ]
+    _benchmarks_on_path()
+    from dpo_steps import optimizer_groups
+
+    groups = optimizer_groups(trainer)  # DeepSpeed's own per-group lists under ZeRO (its param_groups are emptied)
     return {
         "distributed_type": str(trainer.accelerator.distributed_type),
         "world_size": trainer.accelerator.num_processes,
         "fsdp_units": fsdp_units,
         "dtensor_parameters": dtensors,
+        # ZeRO-3: every parameter partitioned (`ds_id`), each rank holding a shard smaller than the tensor
+        "zero3_partitioned": sum(hasattr(p, "ds_id") and p.ds_tensor.numel() < p.ds_numel for p in model.parameters()),
         "parameters": sum(1 for _ in model.parameters()),
         "optimizer_groups": groups,
         "losses": {str(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e},
+        # the end-of-run check (tensors changed per part), when the run made it
+        "tunable_parts_report": getattr(trainer, "tunable_parts_report", None),
         "torch": torch.__version__,
     }
 
@@ -51,21 +55,32 @@ def _fixed_inputs(processor):
     return dict(processor(text=[text], images=[image], return_tensors="pt"))
 
 
+def _benchmarks_on_path() -> None:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
 def _allow_fsdp_on_cpu() -> None:
     """accelerate's FSDP path on CPU processes: see `benchmarks/gpu/dpo_steps.py:allow_fsdp_on_cpu`."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu"))
+    _benchmarks_on_path()
     from dpo_steps import allow_fsdp_on_cpu
 
     allow_fsdp_on_cpu()
 
 
 def _install() -> None:
-    from pivot_hf.trainer import PivotDPOTrainer
+    from pivot_hf.trainer import PivotDPOTrainer, PivotSFTTrainer
+    from pivot_hf.trainer.grpo import PivotGRPOTrainer
 
     if os.environ.get("PIVOT_TEST_FSDP_ON_CPU") == "1":
         _allow_fsdp_on_cpu()
+    for trainer_class in (PivotDPOTrainer, PivotSFTTrainer, PivotGRPOTrainer):
+        _wrap_save_model(trainer_class)
 
-    original = PivotDPOTrainer.save_model
+
+def _wrap_save_model(trainer_class) -> None:
+    original = trainer_class.save_model
 
     def save_model(self, output_dir=None, _internal_call=False):
         result = original(self, output_dir, _internal_call)
@@ -93,7 +108,7 @@ def _install() -> None:
         self.accelerator.wait_for_everyone()
         return result
 
-    PivotDPOTrainer.save_model = save_model
+    trainer_class.save_model = save_model
 
 
 def _record_resume() -> None:

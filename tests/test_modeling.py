@@ -28,10 +28,17 @@ def _inputs(processor, images, question="What is in the picture?"):
     return processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
 
 
+def _whole_tower(model):
+    """The model's tower as its own transformers class builds it (no feature-layer cut), with the same weights."""
+    tower = AutoModel.from_config(model.config.vision_config)
+    tower.load_state_dict(model.model.vision_tower.state_dict())
+    return tower.eval()
+
+
 def _hidden_states_reference(model, pixel_values, **vision_inputs):
     """Independent computation: run the whole tower with output_hidden_states and index it like LLaVA does."""
     config = model.config
-    out = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True, **vision_inputs)
+    out = _whole_tower(model)(pixel_values=pixel_values, output_hidden_states=True, **vision_inputs)
     return out.hidden_states[config.vision_feature_layer][:, config.vision_num_prefix_tokens :]
 
 
@@ -291,7 +298,7 @@ def test_feature_layer_zero_reads_the_embeddings(tiny_pivot_factory, sample_imag
         "pixel_values"
     ]
     with torch.no_grad():
-        expected = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[0]
+        expected = _whole_tower(model)(pixel_values=pixel_values, output_hidden_states=True).hidden_states[0]
         for layer in (0, -(model.config.vision_config.num_hidden_layers + 1)):
             torch.testing.assert_close(model.get_vision_features(pixel_values, vision_feature_layer=layer), expected)
 

@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoModelForImageTextToText
 
 import pivot_hf  # noqa: F401  (registers the Auto classes)
 from pivot_hf import PivotForConditionalGeneration, PivotProcessor
-from pivot_hf.configs import PivotDPOConfig, RecipeConfigError
+from pivot_hf.configs import TUNABLE_PARTS, PivotDPOConfig, RecipeConfigError
 from pivot_hf.data import load_pivot_dataset
 from pivot_hf.export import export_encoder, merge_adapter, merge_adapter_checkpoint
 from pivot_hf.trainer import PivotDPOTrainer
@@ -215,6 +215,12 @@ def test_adapter_on_a_frozen_part_is_refused(tiny):
     model = PivotForConditionalGeneration.from_pretrained(tiny)
     with pytest.raises(RecipeConfigError, match="vision_tower"):
         complete_lora_config(model, LoraConfig(target_modules=["q_proj"]), ["projector", "language_model"])
+    # PEFT's `all-linear` (expanded only when PEFT wraps) is seen as hitting every part.
+    with pytest.raises(RecipeConfigError, match="vision_tower"):
+        complete_lora_config(model, LoraConfig(target_modules="all-linear"), ["projector", "language_model"])
+    config, adapted, full = complete_lora_config(model, LoraConfig(target_modules="all-linear"), list(TUNABLE_PARTS))
+    assert adapted == ["language_model", "projector", "vision_tower"] and full == []
+    assert config.modules_to_save is None
     with pytest.raises(RecipeConfigError, match="selects no linear layer"):
         scoped_target_modules(model, ["no_such_proj"], ["language_model"])
 

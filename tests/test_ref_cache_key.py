@@ -151,3 +151,29 @@ def test_identity_covers_image_size_dtype_and_weights(tiny):
     assert reference_identity(model, None)["weights"] != base["weights"]
     half = reference_identity(model.to(torch.bfloat16), None)
     assert half["dtype"] == "torch.bfloat16" != base["dtype"]
+
+
+def _path_rows(folder, seed):
+    """The rows of `_rows`, with their images as PNG files under `folder` (written with pixels of `seed`)."""
+    rows = _rows(seed=seed).to_list()
+    folder.mkdir(exist_ok=True)
+    for i, row in enumerate(rows):
+        path = folder / f"{i}.png"
+        Image.fromarray(np.random.default_rng(seed * 100 + i).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(path)
+        row["images"] = [str(path)]
+    return Dataset.from_list(rows)
+
+
+def test_replaced_images_at_the_same_paths_recompute_the_reference(tiny, tmp_path, caplog):
+    """Same paths, same rows, same fingerprint: only the pixels changed. The cache key holds the images' content, so
+    the rerun into the same output_dir recomputes, the log names the images, and step 1 is exactly ln 2 again."""
+    images, out = tmp_path / "images", tmp_path / "run"
+    first = _run(tiny, out, _path_rows(images, seed=1))
+    assert first == pytest.approx(LN2, abs=1e-5)
+    [old] = _caches(out)
+    caplog.set_level(logging.INFO, logger="pivot_hf.trainer.fast_dpo")
+    replaced = _path_rows(images, seed=2)  # overwrites every file in place
+    loss = _run(tiny, out, replaced)
+    assert loss == pytest.approx(LN2, abs=1e-5)
+    assert "computing them" in caplog.text and "images" in caplog.text.split("is stale:")[1]
+    assert len(_caches(out)) == 2 and old in _caches(out)

@@ -7,20 +7,25 @@ Stages (each with its own time limit carved from the budget, each recorded as ok
 
 1. build:  a random Pivot checkpoint (SigLIP2-So400m/16 + Qwen2.5-1.5B, bf16; `--tiny`: the benchmark's tiny
            config), shared with the throughput benchmark.
-2. zero3:  3 DPO steps of `recipes/dpo.py` via `accelerate launch`, `accelerate_configs/zero3.yaml`, 1 process, bf16.
+2. zero3:  3 DPO steps of `recipes/dpo.py` via `accelerate launch`, `accelerate_configs/zero3.yaml`, 1 process, bf16
+           (`--tiny` on CPU: 2 processes on DeepSpeed's CPU accelerator, gloo, fp32).
 3. fsdp2:  the same with `accelerate_configs/fsdp2.yaml` (`--tiny` on CPU: 2 gloo processes, fp32).
 4. throughput: `benchmarks/dpo_throughput.py --setting gpu` (`--tiny` on CPU), 1 repeat.
 5. throughput_mmpr: the same on MMPR-like heavy-tailed lengths at 8 pairs per batch (`--lengths mmpr --batch-pairs 8`:
    padding-free pairs against the stock path's padded rows; `--tiny`: 2 pairs per batch).
 6. throughput_liger: the same as 4 with `--liger` (Triton kernels: CUDA only).
+7. qlora:  3 DPO steps of `recipes/dpo.py` with `use_peft` + `load_in_4bit` (bitsandbytes NF4, LoRA r=16 on every
+           linear layer of the LLM, tower and projector trained in full, fp32): the adapter is saved, the LLM holds
+           4-bit layers, step-1 loss is ln 2 and the tower changed (CUDA + bitsandbytes only).
 
-Without CUDA, what needs it is skipped with the reason printed; everything else runs the same code as on the GPU.
+Without CUDA, what needs it (Liger) is skipped with the reason printed; everything else runs the same code as on the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -142,7 +147,9 @@ class Check:
         if self.cuda:
             # bf16 compute for both. ZeRO-3 keeps fp32 master weights of bf16 parameters; FSDP2 optimises the
             # parameters in their loaded dtype, where lr-1e-6-sized steps round away in bf16: load them in fp32.
-            args.update(bf16="true", dtype="float32" if stage == "fsdp2" else "bfloat16")
+            # QLoRA: the 4-bit LLM computes in the model dtype; the tower and projector train in full without
+            # DeepSpeed's fp32 master weights, so they are loaded in fp32 as well.
+            args.update(bf16="true", dtype="float32" if stage in ("fsdp2", "qlora") else "bfloat16")
         else:
             args.update(use_cpu="true")
         flat = []
@@ -161,13 +168,6 @@ class Check:
 
     def dpo_steps(self, stage: str, source: str, model: str, limit_s: float) -> None:
         if stage == "zero3":
-            if not self.cuda:
-                return self.skip(
-                    stage,
-                    "needs CUDA: on CPU processes (DeepSpeed 0.19.8, DS_ACCELERATOR=cpu, gloo) the HF Trainer sizes "
-                    "the DeepSpeed batch for 1 process and DeepSpeed stops at its batch check (train_batch_size 1 != "
-                    "1 * 1 * 2); the GPU run of this script covers ZeRO-3",
-                )
             try:
                 import deepspeed  # noqa: F401
             except ImportError as error:
@@ -193,6 +193,46 @@ class Check:
         if result["status"] == "ok" and "report" not in result:
             result["status"] = "failed"
             result["reason"] = "the run ended without its report"
+
+    def qlora(self, model: str, limit_s: float) -> None:
+        """PIVOT on one small GPU: the LLM loaded in 4 bits (bitsandbytes NF4) with LoRA on every linear layer, the
+        vision tower and the projector trained in full, the reference the adapter-disabled policy (no second model)."""
+        stage = "qlora"
+        if not self.cuda:
+            return self.skip(stage, "bitsandbytes 4-bit needs CUDA (the recipe refuses load_in_4bit without it)")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            return self.missing(stage, "bitsandbytes", error)
+        report = self.work / f"{stage}.json"
+        report.unlink(missing_ok=True)
+        output_dir = self.work / f"out-{stage}"
+        shutil.rmtree(output_dir, ignore_errors=True)
+        cmd = [sys.executable, str(BENCH / "gpu" / "dpo_steps.py"), "--report", str(report)]
+        cmd += [str(ROOT / "recipes" / "dpo.py"), *self._recipe_args(model, output_dir, stage)]
+        cmd += ["--use_peft", "true", "--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--lora_r", "16"]
+        cmd += ["--lora_alpha", "32", "--lora_target_modules", "all-linear", "--learning_rate", "1e-4"]
+        result = self.run(stage, cmd, limit_s)
+        if report.exists():
+            result["report"] = json.loads(report.read_text())
+        adapter = output_dir / "adapter_model.safetensors"
+        result["adapter_saved"] = adapter.exists() and (output_dir / "adapter_config.json").exists()
+        shutil.rmtree(output_dir, ignore_errors=True)
+        if result["status"] != "ok":
+            return
+        data = result.get("report") or {}
+        losses, changed = data.get("losses") or [], data.get("tensors_changed") or {}
+        problems = []
+        if not result["adapter_saved"]:
+            problems.append("no adapter in output_dir")
+        if not data.get("quantized_linear_layers"):
+            problems.append("no 4-bit layer in the model")
+        if not losses or abs(losses[0] - math.log(2)) > 1e-3:
+            problems.append(f"step-1 loss {losses[:1]} is not ln 2")
+        if not (changed.get("vision_tower") or [0])[0]:
+            problems.append("the vision tower did not change")
+        if problems:
+            result["status"], result["reason"] = "failed", "; ".join(problems)
 
     def throughput(self, stage: str, liger: bool, limit_s: float, extra: tuple[str, ...] = ()) -> None:
         if liger:
@@ -267,7 +307,9 @@ def main(argv=None) -> int:
         "--budget-s", type=float, default=None, help="wall-clock budget for all stages (540; tiny 2400)"
     )
     parser.add_argument(
-        "--stages", default="zero3,fsdp2,throughput,throughput_mmpr,throughput_liger", help="comma-separated subset"
+        "--stages",
+        default="zero3,fsdp2,throughput,throughput_mmpr,throughput_liger,qlora",
+        help="comma-separated subset",
     )
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -298,6 +340,8 @@ def main(argv=None) -> int:
         )
     if "throughput_liger" in wanted:
         check.throughput("throughput_liger", liger=True, limit_s=90)
+    if "qlora" in wanted:
+        check.qlora(model, 100)
     return check.finish()
 
 

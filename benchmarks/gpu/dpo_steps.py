@@ -56,15 +56,39 @@ def sharding_report(trainer) -> dict:
         "num_processes": trainer.accelerator.num_processes,
         "fsdp_units": [name or "<root>" for name, m in module.named_modules() if isinstance(m, FSDPModule)],
         "dtensor_parameters": sum(type(p).__name__ == "DTensor" for p in params),
-        "zero3_partitioned_parameters": sum(hasattr(p, "ds_id") for p in params),
+        # partitioned: each rank holds a shard smaller than the tensor
+        "zero3_partitioned_parameters": sum(hasattr(p, "ds_id") and p.ds_tensor.numel() < p.ds_numel for p in params),
         "parameters": len(params),
-        "optimizer_groups": [
-            {"name": g.get("name"), "lr": g.get("initial_lr", g["lr"]), "tensors": len(g["params"])}
-            for g in trainer.optimizer.param_groups
-        ]
-        if trainer.optimizer is not None
-        else [],
+        # QLoRA: bitsandbytes layers of the LLM, and the trainable parameters after PEFT wrapping.
+        "quantized_linear_layers": sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in module.modules()),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "optimizer_groups": optimizer_groups(trainer) if trainer.optimizer is not None else [],
     }
+
+
+def optimizer_groups(trainer) -> list[dict]:
+    """Each optimizer group's name, initial LR, number of tensors and the parts (`part_of`) those tensors belong to.
+
+    Outside a step DeepSpeed's ZeRO-3 optimizer leaves `param_groups[i]["params"]` empty (and ZeRO-1/2 hold flat fp32
+    copies there): the model's parameters of each group are in its own lists, `fp16_groups` (stage 3) or
+    `bit16_groups` (stages 1/2), in the order of `param_groups`.
+    """
+    from pivot_hf.trainer.tunable import part_of
+
+    names = {id(p): n for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper -> DeepSpeed's / torch's
+    members = getattr(inner, "fp16_groups", None) or getattr(inner, "bit16_groups", None)
+    if members is None:
+        members = [g["params"] for g in trainer.optimizer.param_groups]
+    return [
+        {
+            "name": g.get("name"),
+            "lr": g.get("initial_lr", g["lr"]),
+            "tensors": len(params),
+            "parts": sorted({part_of(names.get(id(p), "?")) or "?" for p in params}),
+        }
+        for g, params in zip(trainer.optimizer.param_groups, members)
+    ]
 
 
 def install(report_path: str) -> None:

@@ -31,6 +31,17 @@ PURE=(
 BINARY=(
     pydantic-core==2.46.4
 )
+# `--qlora`: the wheels of the QLoRA stage alone, in .whl-qlora/: bitsandbytes (~58 MiB) leaves no room under the
+# 64 MiB carry limit for DeepSpeed and Liger, so that stage runs in its own call:
+#     PIVOT_WHEELS=.whl-qlora bash benchmarks/gpu/run.sh --stages qlora      (carrying .whl-qlora)
+QLORA=0
+if [[ "${1:-}" == "--qlora" ]]; then
+    QLORA=1
+    DEST="$ROOT/.whl-qlora"
+    mkdir -p "$DEST"
+    PURE=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+    BINARY=(bitsandbytes==0.49.2)
+fi
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64)
 platform_flags=()
@@ -39,7 +50,7 @@ for p in "${PLATFORMS[@]}"; do platform_flags+=(--platform "$p"); done
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platform_flags[@]}" -d "$DEST" "${PURE[@]}" "${BINARY[@]}"
 
-if ! ls "$DEST"/deepspeed-*.whl >/dev/null 2>&1; then
+if (( QLORA == 0 )) && ! ls "$DEST"/deepspeed-*.whl >/dev/null 2>&1; then
     tmp="$(mktemp -d)"
     "$PYTHON" -m pip download -q --no-deps --no-binary=:all: -d "$tmp" deepspeed==0.19.8
     # No build isolation: DeepSpeed's setup imports torch (any local torch will do for a wheel without ops).

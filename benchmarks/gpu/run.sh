@@ -10,7 +10,8 @@
 #
 # It installs the carried wheels into /tmp/site (never into the machine's Python), then runs benchmarks/gpu/check.py:
 # 3 PIVOT DPO steps through `accelerate launch` under ZeRO-3 and under FSDP2 (one process), the DPO throughput
-# benchmark (with and without Liger, and on MMPR-like lengths at 8 pairs per batch), and writes gpu_check.json,
+# benchmark (with and without Liger, and on MMPR-like lengths at 8 pairs per batch), 3 QLoRA DPO steps (4-bit LLM with
+# LoRA, tower and projector in full; needs bitsandbytes, carried in .whl/), and writes gpu_check.json,
 # gpu_check.md and gpu_check.log under $OUT (default ./gpu-check-out). Extra arguments go to check.py (e.g.
 # `--stages fsdp2,throughput` for a rerun).
 set -u -o pipefail
@@ -26,14 +27,17 @@ TINY=0
 for arg in "$@"; do [[ "$arg" == "--tiny" ]] && TINY=1; done
 
 shopt -s nullglob
-WHEELS=("$ROOT"/.whl/*.whl)
+# PIVOT_WHEELS=.whl-qlora: the QLoRA stage's own wheels (`prepare.sh --qlora`), carried in a call of their own.
+WHEEL_DIR="${PIVOT_WHEELS:-.whl}"
+[[ "$WHEEL_DIR" = /* ]] || WHEEL_DIR="$ROOT/$WHEEL_DIR"
+WHEELS=("$WHEEL_DIR"/*.whl)
 if (( ${#WHEELS[@]} > 0 )) && (( TINY == 0 )); then
     echo "installing ${#WHEELS[@]} carried wheels into /tmp/site"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "${WHEELS[@]}" || { echo "wheel install failed" >&2; exit 1; }
     export PYTHONPATH="/tmp/site:$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 else
-    (( TINY == 0 )) && echo "no wheels in .whl/ (run benchmarks/gpu/prepare.sh where pip works): using the installed packages"
+    (( TINY == 0 )) && echo "no wheels in $WHEEL_DIR (run benchmarks/gpu/prepare.sh where pip works): using the installed packages"
     export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_DISABLED=true

@@ -32,8 +32,8 @@ AutoModel.register(PivotConfig, PivotModel, exist_ok=True)
 AutoModelForImageTextToText.register(PivotConfig, PivotForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PivotConfig, PivotProcessor, exist_ok=True)
 
-# Saved checkpoints carry `auto_map` and these three files, so they load with `trust_remote_code=True` in a process
-# that never imported pivot_hf.
+# Saved checkpoints carry `auto_map` and the model's files (configuration, modeling, compat shims, processing),
+# so they load with `trust_remote_code=True` in a process that never imported pivot_hf.
 PivotConfig.register_for_auto_class()
 PivotModel.register_for_auto_class("AutoModel")
 PivotForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -11,11 +11,14 @@ closest valid key named.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
 
 from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+from .inherited_keys import check_keys
 
 
 TUNABLE_PARTS = ("vision_tower", "projector", "language_model")
@@ -93,6 +96,12 @@ class PivotScriptArguments(ScriptArguments):
         metadata={"help": "Hold out this many training rows (after sampling) as an eval set; 0: no evaluation."},
     )
 
+    def __post_init__(self):
+        check_keys(self)
+        parent_post_init = getattr(super(), "__post_init__", None)
+        if parent_post_init is not None:
+            parent_post_init()
+
 
 # -------------------------------------------------------------------------------------------------------- model
 @dataclass
@@ -168,6 +177,7 @@ class PivotModelConfig(ModelConfig):
     )
 
     def __post_init__(self):
+        check_keys(self)
         super().__post_init__()
         self.lora_target_parts = _normalize_parts(self.lora_target_parts)
         unknown = [p for p in self.lora_target_parts if p not in TUNABLE_PARTS]
@@ -194,6 +204,13 @@ class PivotModelConfig(ModelConfig):
             )
 
 
+_BNB_4BIT_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(ModelConfig)
+    if f.name in ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
+}
+
+
 def check_quantization(model_args) -> None:
     """`load_in_4bit` / `load_in_8bit` (bitsandbytes) are honoured on CUDA with `use_peft` (QLoRA); anything else is
     refused here, when the recipe is parsed: before a weight is loaded."""
@@ -201,10 +218,20 @@ def check_quantization(model_args) -> None:
 
     keys = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(model_args, k, False)]
     if not keys:
+        bnb_4bit = [k for k, default in _BNB_4BIT_DEFAULTS.items() if getattr(model_args, k) != default]
+        if bnb_4bit:
+            raise RecipeConfigError(
+                f"{bnb_4bit} only apply with `load_in_4bit: true`, which is not set. Fix: remove them, or set "
+                "`load_in_4bit: true` (QLoRA, CUDA only)."
+            )
         return
     if len(keys) > 1:
         raise RecipeConfigError("`load_in_4bit` and `load_in_8bit` are both set. Fix: choose one.")
     key = keys[0]
+    if key == "load_in_8bit":
+        bnb_4bit = [k for k, default in _BNB_4BIT_DEFAULTS.items() if getattr(model_args, k) != default]
+        if bnb_4bit:
+            raise RecipeConfigError(f"{bnb_4bit} only apply with `load_in_4bit: true`. Fix: remove them.")
     if not torch.cuda.is_available():
         raise RecipeConfigError(
             f"`{key}: true` quantizes the model with bitsandbytes, which needs a CUDA GPU, and none is visible on this "
@@ -259,7 +286,13 @@ class PivotTrainingFields:
             "that did not change is an error (the most common silent failure of MLLM encoder training)."
         },
     )
-
+    max_image_pixels: int = field(
+        default=89_478_485,
+        metadata={
+            "help": "Row contract: an image with more pixels (width x height) than this is skipped and counted as "
+            "`image_too_large` before any compute, from its header (decompression-bomb guard; PIL's own default)."
+        },
+    )
     update_norm_memory_mib: float = field(
         default=512,
         metadata={
@@ -273,7 +306,13 @@ class PivotTrainingFields:
     def _pivot_post_init(self):
         import torch
 
-        if self.update_norm_memory_mib is not None and 0 <= self.update_norm_memory_mib < 1:
+        check_keys(self)
+
+        if (
+            self.update_norm_memory_mib is not None
+            and self.update_norm_memory_mib != -1
+            and self.update_norm_memory_mib < 1
+        ):
             raise RecipeConfigError(
                 f"`update_norm_memory_mib` must be >= 1 (MiB) or -1 (no budget), got {self.update_norm_memory_mib}."
             )
@@ -284,6 +323,8 @@ class PivotTrainingFields:
                 f"Unknown tunable_parts {unknown}. Fix: choose from {list(TUNABLE_PARTS)}, e.g. "
                 "`tunable_parts: [vision_tower, projector, language_model]`."
             )
+        if self.max_image_pixels < 1:
+            raise RecipeConfigError(f"`max_image_pixels` must be >= 1, got {self.max_image_pixels}.")
         if not self.tunable_parts:
             raise RecipeConfigError(
                 "`tunable_parts` is empty: nothing would train. Fix: list at least one of "

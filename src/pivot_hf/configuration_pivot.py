@@ -1,8 +1,8 @@
 """Configuration of the Pivot MLLM: any vision encoder -> 2-layer MLP projector -> any causal LM.
 
-This file and `modeling_pivot.py` / `processing_pivot.py` import nothing from `pivot_hf` outside of themselves: they
-are copied next to saved checkpoints (`auto_map`) so that a process which never installed pivot_hf can load a Pivot
-checkpoint with `trust_remote_code=True`.
+This file and `modeling_pivot.py` / `pivot_compat.py` / `processing_pivot.py` import nothing from `pivot_hf` outside
+of themselves: they are copied next to saved checkpoints (`auto_map`) so that a process which never installed pivot_hf
+can load a Pivot checkpoint with `trust_remote_code=True`.
 """
 
 import re

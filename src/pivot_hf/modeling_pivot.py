@@ -2,26 +2,27 @@
 
 The module tree and parameter names are those of transformers' `LlavaForConditionalGeneration`
 (`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`), so that a Pivot checkpoint
-converts to and from the LLaVA format by renaming nothing. What differs is how visual features are taken from the
-tower, which must work for every encoder family PIVOT is applied to:
+converts to and from the LLaVA format by renaming nothing, and the classes follow `modeling_llava.py`'s conventions
+(output classes, `return_dict=False` tuples, per-image `image_outputs`, `GenerationMixin`). What differs is how visual
+features are taken from the tower, which must work for every encoder family PIVOT is applied to:
 
-- the feature layer is read right after its block, and the blocks after it are not run at all (with the default
-  `vision_feature_layer=-2` the last block, the final norm and any pooling head never see data, as in the authors'
-  recipe, which deletes them);
+- the tower is cut at the feature layer once, when the model is built (`cut_at_feature_layer`): the blocks after it
+  never run (with the default `vision_feature_layer=-2` the last block, the final norm and any pooling head never see
+  data, as in the authors' recipe, which deletes them), while their weights stay in the checkpoint under their names;
 - leading CLS / register tokens are dropped per family (SigLIP keeps every patch);
 - SigLIP2 NaFlex inputs (`pixel_attention_mask`, `spatial_shapes`) give a variable number of tokens per image;
 - ViT-MAE runs unmasked and in patch order.
 
 Only `transformers`, `torch` and sibling files are imported here: this file is copied next to saved checkpoints so
-they load with `trust_remote_code=True` where pivot_hf is not installed.
+they load with `trust_remote_code=True` where pivot_hf is not installed. What differs between transformers versions
+lives in `pivot_compat.py`.
 """
 
 import copy
-import dataclasses
 import functools
 import inspect
+import itertools
 import os
-import types
 
 import torch
 from torch import nn
@@ -29,13 +30,17 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    GenerationMixin,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaPreTrainedModel,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaMultiModalProjector
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, torch_compilable_check
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_pivot import (
     PivotConfig,
@@ -43,48 +48,19 @@ from .configuration_pivot import (
     vision_config_from_any,
     warn_if_untested_transformers,
 )
+from .pivot_compat import (
+    CACHE_ARGUMENT,
+    accepts_old_cache_name,
+    cache_from_output,
+    causal_lm_output,
+    image_outputs_from_features,
+    model_output,
+    output_image_features,
+)
 from .processing_pivot import DEFAULT_IMAGE_TOKEN, prepare_tokenizer
 
 
 warn_if_untested_transformers()
-
-
-# transformers 5.24 renamed the key/value cache argument and output field `past_key_values` -> `cache`, and replaced the
-# output field `image_hidden_states` by `image_outputs` (the encoder's BaseModelOutputWithPooling). This file travels
-# with checkpoints, so it speaks whichever spelling the installed transformers has, using only its public classes.
-_OUTPUT_FIELDS = {field.name for field in dataclasses.fields(LlavaModelOutputWithPast)}
-CACHE_ARGUMENT = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
-
-
-def model_output(last_hidden_state, cache=None, hidden_states=None, attentions=None, image_features=None):
-    """A `LlavaModelOutputWithPast` in the installed transformers' spelling.
-
-    `image_features`: the projected visual tokens (one `(num_tokens_i, hidden)` tensor per image, or one tensor).
-    """
-    fields = {"last_hidden_state": last_hidden_state, "hidden_states": hidden_states, "attentions": attentions}
-    fields[CACHE_ARGUMENT] = cache
-    if "image_outputs" in _OUTPUT_FIELDS:
-        image_outputs = None
-        if image_features is not None:
-            pooled = list(image_features) if isinstance(image_features, (list, tuple)) else [image_features]
-            image_outputs = BaseModelOutputWithPooling(pooler_output=pooled)
-        fields["image_outputs"] = image_outputs
-    else:
-        fields["image_hidden_states"] = image_features
-    return LlavaModelOutputWithPast(**fields)
-
-
-def output_image_features(output):
-    """The projected visual tokens carried by a Pivot/LLaVA model output, whatever the transformers version."""
-    if "image_outputs" in _OUTPUT_FIELDS:
-        image_outputs = getattr(output, "image_outputs", None)
-        return None if image_outputs is None else image_outputs.pooler_output
-    return getattr(output, "image_hidden_states", None)
-
-
-def cache_from_output(output):
-    """The key/value cache of a model output, whatever the transformers version."""
-    return getattr(output, CACHE_ARGUMENT, None)
 
 
 # Sub-modules that come after the encoder blocks in transformers' vision models: pooling heads, and final norms
@@ -96,6 +72,9 @@ _POST_ENCODER_HEADS = ("head", "pooler")
 # Weights a family keeps fixed by design (MAE's sin-cos position table is created with requires_grad=False).
 _FIXED_BY_DESIGN = {"vit_mae": ("embeddings.position_embeddings",)}
 
+# What a caller may ask of the tower through the model's forward / `get_image_features` (LLaVA forwards its kwargs).
+_VISION_OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
+
 
 def _is_post_encoder_module(name: str) -> bool:
     return name in _POST_ENCODER_HEADS or ("norm" in name and not name.startswith("pre"))
@@ -105,7 +84,7 @@ def find_encoder_layers(vision_tower: nn.Module) -> tuple[nn.Module, str, nn.Mod
     """Locate the list of transformer blocks of a vision tower: `(parent, attribute, layers)`.
 
     Every transformers ViT-like encoder keeps its blocks in one `nn.ModuleList` named `layers` or `layer` with
-    `num_hidden_layers` entries (SigLIP/CLIP: `vision_model.encoder.layers`, DINOv2/ViT/MAE: `encoder.layer`).
+    `num_hidden_layers` entries (SigLIP/CLIP: `encoder.layers`, DINOv2/ViT/MAE: `encoder.layer`).
     """
     num_layers = getattr(vision_tower.config, "num_hidden_layers", None)
     for module in vision_tower.modules():
@@ -130,100 +109,137 @@ def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
     return index
 
 
-class _PassThrough(nn.Module):
-    """Stands in for a final norm or pooling head in a per-call view of the tower: returns its first input."""
+def _feature_indices(feature_layer: int | list[int], num_layers: int) -> list[int]:
+    layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    return [resolve_feature_layer(int(layer), num_layers) for layer in layers]
+
+
+# ------------------------------------------------------------------------------------------ the feature-layer cut
+class FeatureLayerBlocks(nn.ModuleList):
+    """The block list of a vision tower cut at its feature layer.
+
+    Iterating it, which is how every transformers encoder runs its blocks (`for layer in self.layers`), yields the first
+    `num_used` blocks only. Indexing, `len()`, `named_parameters()` and the state dict still see every block, so the
+    weights above the feature layer keep their names (checkpoints, encoder export, LLaVA conversion) but never run.
+    """
+
+    def __init__(self, modules=None, num_used: int | None = None):
+        super().__init__(modules)
+        self.num_used = len(self) if num_used is None else int(num_used)
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.num_used)
+
+    def extra_repr(self) -> str:
+        return f"runs {self.num_used} of {len(self)} blocks"
+
+
+class _Unapplied:
+    """Mixed into the class of a final norm or pooling head of a cut tower: the module returns its input."""
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
 
 
-class _CaptureOutput(nn.Module):
-    """Runs the (truncated) encoder of a per-call view and keeps its output, the feature layer, in `self.captured`."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.captured = None
-
-    def forward(self, *args, **kwargs):
-        output = self.encoder(*args, **kwargs)
-        self.captured = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
-        return output
+@functools.cache
+def _unapplied_class(cls: type) -> type:
+    # A subclass, as FSDP2's `fully_shard` makes one: `isinstance` checks (weight init, wrap policies) still hold.
+    return type(f"Unapplied{cls.__name__}", (_Unapplied, cls), {"__module__": __name__})
 
 
-def _shallow_view(module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
-    """A new module object sharing `module`'s parameters, buffers, hooks and children, except `children` replaced.
-
-    Only the new object's own child table differs: `module` itself is not touched, so other calls (other threads,
-    `nn.DataParallel` replicas) running the same module at the same time see it unchanged. `object.__new__` rather
-    than `copy.copy`, because a class swapped in by FSDP2's `fully_shard` overrides `__new__`.
-    """
-    view = object.__new__(type(module))
-    view.__dict__.update(module.__dict__)
-    view.__dict__["_modules"] = {**module._modules, **children}
-    # Per-instance callables bound to `module` would run `module` itself (its full block list, its final norm)
-    # instead of the view: accelerate's device-map / offload hooks (`forward` = partial(new_forward, module) calling
-    # `module._old_forward`, and a bound `forward` left behind by `remove_hook_from_module`) and `module.compile()`.
-    # They are rebound to the view; a compiled call runs eager, as the view is a new object on every call.
-    for name, value in module.__dict__.items():
-        if isinstance(value, types.MethodType) and value.__self__ is module:
-            view.__dict__[name] = types.MethodType(value.__func__, view)
-        elif isinstance(value, functools.partial) and value.args and value.args[0] is module:
-            rebound = functools.partial(value.func, view, *value.args[1:], **value.keywords)
-            rebound.__dict__.update(value.__dict__)
-            view.__dict__[name] = rebound
-    if view.__dict__.get("_compiled_call_impl") is not None:
-        view.__dict__["_compiled_call_impl"] = None
-    return view
-
-
-def _post_encoder_pass_throughs(owner: nn.Module, keep: str) -> dict[str, nn.Module]:
-    return {
-        name: _PassThrough()
-        for name, child in owner._modules.items()
-        if name != keep and child is not None and _is_post_encoder_module(name)
-    }
-
-
-def _truncated_tower(vision_tower: nn.Module, num_blocks: int) -> tuple[nn.Module, _CaptureOutput]:
-    """A per-call view of `vision_tower` that runs its embeddings and first `num_blocks` blocks, and nothing after.
-
-    The view is made of shallow copies of the modules on the path from the tower down to its block list; the blocks,
-    embeddings and parameters are the tower's own (with any DeepSpeed / FSDP hooks on them). In the copies the block
-    list is cut to `num_blocks` and the final norms and pooling heads beside the path are pass-throughs, so the
-    tower's own `forward` computes exactly its hidden state after block `num_blocks` (0 = the embeddings) and skips
-    everything no feature depends on. Returns `(view, capture)`: after `view(...)`, `capture.captured` holds the
-    `(batch, tokens, hidden)` features. Nothing shared is mutated, so concurrent calls on one model are safe.
-    """
-    parent, attr, layers = find_encoder_layers(vision_tower)
+def _post_encoder_modules(vision_tower: nn.Module, parent: nn.Module, attr: str) -> list[tuple[nn.Module, str]]:
+    """`(owner, name)` of the final norms and pooling heads beside the path from the tower down to its block list."""
     parent_name = next(name for name, module in vision_tower.named_modules() if module is parent)
     path = parent_name.split(".") if parent_name else []
-    chain = [vision_tower]  # the modules from the tower down to the block list's owner
+    owners, keep = [vision_tower], path + [attr]
     for name in path:
-        chain.append(chain[-1]._modules[name])
-    encoder = _shallow_view(
-        parent, {attr: nn.ModuleList(list(layers)[:num_blocks]), **_post_encoder_pass_throughs(parent, attr)}
+        owners.append(owners[-1]._modules[name])
+    return [
+        (owner, name)
+        for owner, kept in zip(owners, keep)
+        for name, child in owner._modules.items()
+        if name != kept and child is not None and _is_post_encoder_module(name)
+    ]
+
+
+def cut_at_feature_layer(vision_tower: nn.Module, feature_layer: int | list[int]) -> nn.Module:
+    """Cut `vision_tower` in place so that its forward stops at `feature_layer` (the deepest one, for a list).
+
+    The block list becomes a `FeatureLayerBlocks` that runs the blocks up to the feature layer, and the final norms and
+    pooling heads become pass-throughs (same class, plus `_Unapplied`): the tower's own forward then returns the hidden
+    state after block `index` (0 = the embeddings) as `last_hidden_state`, and its `hidden_states` hold the embeddings
+    and the blocks that ran. Parameter names and values are untouched, so a cut tower saves, exports and converts to
+    LLaVA exactly as the whole one. Done once when a Pivot model is built; calling it again moves the cut.
+    """
+    parent, attr, layers = find_encoder_layers(vision_tower)
+    index = max(_feature_indices(feature_layer, len(layers)))
+    if isinstance(layers, FeatureLayerBlocks):
+        layers.num_used = index
+    else:
+        setattr(parent, attr, FeatureLayerBlocks(list(layers), num_used=index))
+    for owner, name in _post_encoder_modules(vision_tower, parent, attr):
+        module = owner._modules[name]
+        if not isinstance(module, _Unapplied):
+            module.__class__ = _unapplied_class(type(module))
+    return vision_tower
+
+
+def _tower_inputs(config, pixel_values, pixel_attention_mask=None, spatial_shapes=None, **vision_kwargs) -> dict:
+    inputs = dict(vision_kwargs)
+    if spatial_shapes is not None:
+        inputs["spatial_shapes"] = spatial_shapes
+    if pixel_attention_mask is not None:
+        inputs["pixel_attention_mask"] = pixel_attention_mask
+    if config.model_type == "vit_mae" and "noise" not in inputs:
+        # Ascending noise keeps the patch order (argsort is the identity); mask_ratio is 0 so nothing is dropped.
+        size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+        height, width = pixel_values.shape[-2:]
+        if (height, width) != tuple(size):
+            inputs.setdefault("interpolate_pos_encoding", True)
+        num_patches = (height // config.patch_size) * (width // config.patch_size)
+        inputs["noise"] = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32).expand(
+            pixel_values.shape[0], -1
+        )
+    return inputs
+
+
+def _run_tower(
+    vision_tower: nn.Module,
+    config,
+    pixel_values: torch.Tensor,
+    indices: list[int],
+    cut: int | None,
+    num_prefix_tokens: int,
+    pixel_attention_mask: torch.Tensor | None = None,
+    spatial_shapes: torch.Tensor | None = None,
+    **vision_kwargs,
+) -> tuple[BaseModelOutputWithPooling, torch.Tensor | list[torch.Tensor]]:
+    """One call of the tower: `(its output, patch features at hidden_states indices)`, see `encode_images`.
+
+    `cut`: the block the tower stops at (`cut_at_feature_layer`), whose output is `last_hidden_state`; other indices are
+    read from `hidden_states`. The tower's `hidden_states` are returned only when `output_hidden_states` asks for them.
+    """
+    if cut is not None and max(indices) > cut:
+        raise ValueError(
+            f"Feature layer index {max(indices)} is above block {cut}, where this model's vision tower was cut when it "
+            "was built (config.vision_feature_layer). Fix: build the model with that vision_feature_layer "
+            "(from_pretrained(..., vision_feature_layer=...)), or read a layer at or below the cut."
+        )
+    inputs = _tower_inputs(config, pixel_values, pixel_attention_mask, spatial_shapes, **vision_kwargs)
+    wanted = inputs.pop("output_hidden_states", None)
+    needed = any(index != cut for index in indices)
+    outputs = vision_tower(
+        pixel_values=pixel_values, output_hidden_states=bool(wanted or needed), return_dict=True, **inputs
     )
-    capture = _CaptureOutput(encoder)
-    view = capture
-    for depth in range(len(path) - 1, -1, -1):
-        owner = chain[depth]
-        view = _shallow_view(owner, {**_post_encoder_pass_throughs(owner, path[depth]), path[depth]: view})
-    return view, capture
-
-
-def active_module(module: nn.Module) -> nn.Module:
-    """The module that runs in place of `module`: for PEFT's `ModulesToSaveWrapper` (a part trained in full beside
-    LoRA adapters) the trained copy of the active adapter, or the frozen original while adapters are disabled (the
-    DPO reference pass); any other module is returned as is."""
-    copies = getattr(module, "modules_to_save", None)
-    original = getattr(module, "original_module", None)
-    if not isinstance(copies, nn.ModuleDict) or not isinstance(original, nn.Module):
-        return module
-    active = module.active_adapters
-    if module.disable_adapters or not active or active[0] not in copies:
-        return original
-    return copies[active[0]]
+    selected = [outputs.last_hidden_state if index == cut else outputs.hidden_states[index] for index in indices]
+    if needed and not wanted:
+        outputs.hidden_states = None
+    features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+    features = features[:, num_prefix_tokens:]
+    if pixel_attention_mask is not None:
+        mask = pixel_attention_mask.to(torch.bool)
+        features = [feats[valid] for feats, valid in zip(features, mask)]
+    return outputs, features
 
 
 def encode_images(
@@ -239,24 +255,14 @@ def encode_images(
 
     Works on a standalone encoder (`SiglipVisionModel`, `CLIPVisionModel`, `Dinov2Model`, `ViTModel`, an exported
     PIVOT encoder, ...) exactly as inside the MLLM, which is what makes vision-only probes of an exported encoder
-    comparable with the MLLM's own features. Several feature layers are concatenated along channels (LLaVA's
+    comparable with the MLLM's own features: the feature is `hidden_states[index]` (the output of block `index`, before
+    any final norm), read from one run of the tower. A tower cut by `cut_at_feature_layer` runs only up to its cut and
+    cannot give a deeper layer (`ValueError`). Several feature layers are concatenated along channels (LLaVA's
     multi-layer option).
 
     Returns a `(batch, num_patches, hidden)` tensor, or for SigLIP2 NaFlex inputs a list with one
     `(num_valid_patches_i, hidden)` tensor per image (padding patches removed).
     """
-    # A tower trained in full beside LoRA adapters sits in PEFT's wrapper, which holds two towers: the view is cut from
-    # the one that runs now (LoRA layers inside the tower are ordinary submodules and need nothing).
-    vision_tower = active_module(vision_tower)
-    if isinstance(feature_layer, (list, tuple)):
-        common = {"num_prefix_tokens": num_prefix_tokens, "pixel_attention_mask": pixel_attention_mask}
-        per_layer = [
-            encode_images(vision_tower, pixel_values, layer, spatial_shapes=spatial_shapes, **common, **vision_kwargs)
-            for layer in feature_layer
-        ]
-        if isinstance(per_layer[0], list):
-            return [torch.cat(feats, dim=-1) for feats in zip(*per_layer)]
-        return torch.cat(per_layer, dim=-1)
     config = vision_tower.config
     if num_prefix_tokens is None:
         num_prefix_tokens = num_vision_prefix_tokens(config)
@@ -265,38 +271,18 @@ def encode_images(
                 f"Unknown vision family {config.model_type!r}: pass num_prefix_tokens (leading non-patch tokens)."
             )
     _, _, layers = find_encoder_layers(vision_tower)
-    index = resolve_feature_layer(feature_layer, len(layers))
-
-    inputs = dict(vision_kwargs)
-    if spatial_shapes is not None:
-        inputs["spatial_shapes"] = spatial_shapes
-    if pixel_attention_mask is not None:
-        inputs["pixel_attention_mask"] = pixel_attention_mask
-    if config.model_type == "vit_mae" and "noise" not in inputs:
-        # Ascending noise keeps the patch order (argsort is the identity); mask_ratio is 0 so nothing is dropped.
-        num_patches = vision_tower.embeddings.patch_embeddings.num_patches
-        if tuple(pixel_values.shape[-2:]) != tuple(vision_tower.embeddings.patch_embeddings.image_size):
-            num_patches = (pixel_values.shape[-2] // config.patch_size) * (pixel_values.shape[-1] // config.patch_size)
-            inputs.setdefault("interpolate_pos_encoding", True)
-        inputs["noise"] = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32).expand(
-            pixel_values.shape[0], -1
-        )
-
-    # A per-call view of the tower that stops at the feature layer: no block above it, no final norm, no pooling head
-    # runs, and nothing on the shared model changes during the call.
-    view, capture = _truncated_tower(vision_tower, index)
-    view(pixel_values=pixel_values, **inputs)
-    if capture.captured is None:
-        raise RuntimeError(
-            f"{type(vision_tower).__name__}.forward did not run its encoder's block list ({len(layers)} blocks): "
-            "something replaced the forward of the tower or of a module between it and the blocks. Fix: remove "
-            "that patch, or pass encode_images a tower whose forward reaches `encoder.layers`/`encoder.layer`."
-        )
-    features = capture.captured[:, num_prefix_tokens:]
-
-    if pixel_attention_mask is not None:
-        mask = pixel_attention_mask.to(torch.bool)
-        return [feats[m] for feats, m in zip(features, mask)]
+    cut = layers.num_used if isinstance(layers, FeatureLayerBlocks) else None
+    _, features = _run_tower(
+        vision_tower,
+        config,
+        pixel_values,
+        _feature_indices(feature_layer, len(layers)),
+        cut,
+        num_prefix_tokens,
+        pixel_attention_mask=pixel_attention_mask,
+        spatial_shapes=spatial_shapes,
+        **vision_kwargs,
+    )
     return features
 
 
@@ -349,18 +335,52 @@ class PivotPreTrainedModel(LlavaPreTrainedModel):
     config_class = PivotConfig
     config: PivotConfig
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers guards the weight init of custom-code models (their `_init_weights` may write tensors directly):
+        # a module whose own tensors are all loaded counts as initialised. The sub-models' init then skips modules
+        # that own no tensor themselves, such as SigLIP's attention and MLP blocks (their parent module initialises
+        # them), and a partial checkpoint's missing tower weights would not get SigLIP's init. Pivot's weights are
+        # initialised by the sub-models' own `_init_weights` and transformers' default one, which honour the flags.
+        return False
 
-class PivotModel(LlavaModel):
+
+class PivotModel(PivotPreTrainedModel, LlavaModel):
     config_class = PivotConfig
 
     def __init__(self, config: PivotConfig):
-        # LlavaModel.__init__ is skipped on purpose: it would build a LLaVA projector only to throw it away.
-        LlavaPreTrainedModel.__init__(self, config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        super().__init__(config)
         self.multi_modal_projector = PivotMultiModalProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
-        self.post_init()
+        cut_at_feature_layer(self.vision_tower, config.vision_feature_layer)
+        self.post_init()  # initialises the projector (LlavaModel's was replaced)
         self._no_split_modules = transformer_block_class_names(self.vision_tower, self.language_model)
+
+    @property
+    def feature_cut(self) -> int:
+        """The block the vision tower stops at: the deepest `config.vision_feature_layer`, as a hidden_states index."""
+        return max(_feature_indices(self.config.vision_feature_layer, self.config.vision_config.num_hidden_layers))
+
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        **vision_kwargs,
+    ):
+        _refuse_data_parallel_replica(self)
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        return _run_tower(
+            self.vision_tower,
+            self.config.vision_config,
+            pixel_values.to(self.vision_tower.dtype),
+            _feature_indices(layer, self.config.vision_config.num_hidden_layers),
+            self.feature_cut,
+            self.config.vision_num_prefix_tokens,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            **vision_kwargs,
+        )
 
     def get_vision_features(
         self,
@@ -370,18 +390,11 @@ class PivotModel(LlavaModel):
         vision_feature_layer: int | list[int] | None = None,
         **kwargs,
     ) -> torch.Tensor | list[torch.Tensor]:
-        """Encoder features at the feature layer(s), before the projector (what PIVOT trains and exports)."""
-        _refuse_data_parallel_replica(self)
-        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        return encode_images(
-            self.vision_tower,
-            pixel_values.to(self.vision_tower.dtype),
-            layer,
-            num_prefix_tokens=self.config.vision_num_prefix_tokens,
-            pixel_attention_mask=pixel_attention_mask,
-            spatial_shapes=spatial_shapes,
-        )
+        """Encoder features at the feature layer(s), before the projector (what PIVOT trains and exports):
+        `(images, patches, vision_hidden)`, or one `(valid_patches_i, vision_hidden)` tensor per image for NaFlex."""
+        return self._encode(pixel_values, pixel_attention_mask, spatial_shapes, vision_feature_layer)[1]
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
@@ -389,20 +402,22 @@ class PivotModel(LlavaModel):
         spatial_shapes: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPooling:
-        """Projected visual tokens, one `(num_tokens_i, text_hidden)` tensor per image in `pooler_output`."""
-        features = self.get_vision_features(
-            pixel_values,
-            pixel_attention_mask=pixel_attention_mask,
-            spatial_shapes=spatial_shapes,
-            vision_feature_layer=vision_feature_layer,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """The vision tower's output with the projected visual tokens in `pooler_output`: a list with one
+        `(num_tokens_i, text_hidden)` tensor per image, as LLaVA's. `last_hidden_state` is the tower's output at the
+        (deepest) feature layer, `(images, tokens, vision_hidden)` with prefix and padding tokens; `hidden_states` /
+        `attentions` are the tower's when `output_hidden_states` / `output_attentions` ask for them. Prefix tokens are
+        dropped per family (`config.vision_num_prefix_tokens`), not by `vision_feature_select_strategy`."""
+        flags = {name: kwargs[name] for name in _VISION_OUTPUT_FLAGS if kwargs.get(name) is not None}
+        image_outputs, features = self._encode(
+            pixel_values, pixel_attention_mask, spatial_shapes, vision_feature_layer, **flags
         )
         if isinstance(features, list):
-            projected = [self.multi_modal_projector(f) for f in features]
+            image_outputs.pooler_output = [self.multi_modal_projector(f) for f in features]
         else:
-            projected = list(self.multi_modal_projector(features))
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=projected)
+            image_outputs.pooler_output = list(self.multi_modal_projector(features))
+        return image_outputs
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         if input_ids is None:
@@ -412,16 +427,21 @@ class PivotModel(LlavaModel):
             mask = (inputs_embeds == image_embed).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        num_tokens, num_features = int(mask.sum()), image_features.shape[0]
-        if num_tokens != num_features:
-            raise ValueError(
-                f"The text holds {num_tokens} image tokens but the vision tower produced {num_features} image "
+        num_tokens, num_features = mask.sum(), image_features.shape[0]
+        # A check that torch.compile / torch.export keep as an assertion (the count is data-dependent).
+        torch_compilable_check(
+            num_tokens == num_features,
+            lambda: (
+                f"The text holds {int(num_tokens)} image tokens but the vision tower produced {num_features} image "
                 "features. Build inputs with the model's PivotProcessor (it expands each <image> to the encoder's "
                 "token count) and make sure truncation (max_length) does not cut image tokens: drop rows whose image "
                 "tokens plus text exceed max_length before training."
-            )
+            ),
+        )
         return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
 
+    @accepts_old_cache_name
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -437,19 +457,21 @@ class PivotModel(LlavaModel):
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         image_features: list[torch.Tensor] | torch.Tensor | None = None,
-        **kwargs,
-    ) -> LlavaModelOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ):
         """LLaVA's forward, plus NaFlex inputs and `image_features`: already projected visual tokens (one tensor per
         image, or `(num_images, tokens, hidden)`), so callers can encode an image once and reuse it for several
         sequences (chosen and rejected answers of a preference pair).
 
-        `cache` is the key/value cache (`past_key_values` before transformers 5.24; both spellings are accepted)."""
+        `cache` is the key/value cache (`past_key_values` before transformers 5.24; the old name is accepted, with
+        transformers' deprecation warning where it is deprecated). Returns a `LlavaModelOutputWithPast` whose
+        `image_outputs` is what `get_image_features` returned (`pooler_output`: one tensor per image), or a tuple
+        with `return_dict=False`."""
         _refuse_data_parallel_replica(self)
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_values", None)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
         pair_forward = getattr(self, "pair_forward", None)
         plain_inputs = cache is None and image_features is None and inputs_embeds is None
         if pair_forward is not None and plain_inputs and mm_encoder_outputs is None:
@@ -469,51 +491,58 @@ class PivotModel(LlavaModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        if image_features is None:
-            mm_encoder_outputs = mm_encoder_outputs or {}
-            if mm_encoder_outputs.get("image") is None and pixel_values is not None:
-                mm_encoder_outputs["image"] = self.get_image_features(
+        if image_features is not None:
+            image_outputs = image_outputs_from_features(image_features)
+        else:
+            image_outputs = (mm_encoder_outputs or {}).get("image")
+            if image_outputs is None and pixel_values is not None:
+                flags = {name: kwargs[name] for name in _VISION_OUTPUT_FLAGS if kwargs.get(name) is not None}
+                image_outputs = self.get_image_features(
                     pixel_values,
                     pixel_attention_mask=pixel_attention_mask,
                     spatial_shapes=spatial_shapes,
                     vision_feature_layer=vision_feature_layer,
+                    return_dict=True,
+                    **flags,
                 )
-            if mm_encoder_outputs.get("image") is not None:
-                image_features = mm_encoder_outputs["image"].pooler_output
-        if image_features is not None:
-            if not isinstance(image_features, torch.Tensor):
-                image_features = torch.cat(list(image_features), dim=0)
-            image_features = image_features.reshape(-1, image_features.shape[-1])
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        if image_outputs is not None:
+            features = torch.cat([f.reshape(-1, f.shape[-1]) for f in image_outputs.pooler_output], dim=0)
+            features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features)
 
         kwargs[CACHE_ARGUMENT] = cache
         outputs = self.language_model(
-            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **kwargs,
         )
         return model_output(
             outputs.last_hidden_state,
             cache=cache_from_output(outputs),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_features=image_features,
+            image_outputs=image_outputs,
         )
 
 
-class PivotForConditionalGeneration(LlavaForConditionalGeneration):
+class PivotForConditionalGeneration(PivotPreTrainedModel, GenerationMixin):
     """The MLLM PIVOT post-trains: `vision_tower` (any family) -> `multi_modal_projector` -> `language_model`."""
 
-    config_class = PivotConfig
-    config: PivotConfig
+    _tied_weights_keys = LlavaForConditionalGeneration._tied_weights_keys
+    _tp_plan = getattr(LlavaForConditionalGeneration, "_tp_plan", None)
 
     def __init__(self, config: PivotConfig):
-        # LlavaForConditionalGeneration.__init__ is skipped on purpose: it would allocate a whole LlavaModel first.
-        LlavaPreTrainedModel.__init__(self, config)
+        super().__init__(config)
         self.model = PivotModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
         self._no_split_modules = list(self.model._no_split_modules)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
 
     # ----------------------------------------------------------------------------------------------------- features
     @property
@@ -533,48 +562,58 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         return self.model.get_vision_features(pixel_values, **kwargs)
 
     def get_image_features(self, pixel_values, **kwargs):
+        """`PivotModel.get_image_features`: per-image projected tokens in `pooler_output`."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    @accepts_old_cache_name
+    @can_return_tuple
     def forward(
         self,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        position_ids=None,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         cache=None,
-        inputs_embeds=None,
-        vision_feature_layer=None,
-        vision_feature_select_strategy=None,
-        labels=None,
-        logits_to_keep=0,
-        image_sizes=None,
-        mm_encoder_outputs=None,
-        pixel_attention_mask=None,
-        spatial_shapes=None,
-        image_features=None,
-        **kwargs,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        image_features: list[torch.Tensor] | torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ):
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_values", None)
-        kwargs[CACHE_ARGUMENT] = cache
-        return super().forward(
+        """LLaVA's forward with `PivotModel.forward`'s extra inputs; a `LlavaCausalLMOutputWithPast`, or a tuple with
+        `return_dict=False`."""
+        outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
             image_sizes=image_sizes,
             mm_encoder_outputs=mm_encoder_outputs,
             pixel_attention_mask=pixel_attention_mask,
             spatial_shapes=spatial_shapes,
             image_features=image_features,
+            return_dict=True,
             **kwargs,
         )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return causal_lm_output(loss, logits, outputs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `register_for_auto_class` only maps the class being saved; the base model (`AutoModel`) is in the same
@@ -585,39 +624,26 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def unreached_vision_parameter_names(self) -> list[str]:
-        """Vision-tower parameters that no gradient can reach from the feature layer (blocks above it, final norms,
-        pooling heads), and those a family keeps fixed by design. They are frozen when the tower trains: DDP would otherwise wait forever for their gradients,
-        and checks that "every trainable weight changed" would fail on them."""
+        """Vision-tower parameters that no gradient can reach from the feature layer (the blocks above the cut, final
+        norms, pooling heads), and those a family keeps fixed by design. They are frozen when the tower trains: DDP
+        would otherwise wait forever for their gradients, and checks that "every trainable weight changed" would fail
+        on them."""
         tower = self.model.vision_tower
-        parent, attr, layers = find_encoder_layers(tower)
-        layer_ids = self.config.vision_feature_layer
-        layer_ids = layer_ids if isinstance(layer_ids, list) else [layer_ids]
-        used_blocks = max(resolve_feature_layer(i, len(layers)) for i in layer_ids)
-        layers_prefix = next(name for name, module in tower.named_modules() if module is layers)
-        parent_prefix = next(name for name, module in tower.named_modules() if module is parent)
-        unreached = []
-        fixed = _FIXED_BY_DESIGN.get(tower.config.model_type, ())
+        fixed = _FIXED_BY_DESIGN.get(self.config.vision_config.model_type, ())
+        unreached = set()
+        for prefix, module in tower.named_modules():
+            if isinstance(module, _Unapplied):
+                unreached.update(f"{prefix}.{name}" for name, _ in module.named_parameters())
+            elif isinstance(module, FeatureLayerBlocks):
+                for index, block in enumerate(module._modules.values()):
+                    if index >= module.num_used:
+                        unreached.update(f"{prefix}.{index}.{name}" for name, _ in block.named_parameters())
+        names = []
         for name, _ in tower.named_parameters():
-            if name in fixed:
-                unreached.append(name)
-                continue
-            if name.split(".")[-1] == "mask_token":  # only used for masked-image-modeling inputs, never here
-                unreached.append(name)
-                continue
-            if name.startswith(layers_prefix + "."):
-                block = int(name[len(layers_prefix) + 1 :].split(".")[0])
-                if block >= used_blocks:
-                    unreached.append(name)
-                continue
-            # A post-encoder module is a sibling of the encoder (or of the block list) with a known name.
-            parts = name.split(".")
-            outer = parent_prefix.rsplit(".", 1)[0] if "." in parent_prefix else ""
-            for depth in range(len(parts) - 1):
-                owner = ".".join(parts[:depth])
-                if _is_post_encoder_module(parts[depth]) and owner in (outer, parent_prefix, ""):
-                    unreached.append(name)
-                    break
-        return [f"model.vision_tower.{n}" for n in unreached]
+            # `mask_token`: only used for masked-image-modeling inputs, never here.
+            if name in unreached or name in fixed or name.split(".")[-1] == "mask_token":
+                names.append(f"model.vision_tower.{name}")
+        return names
 
     # -------------------------------------------------------------------------------------------------- composition
     @classmethod
@@ -737,7 +763,7 @@ class PivotForConditionalGeneration(LlavaForConditionalGeneration):
             config.vision_config.mask_ratio = 0.0
         with torch.device("meta"):
             model = cls(config)
-        model.model.vision_tower = vision_tower
+        model.model.vision_tower = cut_at_feature_layer(vision_tower, config.vision_feature_layer)
         model.model.language_model = backbone
         model.lm_head = language_model.get_output_embeddings()
         param = next(backbone.parameters())
@@ -885,12 +911,17 @@ def _probe_prefix_tokens(vision_tower: nn.Module) -> int:
 
 
 __all__ = [
+    "FeatureLayerBlocks",
     "PivotForConditionalGeneration",
     "PivotModel",
     "PivotPreTrainedModel",
     "PivotMultiModalProjector",
+    "cut_at_feature_layer",
     "encode_images",
     "find_encoder_layers",
     "resolve_feature_layer",
     "transformer_block_class_names",
+    # Re-exported from pivot_compat for callers that build or read model outputs.
+    "model_output",
+    "output_image_features",
 ]

@@ -5,10 +5,11 @@ Like `modeling_pivot.py`, this file imports nothing from pivot_hf outside of its
 
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 
 DEFAULT_IMAGE_TOKEN = "<image>"
+_UNSET = object()
 # The official PIVOT recipe (LLaVA-NeXT's qwen_1_5 conversation) uses this system prompt.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -27,7 +28,8 @@ def multimodal_chat_template(text_template: str, image_token: str, system_prompt
     Messages whose `content` is a list of parts (`{"type": "image"}`, `{"type": "text", "text": ...}`, as TRL and
     transformers produce them) are flattened to strings first: an image part becomes `<image>\\n`, where the official
     recipe puts it. The LLM's template is then applied unchanged, so every LLM (ChatML for Qwen, Llama's, ...) keeps
-    its own format. Written with immutable Jinja operations only (transformers renders in a sandbox).
+    its own format. Any other part type (e.g. `input_image`; transformers maps OpenAI's `image_url` to an image part)
+    is an error naming it and the accepted ones, never dropped. Written with immutable Jinja operations only (transformers renders in a sandbox).
     """
     image_literal = image_token.replace("\\", "\\\\").replace("'", "\\'")
     header = ["{%- set _pivot = namespace(messages=[]) -%}"]
@@ -45,7 +47,11 @@ def multimodal_chat_template(text_template: str, image_token: str, system_prompt
         "{%- set _text = namespace(value='') -%}"
         "{%- for _part in _message['content'] -%}"
         "{%- if _part['type'] == 'image' -%}{%- set _text.value = _text.value + '" + image_literal + "\\n' -%}"
-        "{%- elif _part['type'] == 'text' -%}{%- set _text.value = _text.value + _part['text'] -%}{%- endif -%}"
+        "{%- elif _part['type'] == 'text' -%}{%- set _text.value = _text.value + _part['text'] -%}"
+        # Any other part type would vanish silently (e.g. `input_image`: an image with 0 image tokens).
+        "{%- else -%}{{- raise_exception('Unknown content part type ' ~ (_part['type'] | string) ~ ': accepted "
+        "types are image and text (transformers maps an OpenAI image_url part to image)') -}}"
+        "{%- endif -%}"
         "{%- endfor -%}"
         "{%- set _pivot.messages = _pivot.messages + [{'role': _message['role'], 'content': _text.value}] -%}"
         "{%- endif -%}"
@@ -124,10 +130,13 @@ class PivotProcessor(ProcessorMixin):
 
         Data pipelines use it to drop rows whose text plus image tokens cannot fit `max_length` before training; with a
         variable-resolution tower they measure each row's images (`variable_resolution`), since a non-square image can
-        have more tokens than a square one.
+        have more tokens than a square one. Without an image, a variable-resolution tower answers its maximum
+        (`max_num_patches`): a bound that no image exceeds, never a count that a tall image would overrun.
         """
         if isinstance(image, Image.Image) and self.variable_resolution:
             image = image.size
+        if image is None and self.variable_resolution:
+            return int(self.image_processor.max_num_patches)
         if isinstance(image, tuple) and self.variable_resolution:
             count = _naflex_tokens(self.image_processor, int(image[0]), int(image[1]))
             if count is not None:
@@ -137,6 +146,64 @@ class PivotProcessor(ProcessorMixin):
             image = Image.new("RGB", (max(1, int(width)), max(1, int(height))))
         processed = self.image_processor(images=[image.convert("RGB")], return_tensors="np")
         return self._count_image_tokens(processed, 0)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per image, what serving engines (vLLM) ask a processor for before processing.
+
+        `image_sizes`: one `(height, width)` per image. Each image is one patch (no tiling). The counts are those the
+        processor writes (`num_image_tokens`), so they depend on each size only for SigLIP2 NaFlex. Processing options
+        in `kwargs` are refused by name: the counts follow this processor's saved settings.
+        """
+        if kwargs:
+            raise ValueError(
+                f"PivotProcessor counts image tokens with its saved settings; got options {sorted(kwargs)}. Fix: set "
+                "them on the processor (e.g. processor.image_processor.max_num_patches) before asking."
+            )
+        if image_sizes is None:
+            return MultiModalData()
+        if self.variable_resolution:
+            counts = [self.num_image_tokens((int(width), int(height))) for height, width in image_sizes]
+        else:
+            counts = [self.num_image_tokens()] * len(image_sizes)
+        return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(counts))
+
+    def _sub_processors(self) -> list:
+        """The image processor (and any other non-tokenizer attribute): what `save_pretrained` writes into
+        processor_config.json sections."""
+        return [
+            getattr(self, name) for name in self.get_attributes() if not hasattr(getattr(self, name), "init_kwargs")
+        ]
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' save, leaving this processor as it was. The remote-code saver (`custom_object_save`) sets
+        `auto_map` on the processor and on its image processor in memory so that they get written; the processor's
+        goes to processor_config.json (that is what `AutoProcessor(..., trust_remote_code=True)` reads), the image
+        processor's is not written (`to_dict`), and both are removed again, so `save_pretrained` followed by
+        `from_pretrained` gives an equal processor."""
+        objects = [self, *self._sub_processors()]
+        before = [obj.__dict__.get("auto_map", _UNSET) for obj in objects]
+        try:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            for obj, value in zip(objects, before):
+                if value is _UNSET:
+                    obj.__dict__.pop("auto_map", None)
+                else:
+                    obj.auto_map = value
+
+    def to_dict(self) -> dict:
+        """transformers' dict, without this class's `AutoProcessor` entry inside the sub-processors' sections (older
+        checkpoints carry it there: it maps nothing for an image processor)."""
+        output = super().to_dict()
+        for name in self.get_attributes():
+            section = output.get(name)
+            if isinstance(section, dict) and isinstance(section.get("auto_map"), dict):
+                auto_map = {k: v for k, v in section["auto_map"].items() if k != "AutoProcessor"}
+                if auto_map:
+                    section["auto_map"] = auto_map
+                else:
+                    del section["auto_map"]
+        return output
 
     @property
     def model_input_names(self):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
+from .contract import image_string_problem
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCheck, check_image, resolve_image_path
 from .report import ConversionReport
 from .text import (
@@ -224,6 +225,7 @@ def convert_llava_record(
                 report.skip("invalid_image_field", record_id)
                 return None
             path, reason = resolve_image_path(image_root, src)
+            reason = image_string_problem(src) or reason  # a URL / inline string is named as such, never fetched
             if reason is not None:
                 report.skip(reason, record_id)
                 return None

@@ -6,11 +6,11 @@ import json
 import os
 from typing import Any, Literal, NamedTuple
 
-from .images import LazyImages
+from .contract import apply_row_contract
+from .images import DEFAULT_MAX_IMAGE_PIXELS, LazyImages
 from .llava import LlavaConfig, convert_llava
 from .mmpr import MMPRConfig, convert_mmpr, convert_mmpr_files
 from .report import ConversionReport
-from .text import IMAGE_TOKEN, escape_special_tokens, special_tokens_in
 
 
 PREFERENCE_DIR, SFT_DIR = "preference", "sft"
@@ -172,106 +172,6 @@ def _without_decoding(feature):
     return datasets.List(_without_decoding(feature.feature))
 
 
-def _special_tokens(tokenizer) -> tuple[list[str], str]:
-    """The tokenizer's special tokens (named + extra, the image token included) and the image token."""
-    processor_token = getattr(tokenizer, "image_token", None)
-    tok = _text_tokenizer(tokenizer)
-    tokens = list(getattr(tok, "all_special_tokens", []) or [])
-    return tokens, processor_token or getattr(tok, "image_token", None) or IMAGE_TOKEN
-
-
-def _policy_on_text(text, is_answer: bool, tokens, image_token):
-    """`(new_text, escaped, skip)` for one text; `image_token=None` when it is a placeholder there."""
-    found = special_tokens_in(text, tokens, image_token)
-    if image_token is None:
-        found = [t for t in found if t != IMAGE_TOKEN]
-    if not found:
-        return text, False, False
-    if is_answer:
-        return text, False, True
-    return escape_special_tokens(text, found), True, False
-
-
-def _policy_on_turns(turns, is_answer: bool, tokens, image_token):
-    escaped, out = False, []
-    for turn in turns:
-        answer = is_answer or turn.get("role") == "assistant"
-        content = turn.get("content")
-        if isinstance(content, str):
-            content, esc, skip = _policy_on_text(content, answer, tokens, image_token)
-        elif isinstance(content, list):
-            parts, esc, skip = [], False, False
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    text, e, k = _policy_on_text(part["text"], answer, tokens, image_token)
-                    part = {**part, "text": text}
-                    esc, skip = esc or e, skip or k
-                parts.append(part)
-            content = parts
-        else:
-            esc = skip = False
-        if skip:
-            return turns, False, True
-        escaped = escaped or esc
-        out.append({**turn, "content": content})
-    return out, escaped, False
-
-
-def apply_special_token_policy(dataset, tokenizer, report: ConversionReport | None = None):
-    """Special-token text in any turn of any TRL row: escaped in prompts, the row skipped when it is in an answer.
-
-    Conversational rows carry their images structurally, so a literal image token in their text is text (escaped);
-    in a standard string prompt it is the placeholder and stays. Every other special token of the tokenizer (and any
-    `<|...|>` control token) is escaped in system/user text; in `chosen`/`rejected`/`completion`/assistant turns the
-    row is skipped as `special_token_in_response`. Escapes are counted as `special_token_escaped`.
-    """
-    tokens, image_token = _special_tokens(tokenizer)
-    raw = dataset.with_format(None)
-    columns = [c for c in ("messages", "prompt", "chosen", "rejected", "completion") if c in raw.column_names]
-    if not columns or len(raw) == 0:
-        return dataset
-    skipped, escaped_ids, changed = [], [], {}
-    for index, row in enumerate(raw.select_columns(columns + (["id"] if "id" in raw.column_names else [])).iter(1)):
-        row = {k: v[0] for k, v in row.items()}
-        new, escaped, skip = {}, False, False
-        for column in columns:
-            value = row[column]
-            answer = column in ("chosen", "rejected", "completion")
-            if isinstance(value, list):
-                value, esc, skip = _policy_on_turns(value, answer, tokens, image_token)
-            elif isinstance(value, str):
-                value, esc, skip = _policy_on_text(value, answer, tokens, None if column == "prompt" else image_token)
-            else:
-                esc = False
-            if skip:
-                break
-            escaped = escaped or esc
-            new[column] = value
-        row_id = str(row.get("id", index))
-        if skip:
-            skipped.append((index, row_id))
-        elif escaped:
-            escaped_ids.append(row_id)
-            changed[index] = new
-    if not skipped and not changed:
-        return dataset
-    if report is not None:
-        if skipped:
-            report.move_kept_to_skipped("special_token_in_response", [rid for _, rid in skipped])
-        for rid in escaped_ids:
-            report.convert("special_token_escaped", rid)
-    if changed:
-
-        def _escape(row, index):
-            return changed.get(index, {column: row[column] for column in columns})
-
-        raw = raw.map(_escape, with_indices=True, desc="escape special tokens")
-    if skipped:
-        drop = {i for i, _ in skipped}
-        raw = raw.select([i for i in range(len(raw)) if i not in drop])
-    return raw
-
-
 def _saved_dataset_path(path: str, kind: str) -> str | None:
     """A folder written by `save_to_disk` (or one of ours, with `preference/` and `sft/` inside)."""
     sub = os.path.join(path, PREFERENCE_DIR if kind == "preference" else SFT_DIR)
@@ -316,6 +216,7 @@ def load_pivot_dataset(
     prompt_format: Literal["conversational", "standard"] = "conversational",
     lazy_images: bool = True,
     show_progress: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> PivotData:
     """Load any PIVOT data source as a `datasets.Dataset` of TRL rows, with its conversion report.
 
@@ -333,7 +234,8 @@ def load_pivot_dataset(
             `SFTTrainer`. For MMPR, both kinds are built from the same sampled rows in the same order.
         tokenizer: tokenizer (or processor) for the `max_text_tokens` rule and the `max_length` check.
         max_length, num_image_tokens: when both are given (and a tokenizer), rows that cannot fit `max_length` with
-            `num_image_tokens` tokens per image are dropped and counted (`exceeds_max_length`).
+            `num_image_tokens` tokens per image are dropped and counted (`exceeds_max_length`). When `tokenizer` is a
+            processor, its own count is used instead, measured per image for variable-resolution towers.
         num_samples: rows to keep. None: MMPR keeps the recipe's 20,000, other sources keep everything; <= 0: all.
         seed: sampling seed (777 in the authors' scripts); the same seed gives the same rows in the same order.
         split: split of a Hub dataset or a saved `DatasetDict`.
@@ -341,6 +243,11 @@ def load_pivot_dataset(
         image_folder: image root of LLaVA data / MMPR-style JSONL.
         variant, new_distribution_ratio, max_text_tokens, prompt_format: see `MMPRConfig`.
         lazy_images: attach `LazyImages` so `images` hold paths on disk and become RGB PIL images on access.
+        max_image_pixels: pixels per image above which a row is skipped (`image_too_large`, decompression bombs).
+
+    Every route ends in the row contract (`pivot_hf.data.contract.apply_row_contract`): unreadable, oversized, URL or
+    inline images, special-token text in answers, empty or identical answers and rows too long for `max_length` are
+    skipped and counted in the report, whatever the source.
 
     Returns:
         `PivotData(dataset, report)`; `report.kept == len(dataset)` and `report.check()` holds.
@@ -410,36 +317,33 @@ def load_pivot_dataset(
                 "MMPR / LLaVA folder instead"
             )
         report = ConversionReport(source=dataset_name, total=len(dataset), kept=len(dataset))
-        return PivotData(dataset, report)  # images there are `datasets.Image` features, decoded by `datasets`
 
-    if tokenizer is not None:
-        # The tokenizer's own special tokens (e.g. a base LLM's) in any source, saved datasets included.
-        if mmpr is not None:
-            preference = apply_special_token_policy(mmpr.preference, tokenizer, report)
+    # Every route ends here: the row contract (images, special tokens, degenerate pairs, lengths measured per image).
+    check_length = max_length is not None and num_image_tokens is not None
+    if check_length and tok is None:
+        report.notes.append("max_length given without a tokenizer: overlong rows were not checked")
+    contract = dict(
+        processor=tokenizer,
+        max_image_pixels=max_image_pixels,
+        max_length=max_length if check_length and tok is not None else None,
+        num_image_tokens=num_image_tokens,
+        lazy_images=False,
+    )
+    if mmpr is not None:
+        # A pair is measured by its longer answer; the SFT control keeps exactly the pairs that pass, so that SFT and
+        # DPO train on the same rows (the paper's controlled comparison).
+        preference, report = apply_row_contract(mmpr.preference, "preference", report=report, **contract)
+        if kind == "preference":
+            dataset = preference
+        else:
             kept = set(preference.with_format(None)["id"])
-            sft = apply_special_token_policy(mmpr.sft, tokenizer)
+            sft, _ = apply_row_contract(mmpr.sft, "sft", **{**contract, "max_length": None})
             sft_ids = sft.with_format(None)["id"]
-            mmpr = _Pair(preference=preference, sft=sft.select([i for i, r in enumerate(sft_ids) if r in kept]))
-            dataset = mmpr.preference if kind == "preference" else mmpr.sft
-        else:
-            dataset = apply_special_token_policy(dataset, tokenizer, report)
-    if max_length is not None and num_image_tokens is not None:
-        if tok is None:
-            report.notes.append("max_length given without a tokenizer: overlong rows were not checked")
-        elif mmpr is not None:
-            # A pair is measured by its longer answer; the SFT control keeps exactly the pairs that fit, so that SFT
-            # and DPO train on the same rows (the paper's controlled comparison).
-            preference = drop_overlong(mmpr.preference, tokenizer, max_length, num_image_tokens, report)
-            if kind == "preference":
-                dataset = preference
-            else:
-                kept = set(preference.with_format(None)["id"])
-                sft_ids = mmpr.sft.with_format(None)["id"]
-                dataset = mmpr.sft.select([i for i, row_id in enumerate(sft_ids) if row_id in kept])
-        else:
-            dataset = drop_overlong(dataset, tokenizer, max_length, num_image_tokens, report)
-    if lazy_images:
-        dataset = dataset.with_transform(LazyImages())
+            dataset = sft.select([i for i, row_id in enumerate(sft_ids) if row_id in kept])
+    else:
+        dataset, report = apply_row_contract(dataset, kind, report=report, **contract)
+    if lazy_images and ("images" in dataset.column_names or "image" in dataset.column_names):
+        dataset = dataset.with_transform(LazyImages(max_pixels=max_image_pixels))
     return PivotData(dataset, report)
 
 

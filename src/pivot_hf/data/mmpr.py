@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from .contract import image_string_problem
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCheck, check_image, resolve_image_path
 from .report import ConversionReport
 from .text import (
@@ -167,6 +168,7 @@ def convert_mmpr_record(
         report.skip("variant_filtered", record_id)
         return None
     path, reason = resolve_image_path(root, image)
+    reason = image_string_problem(image) or reason  # a URL / inline string is named as such, never fetched
     if reason is not None:
         report.skip(reason, record_id)
         return None

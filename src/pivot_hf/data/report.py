@@ -33,6 +33,13 @@ SKIP_REASONS = {
     "image_unreadable": "the image file is truncated, corrupt or not an image",
     "image_too_large": "the image has more pixels than max_image_pixels (decompression-bomb guard)",
     "image_too_small": "the image is smaller than min_image_side",
+    "image_is_url": "the image is a URL: nothing is fetched during training (download the files, point the rows at them)",
+    "image_inline_data": "the image is a data: URI or base64 string (store the bytes in a `datasets.Image` column)",
+    "image_unreadable_at_collate": "the image passed the check but could not be read when its batch was built (a "
+    "file deleted or replaced mid-run); the row was left out of that batch",
+    "answer_not_checkable": "the answer extracted from `chosen` is longer than max_solution_words: free-form text "
+    "cannot be checked by exact match (GRPO)",
+    "missing_answer": "a GRPO row has no ground truth (missing, null, empty or 'None'): it cannot be rewarded",
     "too_many_text_tokens": "prompt + chosen exceed max_text_tokens",
     "exceeds_max_length": "text tokens + image tokens cannot fit max_length",
     "variant_filtered": "removed by the selected paper variant (Under30 / NoThink / new-distribution ratio)",

@@ -103,10 +103,19 @@ def adapted_parts(model, peft_config) -> set[str]:
     """The parts in which `peft_config` would put adapters (PEFT's own name matching, before wrapping)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
+    targets = peft_config.target_modules
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
     parts = set()
-    for name, _ in model.named_modules():
+    for name, module in model.named_modules():
         part = _part_of_module(name)
-        if part is not None and part not in parts and check_target_module_exists(peft_config, name):
+        if part is None or part in parts:
+            continue
+        if all_linear:
+            # PEFT expands `all-linear` at wrapping time: every linear layer except the output layer.
+            hit = isinstance(module, torch.nn.Linear) and name != "lm_head"
+        else:
+            hit = check_target_module_exists(peft_config, name)
+        if hit:
             parts.add(part)
     return parts
 

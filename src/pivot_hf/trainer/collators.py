@@ -49,8 +49,10 @@ class AssistantTurnsVisionCollator:
         labels = torch.full_like(batch["input_ids"], -100)
         for row, (row_offsets, row_spans) in enumerate(zip(offsets, spans)):
             expanded = [self._shift(span, replacements[row]) for span in row_spans]
-            for position, (start, _) in enumerate(row_offsets):
-                if batch["attention_mask"][row, position] and any(lo <= start < hi for lo, hi in expanded):
+            for position, (start, end) in enumerate(row_offsets):
+                # Overlap, not containment: a token that straddles the turn's start (the template's newline merged
+                # with an answer that starts with a newline) carries answer text, so it is a label.
+                if batch["attention_mask"][row, position] and any(start < hi and end > lo for lo, hi in expanded):
                     labels[row, position] = batch["input_ids"][row, position]
         batch["labels"] = labels
         return dict(batch)

@@ -11,6 +11,7 @@ from ..configs import PivotScriptArguments, RecipeConfigError
 from ..data import LazyImages, load_pivot_dataset
 from ..data.loader import image_token_measure
 from .model_loading import check_max_length
+from .row_contract import attach_report
 
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def load_training_data(script_args: PivotScriptArguments, training_args, process
         variant=script_args.variant,
         new_distribution_ratio=script_args.new_distribution_ratio,
         max_text_tokens=script_args.max_text_tokens,
+        max_image_pixels=training_args.max_image_pixels,
     )
     if len(dataset) == 0:
         raise RecipeConfigError(
@@ -62,8 +64,12 @@ def load_training_data(script_args: PivotScriptArguments, training_args, process
         n = min(script_args.eval_num_samples, len(raw) - 1)
         eval_dataset, raw = raw.select(range(n)), raw.select(range(n, len(raw)))
     if lazy:
-        raw = raw.with_transform(LazyImages())
-        eval_dataset = eval_dataset.with_transform(LazyImages()) if eval_dataset is not None else None
+        raw = raw.with_transform(LazyImages(max_pixels=training_args.max_image_pixels))
+        if eval_dataset is not None:
+            eval_dataset = eval_dataset.with_transform(LazyImages(max_pixels=training_args.max_image_pixels))
+    # The trainer checks these rows again (the contract runs on whatever a trainer is handed) and continues this
+    # report, so `data_report.json` counts every row of the source once.
+    attach_report(raw, report)
     logger.info(
         "Training rows: %d (report: kept %d of %d, skipped %s)",
         len(raw),

@@ -19,13 +19,16 @@ from .checkpointing import AtomicCheckpointMixin
 from .fast_dpo import FastDPOMixin
 from .model_loading import check_reference_model, trl_reference_loads_like
 from .preflight import check_model_processor
+from .row_contract import RowContractMixin, with_datasets
 from .tunable import TunablePartsMixin, as_pivot_config
 
 
 logger = logging.getLogger(__name__)
 
 
-class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer):
+class PivotDPOTrainer(
+    RowContractMixin, AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer
+):
     """`PivotDPOTrainer(model, ref_model, args=PivotDPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     `ref_model=None` does what TRL does: the reference is a frozen copy of the policy as passed (vision tower
@@ -36,6 +39,7 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
     """
 
     _tag_names = ["trl", "dpo", "pivot"]
+    _row_contract_kind = "preference"
 
     def __init__(self, model, ref_model=None, args=None, *trainer_args, after_tunable_parts=None, **kwargs):
         if args is None:
@@ -46,14 +50,18 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
             from ..configs import PivotDPOConfig
 
             args = as_pivot_config(args, PivotDPOConfig)
+        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        eval_dataset = kwargs.get("eval_dataset", trainer_args[2] if len(trainer_args) > 2 else None)
+        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
         if ref_model is not None and ref_model is not model:
             check_reference_model(model, ref_model, "ref_model")
             ref_model.requires_grad_(False)
             ref_model.eval()
-        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
-        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
         check_model_processor(getattr(model, "config", None), processing_class)
+        # The row contract, before anything else looks at a row (and before any compute).
+        train_dataset, eval_dataset = self._contract_datasets(args, processing_class, train_dataset, eval_dataset)
+        trainer_args, kwargs = with_datasets(trainer_args, kwargs, 1, train_dataset, eval_dataset)
         kwargs["peft_config"] = self._setup_tunable_parts(
             model, args, after_tunable_parts, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
         )
@@ -65,6 +73,7 @@ class PivotDPOTrainer(AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, Tr
         with trl_reference_loads_like(model, args, DPOTrainer):
             super().__init__(model, ref_model, args, *trainer_args, **kwargs)
         self._finish_tunable_parts()
+        self._guard_collator()
         if is_peft_model(self.model) and self.ref_model is None and self.is_world_process_zero():
             from .adapters import describe_reference
 

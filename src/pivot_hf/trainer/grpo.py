@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
-import string
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer
@@ -32,129 +28,24 @@ from .adapters import preserved_requires_grad
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
 from .model_loading import trl_reference_loads_like
+from .rewards import (
+    DEFAULT_FORMAT_PROMPT,
+    REWARD_NAMES,
+    accuracy_reward,
+    answers_match,
+    build_reward_funcs,
+    completion_text,
+    extract_answer,
+    format_reward,
+    get_reward_funcs,
+    make_length_reward,
+    normalize_answer,
+)
+from .row_contract import RowContractMixin, with_datasets, zero_reward_for_skipped_rows
 from .tunable import TunablePartsMixin, as_pivot_config
 
 
 logger = logging.getLogger(__name__)
-
-# R1-V / VLM-R1 style instruction: the model reasons in <think> and answers in <answer>, which `format` rewards and
-# from which `accuracy` reads the answer.
-DEFAULT_FORMAT_PROMPT = (
-    "Output the thinking process in <think> </think> and the final answer in <answer> </answer> tags, i.e., "
-    "<think> reasoning process here </think><answer> answer here </answer>."
-)
-REWARD_NAMES = ("accuracy", "format", "length")
-
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_FORMAT_RE = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL | re.IGNORECASE)
-# "Answer: B", "The answer is 3.", "final answer: yes" (MMPR chosen answers end this way).
-_ANSWER_PHRASE_RE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*(.+)", re.IGNORECASE)
-_CHOICE_RE = re.compile(r"^\(?([a-z])[\).:]?(?:\s|$)")
-_ARTICLES = {"a", "an", "the"}
-
-
-# ------------------------------------------------------------------------------------------------------ answers
-def completion_text(completion) -> str:
-    """The text of a completion as TRL passes it: a string, or a list of assistant messages."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list):
-        parts = []
-        for message in completion:
-            content = message.get("content", "") if isinstance(message, dict) else message
-            if isinstance(content, list):  # multimodal parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            parts.append(str(content))
-        return "".join(parts)
-    return str(completion)
-
-
-def extract_answer(text: str) -> str:
-    """The final answer in a response: the last `<answer>` block, else what follows the last "answer is"/"Answer:",
-    else the whole text."""
-    tags = _ANSWER_TAG_RE.findall(text)
-    if tags:
-        return tags[-1].strip()
-    phrases = _ANSWER_PHRASE_RE.findall(text)
-    if phrases:
-        return phrases[-1].strip().splitlines()[0].strip()
-    return text.strip()
-
-
-def normalize_answer(text: str) -> str:
-    """Case, punctuation, articles and number formatting removed, so "The answer: (B)." == "b" and "3.0" == "3"."""
-    text = text.strip().lower()
-    choice = _CHOICE_RE.match(text)
-    if choice and (len(text) <= 3 or text[len(choice.group(0)) - 1 :].strip() == ""):
-        return choice.group(1)
-    try:
-        number = float(text.replace(",", "").rstrip("%").strip())
-        return f"{number:g}"
-    except ValueError:
-        pass
-    text = "".join(ch for ch in text if ch not in string.punctuation)
-    return " ".join(word for word in text.split() if word not in _ARTICLES)
-
-
-def answers_match(prediction: str, solution: str) -> bool:
-    return normalize_answer(extract_answer(prediction)) == normalize_answer(extract_answer(solution))
-
-
-# ------------------------------------------------------------------------------------------------------ rewards
-def accuracy_reward(completions, solution, **kwargs) -> list[float]:
-    """1.0 when the completion's extracted answer equals the row's `solution` after normalisation, else 0.0."""
-    return [1.0 if answers_match(completion_text(c), str(s)) else 0.0 for c, s in zip(completions, solution)]
-
-
-def format_reward(completions, **kwargs) -> list[float]:
-    """1.0 for `<think>...</think><answer>...</answer>` (nothing else around them), else 0.0."""
-    return [1.0 if _FORMAT_RE.fullmatch(completion_text(c)) else 0.0 for c in completions]
-
-
-def make_length_reward(target_length: float, scale: float = 1.0, unit: str = "tokens") -> Callable:
-    """The normalised length reward: ``sigmoid(scale * (L - target_length))``, in [0, 1].
-
-    The related study replaces a fixed per-token bonus (which models exploit with repetition) by a sigmoid of the
-    length, so the reward saturates: its prose gives a scaling factor (1 in its experiments) and a predefined length;
-    the exact equation and the length value did not survive in our copy, so this is the form the prose describes, with
-    both as options. With `scale=1` and lengths in tokens the reward is close to a step at `target_length`; a smaller
-    scale (e.g. `1 / target_length`) makes it a gradual ramp. `unit`: `tokens` (completion token ids), `words` or
-    `chars` of the decoded completion.
-    """
-    if unit not in ("tokens", "words", "chars"):
-        raise ValueError(f"length unit must be tokens, words or chars, got {unit!r}")
-
-    def length_reward(completions, completion_ids=None, **kwargs) -> list[float]:
-        rewards = []
-        for i, completion in enumerate(completions):
-            if unit == "tokens" and completion_ids is not None:
-                length = len(completion_ids[i])
-            elif unit == "words" or unit == "tokens":  # tokens without ids: words are the closest proxy
-                length = len(completion_text(completion).split())
-            else:
-                length = len(completion_text(completion))
-            z = scale * (length - target_length)
-            # Written so that neither branch can overflow math.exp for very long or empty completions.
-            rewards.append(1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z)))
-        return rewards
-
-    length_reward.__name__ = "length_reward"  # TRL logs each reward under its function's name
-    return length_reward
-
-
-def build_reward_funcs(
-    names: list[str], length_target: float = 512, length_scale: float = 1.0, length_unit: str = "tokens"
-) -> list[Callable]:
-    """Reward callables for `names` (any of accuracy, format, length), in that order."""
-    unknown = [n for n in names if n not in REWARD_NAMES]
-    if unknown or not names:
-        raise RecipeConfigError(f"Unknown or empty reward_funcs {names}: choose from {list(REWARD_NAMES)}.")
-    table = {
-        "accuracy": accuracy_reward,
-        "format": format_reward,
-        "length": lambda: make_length_reward(length_target, length_scale, length_unit),
-    }
-    return [table[n]() if n == "length" else table[n] for n in names]
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -183,45 +74,83 @@ def _first_text(messages) -> str:
 
 
 def _read_verifiable_jsonl(path: str, image_folder: str | None):
-    """`{"image": rel_path | [paths] | null, "question": str, "answer" | "solution": str}` per line."""
+    """`{"image": rel_path | [paths] | null, "question": str, "answer" | "solution": str}` per line.
+
+    A line that is not a JSON object, or has no string question, is counted and skipped; a missing or null answer is
+    kept as None (never the string "None") for the row contract to skip as `missing_answer`. Returns
+    `(dataset, report)`."""
     import datasets
 
+    from ..data.contract import image_string_problem
+    from ..data.report import ConversionReport
+
     root = image_folder or os.path.dirname(os.path.abspath(path))
+    report = ConversionReport(source=path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            report.add_total()
+            record_id = f"{os.path.basename(path)}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                report.skip("broken_json", record_id)
+                continue
+            if not isinstance(obj, dict):
+                report.skip("not_an_object", record_id)
+                continue
+            question = obj.get("question")
+            if not isinstance(question, str) or not question.strip():
+                report.skip("invalid_text", record_id)
+                continue
             image = obj.get("image")
-            images = [image] if isinstance(image, str) else list(image or [])
-            question = str(obj["question"]).replace("<image>\n", "").replace("<image>", "").strip()
+            images = [image] if isinstance(image, str) else ([] if image is None else image)
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                report.skip("invalid_image_field", record_id)
+                continue
+            question = question.replace("<image>\n", "").replace("<image>", "").strip()
+            solution = obj.get("solution", obj.get("answer"))
             rows.append(
                 {
-                    "images": [p if os.path.isabs(p) else os.path.join(root, p) for p in images],
+                    "id": str(obj["id"]) if isinstance(obj.get("id"), str | int) else record_id,
+                    "images": [
+                        p if os.path.isabs(p) or image_string_problem(p) else os.path.join(root, p) for p in images
+                    ],
                     "prompt": [{"role": "user", "content": question}],
-                    "solution": str(obj.get("solution", obj.get("answer"))),
+                    "solution": solution if isinstance(solution, str) or solution is None else str(solution),
                 }
             )
-    return datasets.Dataset.from_list(rows)
+            report.keep()
+    return datasets.Dataset.from_list(rows), report
 
 
 def load_grpo_dataset(
-    script_args: PivotGRPOScriptArguments, format_prompt: str | None = DEFAULT_FORMAT_PROMPT, tokenizer=None
+    script_args: PivotGRPOScriptArguments,
+    format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
+    tokenizer=None,
+    max_image_pixels: int | None = None,
 ):
     """Rows for `GRPOTrainer`: `prompt` (conversational), `images` (paths, decoded lazily) and `solution`.
 
     Rows of preference data (`chosen`) take their solution from the chosen answer (`extract_answer`); rows whose
-    extracted answer is longer than `max_solution_words` are dropped, since free-form text cannot be checked by exact
-    match. Returns `(dataset, stats)`.
+    extracted answer is longer than `max_solution_words` are dropped (`answer_not_checkable`), since free-form text
+    cannot be checked by exact match. Every route passes the row contract (`pivot_hf.data.contract`, kind `grpo`):
+    rows without a ground truth (`missing_answer`), bad images and special-token text are counted and skipped;
+    special tokens typed into a question are escaped. Returns `(dataset, stats)`; `stats["report"]` is the
+    `ConversionReport`.
     """
     import datasets
 
     from ..data import LazyImages, load_pivot_dataset
+    from ..data.contract import apply_row_contract
+    from ..data.report import ConversionReport
 
     name = script_args.dataset_name
+    report = None
     if name and name.endswith(".jsonl") and os.path.isfile(name) and _jsonl_has(name, "question"):
-        dataset = _read_verifiable_jsonl(name, script_args.image_folder)
+        dataset, report = _read_verifiable_jsonl(name, script_args.image_folder)
     else:
         path = os.path.expanduser(name or "")
         saved = datasets.load_from_disk(path) if os.path.isdir(path) and _is_saved_dataset(path) else None
@@ -230,7 +159,7 @@ def load_grpo_dataset(
         if saved is not None and "solution" in saved.column_names:
             dataset = saved
         else:
-            dataset = load_pivot_dataset(
+            dataset, report = load_pivot_dataset(
                 name,
                 "preference",
                 tokenizer=tokenizer,
@@ -242,8 +171,10 @@ def load_grpo_dataset(
                 new_distribution_ratio=script_args.new_distribution_ratio,
                 max_text_tokens=script_args.max_text_tokens if tokenizer is not None else None,
                 lazy_images=False,
-            ).dataset
-    total = len(dataset)
+            )
+    if report is None:
+        report = ConversionReport(source=str(name), total=len(dataset), kept=len(dataset))
+    dataset = dataset.with_format(None)
     if "solution" not in dataset.column_names:
         if "chosen" not in dataset.column_names:
             raise RecipeConfigError(
@@ -255,23 +186,39 @@ def load_grpo_dataset(
             lambda row: {"solution": extract_answer(_first_text(row["chosen"]))},
             remove_columns=[c for c in ("chosen", "rejected") if c in dataset.column_names],
         )
-        dataset = dataset.filter(lambda row: 0 < len(row["solution"].split()) <= max_words)
+        checkable = [i for i, s in enumerate(dataset["solution"]) if 0 < len(s.split()) <= max_words]
+        if len(checkable) < len(dataset):
+            ids = dataset["id"] if "id" in dataset.column_names else [str(i) for i in range(len(dataset))]
+            kept = set(checkable)
+            report.move_kept_to_skipped(
+                "answer_not_checkable", [str(ids[i]) for i in range(len(dataset)) if i not in kept]
+            )
+            dataset = dataset.select(checkable)
+    pixels = {"max_image_pixels": max_image_pixels} if max_image_pixels else {}
+    dataset, report = apply_row_contract(dataset, "grpo", tokenizer, report, lazy_images=False, **pixels)
     dataset = dataset.map(lambda row: {"prompt": _with_format_prompt(row["prompt"], format_prompt)})
     if script_args.num_samples and script_args.num_samples > 0 and len(dataset) > script_args.num_samples:
+        report.move_kept_to_skipped("not_sampled", n=len(dataset) - script_args.num_samples)
         dataset = dataset.shuffle(seed=script_args.dataset_seed).select(range(script_args.num_samples))
-    stats = {"source_rows": total, "kept_rows": len(dataset)}
-    if "images" in dataset.column_names and len(dataset) and isinstance(dataset[0]["images"], list):
-        if dataset[0]["images"] and isinstance(dataset[0]["images"][0], str):
-            dataset = dataset.with_transform(LazyImages())
-    logger.info("GRPO data: %d of %d rows kept (checkable answers).", len(dataset), total)
+    if "images" in dataset.column_names:
+        dataset = dataset.with_transform(LazyImages(**({"max_pixels": max_image_pixels} if max_image_pixels else {})))
+    stats = {"source_rows": report.total, "kept_rows": len(dataset), "skipped": dict(report.skipped), "report": report}
+    logger.info("GRPO data: %d of %d rows kept (skipped %s).", len(dataset), report.total, dict(report.skipped))
+    from .row_contract import attach_report
+
+    attach_report(dataset, report)
     return dataset, stats
 
 
 def _jsonl_has(path: str, key: str) -> bool:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line in f:
             if line.strip():
-                return key in json.loads(line)
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                return isinstance(obj, dict) and key in obj
     return False
 
 
@@ -336,7 +283,7 @@ class PivotGRPOConfig(PivotTrainingFields, GRPOConfig):
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
-class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, GRPOTrainer):
+class PivotGRPOTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, GRPOTrainer):
     """`PivotGRPOTrainer(model, reward_funcs, args=PivotGRPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     The tunable parts, per-part learning-rate groups and the end-of-run check that the vision tower changed are the
@@ -347,6 +294,7 @@ class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitor
     """
 
     _tag_names = ["trl", "grpo", "pivot"]
+    _row_contract_kind = "grpo"
 
     def __init__(self, model, reward_funcs=None, args: PivotGRPOConfig | None = None, *trainer_args, **kwargs):
         if args is None:
@@ -354,13 +302,22 @@ class PivotGRPOTrainer(AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitor
         args = as_pivot_config(args, PivotGRPOConfig)
         # TRL's positional order after `args`: train_dataset, eval_dataset, processing_class, ...
         train_dataset = kwargs.get("train_dataset", trainer_args[0] if trainer_args else None)
+        eval_dataset = kwargs.get("eval_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        processing_class = kwargs.get("processing_class", trainer_args[2] if len(trainer_args) > 2 else None)
+        # The row contract, before anything else looks at a row (and before any compute).
+        train_dataset, eval_dataset = self._contract_datasets(args, processing_class, train_dataset, eval_dataset)
+        trainer_args, kwargs = with_datasets(trainer_args, kwargs, 0, train_dataset, eval_dataset)
         kwargs["peft_config"] = self._setup_tunable_parts(
             model, args, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
         )
+        if reward_funcs is not None:
+            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs = [zero_reward_for_skipped_rows(f) for f in funcs]
         # With `beta > 0` TRL reloads the KL reference itself: it gets the policy's Hub kernels, not transformers' default.
         with trl_reference_loads_like(model, args, GRPOTrainer):
             super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
         self._finish_tunable_parts()
+        self._guard_collator()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Under PEFT the KL reference is the adapter-disabled policy; PEFT's re-enable would un-freeze what the
@@ -380,6 +337,7 @@ __all__ = [
     "build_reward_funcs",
     "extract_answer",
     "format_reward",
+    "get_reward_funcs",
     "load_grpo_dataset",
     "make_length_reward",
     "normalize_answer",

@@ -89,6 +89,45 @@ def preflight_model(model_args: PivotModelConfig):
     return layer
 
 
+def quantization_kwargs(model_args: PivotModelConfig) -> dict:
+    """`from_pretrained` kwargs of `load_in_4bit` / `load_in_8bit` (QLoRA; `check_quantization` has already refused
+    them off CUDA or without `use_peft`): TRL's bitsandbytes config on this process's GPU, with the vision tower, the
+    projector and the LM head kept in full precision, since the tunable parts without adapters train in full."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return {}
+    from accelerate import PartialState
+    from trl import get_quantization_config
+
+    config = get_quantization_config(model_args)
+    config.llm_int8_skip_modules = ["vision_tower", "multi_modal_projector", "lm_head"]
+    # bitsandbytes weights cannot move after loading: each process loads its copy onto its own GPU.
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
+
+
+def import_model_classes(*configs) -> None:
+    """Import the modeling modules of these configs (and their sub-configs) now, outside any `deepspeed.zero.Init`.
+
+    Under ZeRO-3, transformers builds the model inside `zero.Init`, which wraps `__init__` of every module class and,
+    for classes *defined* inside the context, records the `__init__` it saw at definition. On exit it puts that one
+    back, undoing any class decorator applied after definition: `kernels.use_kernelized_func` (Qwen2Attention in
+    transformers 5.x) installs an `__init__` that creates `_kernel_funcs`, which its `forward` reads. A modeling module
+    first imported inside one `zero.Init` (the policy) thus yields modules without `_kernel_funcs` in the next (the
+    reference model): AttributeError in the first forward. Imported before, the classes are never redefined there.
+    """
+    from transformers import AutoModel
+
+    pending = list(configs)
+    while pending:
+        config = pending.pop()
+        if config is None:
+            continue
+        try:
+            AutoModel._model_mapping[type(config)]  # the lazy mapping imports the modeling module
+        except KeyError:
+            pass  # a composite config (Pivot) without a base-model entry: its sub-configs are what is built
+        pending.extend(getattr(config, key) for key in getattr(config, "sub_configs", {}) if hasattr(config, key))
+
+
 def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = None, path: str | None = None):
     """The policy (or, with `path`, another Pivot checkpoint such as the reference model)."""
     layer = preflight_model(model_args)
@@ -97,7 +136,12 @@ def load_model(model_args: PivotModelConfig, processor: PivotProcessor | None = 
         kwargs["dtype"] = _dtype(model_args)
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
+    kwargs.update(quantization_kwargs(model_args))
     if path is not None or model_args.model_name_or_path:
+        source = path or model_args.model_name_or_path
+        import_model_classes(
+            PivotForConditionalGeneration.config_class.from_pretrained(source, revision=model_args.model_revision)
+        )
         model = PivotForConditionalGeneration.from_pretrained(
             path or model_args.model_name_or_path, revision=model_args.model_revision, **kwargs
         )
@@ -239,6 +283,7 @@ def trl_reference_loads_like(policy, args, trainer_class):
 
 
 __all__ = [
+    "quantization_kwargs",
     "apply_projector_init",
     "check_feature_layer",
     "check_max_length",

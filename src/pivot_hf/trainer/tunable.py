@@ -120,7 +120,11 @@ def check_part_lrs(args) -> None:
 
 def check_distributed_config(args) -> None:
     """DeepSpeed must not build the optimizer or the LR scheduler: either drops the per-part learning rates (an
-    `optimizer` block builds one group; a `scheduler` block such as WarmupLR sets one LR on every group each step)."""
+    `optimizer` block builds one group; a `scheduler` block such as WarmupLR sets one LR on every group each step).
+    The launcher's own settings are checked against the recipe first (`launch_checks.check_launch`)."""
+    from .launch_checks import check_launch
+
+    check_launch(args)
     plugin = getattr(args, "deepspeed_plugin", None)
     ds_config = getattr(plugin, "deepspeed_config", None)
     if ds_config is None:

@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 
+from ...data.images import dataset_images_digest
 from .collator import _RefLogpsCollator
 from .forward import _pair_forward_disabled, install_pair_forward
 from .reference_cache import (
@@ -222,8 +223,15 @@ class FastDPOMixin:
         self.precompute_ref_logps = True
         if not isinstance(self.data_collator, _RefLogpsCollator):
             self.data_collator = _RefLogpsCollator(self.data_collator)
-        # The reference is never needed again: free it before the optimizer and activations take the memory.
-        self.ref_model = None
+        # The reference is never needed again: free it before the optimizer and activations take the memory. TRL
+        # prepared it with `accelerator.prepare_model`, which keeps every prepared model in the accelerator's list
+        # of models (for `free_memory` and saving): that reference is dropped too, or the model would stay alive
+        # through training (3.4 GiB at the paper's shape on CPU). Only the reference leaves the list.
+        reference, self.ref_model = self.ref_model, None
+        prepared = getattr(self.accelerator, "_models", None)
+        if reference is not None and isinstance(prepared, list):
+            prepared[:] = [m for m in prepared if m is not reference]
+        del reference
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -234,6 +242,8 @@ class FastDPOMixin:
             "version": REF_CACHE_VERSION,
             "dataset": dataset_fingerprint(dataset),
             "rows": len(dataset),
+            # The pixels, not only the paths: images replaced in place must not reuse reference log-probs.
+            "images": dataset_images_digest(dataset),
             "reference": identity,
             "max_length": args.max_length,
             "truncation": {
