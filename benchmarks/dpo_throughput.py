@@ -1,27 +1,40 @@
 """PIVOT DPO throughput: the stock path (TRL DPOTrainer + transformers LLaVA, live reference) vs pivot_hf's fast path.
 
     python benchmarks/dpo_throughput.py --setting cpu            # mid-size random model, a few minutes on CPU
+    python benchmarks/dpo_throughput.py --setting cpu --lengths mmpr --batch-pairs 8 --check
+                                                                 # MMPR-like heavy-tailed lengths, 8 pairs per batch
+    python benchmarks/dpo_throughput.py --setting real-shape     # SigLIP2-So400m/16 + Qwen2.5-0.5B on CPU, fp32
     python benchmarks/dpo_throughput.py --setting gpu            # real shape (SigLIP2-So400m/16 + Qwen2.5-1.5B), bf16
     python benchmarks/dpo_throughput.py --setting gpu --tiny     # the gpu code path on a tiny config (runs on CPU)
-    python benchmarks/dpo_throughput.py --setting cpu --lengths mmpr --batch-pairs 8 --ablate-padding-free
-                                                                 # MMPR-like heavy-tailed lengths, 8 pairs per batch
 
 One run builds one random checkpoint (saved as a Pivot checkpoint and, with the same tensors, as a transformers LLaVA
 checkpoint) and one preference dataset, then trains each path in its own subprocess (so peak RSS is separable) on
 the same data, batch, seed and optimizer:
 
-- stock: `trl.DPOTrainer` on `LlavaForConditionalGeneration` with a live reference model (TRL's defaults);
+- stock: `trl.DPOTrainer` on `LlavaForConditionalGeneration` with a live reference model. Every TRL option that
+  could apply to vision data is asked for: `padding_free=True` (TRL 1.16 disables it and pads) and, in a first
+  trainer, `precompute_ref_log_probs=True` (TRL refuses it for vision datasets); `use_liger_kernel` with `--liger`
+  on CUDA. What TRL refused or disabled is printed. The LLaVA checkpoint's tower is cut after the feature layer
+  (`_cut_llava_tower`), so both paths run the same tower blocks; the blocks each forward really ran are counted by
+  hooks and printed, and the FLOP model counts each path's own.
 - ours:  `PivotDPOTrainer` (its `FastDPOMixin`) on `PivotForConditionalGeneration` with `precompute_ref_log_probs`:
   one image encoding and one prefix pass per pair, compact LM head, reference log-probs cached once and freed, pairs
-  packed padding-free (`padding_free`, the default);
+  packed padding-free (`padding_free`, the default), the update-norm monitor on (logged every step, as in the recipes);
 - ours-padded (with `--ablate-padding-free`): ours with `padding_free=False` (one padded row per pair).
 
 `--lengths short` (default): 10-30-word answers. `--lengths mmpr`: heavy-tailed prompt and answer lengths like
 MMPR-v1.2's (see `MMPR_MIX`).
 
-Throughput is measured over training steps after a warm-up step. Ours also pays the cached reference pass once per
-schedule: it is timed and amortised over `--epochs` (3, the paper's schedule) of the benchmark dataset. Losses are
-logged at every step and must agree. The last line is `ratio ours/stock pairs/s: <x> | peak memory stock ... ours ...`.
+Protocol, made for machines shared with other jobs: `--repeats` A/B pairs of runs (stock, ours, stock, ours, ...;
+default 3), each run's throughput the median step time after the warm-up step, the ratio ours/stock taken per A/B
+pair, and the median [min-max] of those ratios printed, never the best run. Each worker also records its process
+CPU-seconds per step (all threads): the CPU-time ratio measures the work each path does whatever share of the cores
+it got. Ours pays the cached reference pass once per schedule: it is timed and amortised over 1 and over 3 epochs
+(`--epochs`), both reported. The 1-minute load average at the start and end of every run is printed with the
+figures. `--threads N` sets every worker's torch intra-op threads (default: torch's, one per core); on a machine
+whose cores are busy with other jobs, `--threads 1` (or `OMP_NUM_THREADS=1`) avoids each kernel waiting at its
+barrier for a preempted thread. `--check` exits 1 unless every path's loss agrees with stock's at every step
+(`--check-rtol`, 1e-5 relative). The last line is `ratio ours/stock pairs/s, median [min-max] of N A/B pairs: ...`.
 """
 
 from __future__ import annotations
@@ -85,6 +98,20 @@ SETTINGS = {
         "batch_size": 8,
         "max_steps": 6,
         "dtype": "bfloat16",
+        "gradient_checkpointing": True,
+        "attn_implementation": "sdpa",
+    },
+    # The paper's shape on CPU (random weights): SigLIP2-So400m/16 at 384 px (576 image tokens) + Qwen2.5-0.5B,
+    # fp32 (the recipe's master weights), gradient checkpointing, sdpa; 2 pairs per batch, 1 warm-up + 2 measured
+    # steps. `--text-layers N` keeps the first N LLM layers (a shallower LLM with the real tower and vocabulary).
+    "real-shape": {
+        "real_shape": True,
+        "text_model": "Qwen2.5-0.5B-Instruct",
+        "vocab": "qwen",
+        "num_pairs": 6,
+        "batch_size": 2,
+        "max_steps": 3,
+        "dtype": "float32",
         "gradient_checkpointing": True,
         "attn_implementation": "sdpa",
     },
@@ -194,7 +221,7 @@ def build_checkpoint(setting: dict, workdir: Path) -> dict:
 
     from pivot_hf import PivotForConditionalGeneration, PivotProcessor
 
-    pivot_dir, llava_dir = workdir / "pivot", workdir / "llava"
+    pivot_dir, llava_dir = workdir / "pivot", workdir / "llava-cut"
     if (pivot_dir / "config.json").exists() and (llava_dir / "config.json").exists():
         return {"pivot": str(pivot_dir), "llava": str(llava_dir)}
     torch.manual_seed(0)
@@ -208,7 +235,12 @@ def build_checkpoint(setting: dict, workdir: Path) -> dict:
         vision_cfg = SiglipVisionConfig(
             **_json.loads(Path(real_config_path("siglip2-so400m-patch16-384.vision")).read_text())
         )
-        text_cfg = Qwen2Config(**_json.loads(Path(real_config_path("Qwen2.5-1.5B-Instruct")).read_text()))
+        text_cfg = Qwen2Config(
+            **_json.loads(Path(real_config_path(setting.get("text_model", "Qwen2.5-1.5B-Instruct"))).read_text())
+        )
+        if setting.get("text_layers"):
+            text_cfg.num_hidden_layers = setting["text_layers"]
+            text_cfg.layer_types = text_cfg.layer_types[: setting["text_layers"]]
         tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_path())
         image_size = vision_cfg.image_size
     else:
@@ -244,9 +276,63 @@ def build_checkpoint(setting: dict, workdir: Path) -> dict:
     )
     model.save_pretrained(pivot_dir)
     processor.save_pretrained(pivot_dir)
-    model.to_llava().save_pretrained(llava_dir)
+    llava = model.to_llava()
+    del model
+    _cut_llava_tower(llava).save_pretrained(llava_dir)
     processor.save_pretrained(llava_dir)
     return {"pivot": str(pivot_dir), "llava": str(llava_dir)}
+
+
+def _cut_llava_tower(llava):
+    """The LLaVA model with its vision tower cut after the feature layer, so that stock runs the tower blocks ours
+    runs. transformers' LLaVA runs the whole tower (every block, the post-norm and SigLIP's pooling head) and keeps
+    `hidden_states[vision_feature_layer]`; with feature layer -2 the last block and the head never reach the output.
+    Cut: blocks above the feature layer dropped, `vision_use_head=False`, `vision_feature_layer=-1` (the output of
+    the last kept block, before the post-norm): the same features, the same loss, the same tower work."""
+    from pivot_hf.modeling_pivot import find_encoder_layers, resolve_feature_layer
+
+    config = llava.config
+    tower = llava.model.vision_tower
+    parent, attr, layers = find_encoder_layers(tower)
+    if not isinstance(config.vision_feature_layer, int):
+        return llava
+    keep = resolve_feature_layer(config.vision_feature_layer, len(layers))
+    setattr(parent, attr, type(layers)(list(layers)[:keep]))
+    config.vision_config.num_hidden_layers = keep
+    tower.config.num_hidden_layers = keep
+    if getattr(tower.config, "vision_use_head", False):
+        for module in tower.modules():
+            if getattr(module, "use_head", False):
+                module.use_head, module.head = False, None
+        config.vision_config.vision_use_head = tower.config.vision_use_head = False
+    config.vision_feature_layer = -1
+    return llava
+
+
+class BlocksRun:
+    """Counts the vision-tower blocks whose forward runs while active (forward hooks on every block; a block re-run
+    by gradient checkpointing counts once), so each path's real tower work is measured, not inferred from configs."""
+
+    def __init__(self, model):
+        from pivot_hf.modeling_pivot import find_encoder_layers
+
+        tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+        self.layers = find_encoder_layers(tower)[2]
+        self.ran: set[int] = set()
+
+    def __enter__(self):
+        self.handles = [
+            block.register_forward_hook(lambda *_, i=i: self.ran.add(i)) for i, block in enumerate(self.layers)
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    @property
+    def count(self) -> int:
+        return len(self.ran)
 
 
 def build_dataset(setting: dict, workdir: Path, image_size: int, lengths: str = "short") -> str:
@@ -287,15 +373,19 @@ def build_dataset(setting: dict, workdir: Path, image_size: int, lengths: str = 
     return str(folder)
 
 
-def _setting(key: str, batch_pairs: int | None = None, lengths: str = "short", steps: int | None = None) -> dict:
+def _setting(
+    key: str, batch_pairs: int | None = None, lengths: str = "short", steps: int | None = None, text_layers=None
+) -> dict:
     """A copy of `SETTINGS[key]` with the batch, length mix and step count of this run. Each run covers at most one
     epoch: the dataset holds `batch x steps` pairs when that is more than the setting's."""
     setting = dict(SETTINGS[key])
+    if text_layers:
+        setting["text_layers"] = text_layers
     if batch_pairs:
         setting["batch_size"] = batch_pairs
     if steps:
         setting["max_steps"] = steps
-    elif lengths == "mmpr":
+    elif lengths == "mmpr" and not setting.get("real_shape"):
         setting["max_steps"] = min(setting["max_steps"], 6)  # long rows: 1 warm-up + 5 timed steps keep runs short
     setting["lengths"] = lengths
     setting["num_pairs"] = max(setting["num_pairs"], setting["batch_size"] * setting["max_steps"])
@@ -377,6 +467,27 @@ def _batch_shapes(trainer, dataset, batch_size: int) -> tuple[list[dict], list[d
     return shapes, batches
 
 
+def _time_monitor(trainer) -> dict:
+    """Wall time spent in the update-norm monitor (ours; stock has none), accumulated in the returned dict: the
+    callback's hooks are wrapped on this benchmark's own trainer instance."""
+    spent = {"value": 0.0}
+    callback = getattr(trainer, "update_norm_callback", None)
+    if callback is None:
+        return spent
+    for name in ("on_step_begin", "on_pre_optimizer_step", "on_step_end"):
+        method = getattr(callback, name)
+
+        def timed(*a, _method=method, **k):
+            t0 = time.perf_counter()
+            try:
+                return _method(*a, **k)
+            finally:
+                spent["value"] += time.perf_counter() - t0
+
+        setattr(callback, name, timed)
+    return spent
+
+
 def _median(values: list[float]) -> float:
     values = sorted(values)
     mid = len(values) // 2
@@ -392,7 +503,10 @@ def worker(args) -> None:
     import pivot_hf  # noqa: F401  (registers the Auto classes)
     from pivot_hf import PivotForConditionalGeneration, PivotProcessor
 
-    setting = _setting(args.setting_key, args.batch_pairs, args.lengths, args.steps)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
+    setting = _setting(args.setting_key, args.batch_pairs, args.lengths, args.steps, args.text_layers)
     paths = json.loads(args.paths)
     on_gpu = torch.cuda.is_available() and not args.force_cpu
     dtype = getattr(torch, setting["dtype"]) if on_gpu or setting["dtype"] == "float32" else torch.float32
@@ -425,10 +539,26 @@ def worker(args) -> None:
     # A previous run's cached reference log-probs would be reused (that is the resume path): start clean so the
     # reference pass is timed.
     shutil.rmtree(Path(common["output_dir"]) / "ref_logps", ignore_errors=True)
+    # Hub kernels off in every arm (transformers 5.25+ turns them on by default): on a GPU with Hub access they would
+    # swap in the same RMSNorm kernel Liger provides, in the "without Liger" arms too.
+    load = {"dtype": dtype, "attn_implementation": attn, "use_kernels": False}
+    stock_options = {}
     if args.worker == "stock":
-        model = LlavaForConditionalGeneration.from_pretrained(paths["llava"], dtype=dtype, attn_implementation=attn)
-        ref = LlavaForConditionalGeneration.from_pretrained(paths["llava"], dtype=dtype, attn_implementation=attn)
-        config = trl.DPOConfig(**common)
+        model = LlavaForConditionalGeneration.from_pretrained(paths["llava"], **load)
+        ref = LlavaForConditionalGeneration.from_pretrained(paths["llava"], **load)
+        # Every TRL option that could apply to vision data is asked for; what TRL refuses or disables is recorded.
+        try:  # TRL raises on a vision dataset: no cached reference for stock
+            trl.DPOTrainer(
+                model=model,
+                ref_model=ref,
+                args=trl.DPOConfig(**common, precompute_ref_log_probs=True),
+                train_dataset=dataset,
+                processing_class=processor,
+            )
+            stock_options["precompute_ref_log_probs"] = "accepted"
+        except ValueError as err:
+            stock_options["precompute_ref_log_probs"] = "refused: " + str(err).split(". ")[0]
+        config = trl.DPOConfig(**common, padding_free=True)
         trainer_cls = trl.DPOTrainer
     else:
         from pivot_hf.trainer.fast_dpo import FastDPOMixin
@@ -467,7 +597,7 @@ def worker(args) -> None:
                     ref_seconds["value"] += time.perf_counter() - t0
 
         trainer_cls = _Timed
-        model = PivotForConditionalGeneration.from_pretrained(paths["pivot"], dtype=dtype, attn_implementation=attn)
+        model = PivotForConditionalGeneration.from_pretrained(paths["pivot"], **load)
         ref = None  # the policy before its first step is the reference; cached, then freed
 
     step_times, step_cpu, losses = [], [], []
@@ -495,8 +625,13 @@ def worker(args) -> None:
         callbacks=[_Clock()],
     )
     init_seconds = time.perf_counter() - t_init
+    if args.worker == "stock":
+        stock_options["padding_free"] = "used" if trainer.padding_free else "disabled by TRL (falls back to padding)"
+        stock_options["use_liger_kernel"] = "used" if common["use_liger_kernel"] else "off (CUDA only; --liger)"
+    monitor_seconds = _time_monitor(trainer)
     t_train = time.perf_counter()
-    trainer.train()
+    with BlocksRun(trainer.model) as blocks:
+        trainer.train()
     shapes, batches = _batch_shapes(trainer, dataset, setting["batch_size"])
     steps = len(step_times)
     # Steady state: the steps after the warm-up one. The median step time is reported, since the machines these run on
@@ -520,6 +655,11 @@ def worker(args) -> None:
         "step_cpu_seconds": _median([b - a for a, b in zip(step_cpu, step_cpu[1:])]),
         "reference_pass_cpu_seconds": _median(ref_cpu) * len(ref_cpu) if ref_cpu else 0.0,
         "dataset_pairs": len(dataset),
+        "vision_blocks_run": blocks.count,
+        "stock_options": stock_options,
+        "monitor_seconds_per_step": monitor_seconds["value"] / max(steps, 1),
+        "threads": torch.get_num_threads(),
+        "load_average": [load_start, os.getloadavg()[0]],
         "losses": losses,
         "shapes": shapes,
         "batches": batches,
@@ -541,24 +681,13 @@ def _run_worker(
     force_cpu: bool,
     plain_lm_head: bool = False,
     overrides: tuple = (),
-):
+) -> dict:
+    """One path's training run in its own process; its result dict, with `wall_seconds`, or `{"failed": reason}`
+    when the process died (an out-of-memory kill reads as signal 9)."""
     out = workdir / f"result-{name}.json"
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        name,
-        "--setting-key",
-        setting_key,
-        "--paths",
-        json.dumps(paths),
-        "--data",
-        data,
-        "--workdir",
-        str(workdir),
-        "--out",
-        str(out),
-    ]
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--worker", name, "--setting-key", setting_key, "--paths", json.dumps(paths)]
+    cmd += ["--data", data, "--workdir", str(workdir), "--out", str(out)]
     if liger:
         cmd.append("--liger")
     if force_cpu:
@@ -567,15 +696,19 @@ def _run_worker(
         cmd.append("--plain-lm-head")
     cmd += list(overrides)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        killed = proc.returncode < 0 and -proc.returncode == 9
+        return {"failed": f"exit {proc.returncode}" + (" (SIGKILL: out of memory?)" if killed else "")}
     result = json.loads(out.read_text())
     result["wall_seconds"] = time.perf_counter() - t0
     return result
 
 
 def summarize(results: dict, config, epochs: int, compact_stock: bool, compact_ours: bool = True) -> dict:
-    """Throughput, FLOPs, padding and loss agreement of every path in `results` (name -> worker result), against
-    `results["stock"]`. Ours' paths are charged their cached reference pass, amortised over `epochs`."""
+    """Throughput, FLOPs, padding and loss agreement of every path in `results` (name -> worker result of one
+    repeat), against `results["stock"]`. Ours' paths are charged their cached reference pass, amortised over
+    `epochs`; each path's FLOPs count the tower blocks its forward ran."""
     from flops import dpo_step_flops, padded_step_flops, padding_share, peak_flops
 
     stock = results["stock"]
@@ -598,13 +731,19 @@ def summarize(results: dict, config, epochs: int, compact_stock: bool, compact_o
             if not is_stock:
                 cpu_pps = 1.0 / (1.0 / cpu_pps + res["reference_pass_cpu_seconds"] / res["dataset_pairs"] / epochs)
         compact = compact_stock if is_stock else compact_ours
-        useful = dpo_step_flops(config, shapes, "stock" if is_stock else "ours", compact_head=compact, epochs=epochs)
+        kind = "stock" if is_stock else "ours"
+        blocks = res.get("vision_blocks_run")
+        useful = dpo_step_flops(config, shapes, kind, compact_head=compact, epochs=epochs, vision_blocks=blocks)
         executed = sum(
-            padded_step_flops(config, b, name, image_tokens, compact_head=compact, epochs=epochs)["total"]
+            padded_step_flops(
+                config, b, name, image_tokens, compact_head=compact, epochs=epochs, vision_blocks=blocks
+            )["total"]
             for b in batches
         )
         fl, ex = useful["total"] / n, executed / n
         loss_diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(stock["losses"], res["losses"]))
+        if len(stock["losses"]) != len(res["losses"]):
+            loss_diff = float("inf")
         rows[name] = {
             "pairs_per_s": pps,
             "train_only_pairs_per_s": train_pps,
@@ -619,8 +758,14 @@ def summarize(results: dict, config, epochs: int, compact_stock: bool, compact_o
             "losses": res["losses"],
             "loss_max_rel_diff": loss_diff,
             "step_seconds": res["step_seconds"],
+            "step_cpu_seconds": res.get("step_cpu_seconds"),
             "reference_pass_seconds": res.get("reference_pass_seconds", 0.0),
+            "monitor_seconds_per_step": res.get("monitor_seconds_per_step", 0.0),
+            "vision_blocks_run": blocks,
+            "threads": res.get("threads"),
+            "load_average": res.get("load_average"),
             "ratio": pps / rows["stock"]["pairs_per_s"] if not is_stock else 1.0,
+            "flops_ratio": rows["stock"]["executed_flops_per_pair"] / ex if not is_stock else 1.0,
             "pairs_per_cpu_s": cpu_pps,
             "cpu_ratio": cpu_pps / rows["stock"]["pairs_per_cpu_s"] if cpu_pps and not is_stock else None,
         }
@@ -634,28 +779,87 @@ def summarize(results: dict, config, epochs: int, compact_stock: bool, compact_o
     }
 
 
+def _spread(values: list[float]) -> dict:
+    """Median and min-max of `values` (the tables quote these, never the best run)."""
+    return {"median": _median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _fmt(spread: dict, digits: int = 2) -> str:
+    return f"{spread['median']:.{digits}f} [{spread['min']:.{digits}f}-{spread['max']:.{digits}f}]"
+
+
+def aggregate(repeats: list[dict], names: list[str], epochs_list: list[int]) -> dict:
+    """Median and min-max over the A/B repeats, per path and per amortisation: pairs/s, CPU-seconds per pair, and the
+    per-repeat ratios ours/stock (each repeat's ours divided by the stock run next to it)."""
+    out = {}
+    for epochs in epochs_list:
+        per = {}
+        for name in names:
+            rows = [rep[epochs]["rows"][name] for rep in repeats]
+            per[name] = {
+                "pairs_per_s": _spread([r["pairs_per_s"] for r in rows]),
+                "cpu_seconds_per_pair": _spread([1.0 / r["pairs_per_cpu_s"] for r in rows if r["pairs_per_cpu_s"]]),
+                "wall_seconds_per_pair": _spread([1.0 / r["pairs_per_s"] for r in rows]),
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in rows),
+                "loss_max_rel_diff": max(r["loss_max_rel_diff"] for r in rows),
+            }
+            if name != "stock":
+                per[name]["ratio"] = _spread([r["ratio"] for r in rows])
+                per[name]["cpu_ratio"] = _spread([r["cpu_ratio"] for r in rows if r["cpu_ratio"]])
+                per[name]["flops_ratio"] = rows[0]["flops_ratio"]
+        out[epochs] = per
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--setting", choices=["cpu", "gpu", "real-shape"], default="cpu")
     parser.add_argument("--tiny", action="store_true", help="gpu setting only: a tiny config of the same code path")
     parser.add_argument(
         "--lengths",
         choices=["short", "mmpr"],
-        default="short",
-        help="short: 10-30-word answers; mmpr: MMPR-v1.2-like heavy-tailed prompt/answer lengths (MMPR_MIX)",
+        default=None,
+        help="short: 10-30-word answers; mmpr: MMPR-v1.2-like heavy-tailed prompt/answer lengths (MMPR_MIX). "
+        "Default: short, mmpr for real-shape",
     )
     parser.add_argument(
         "--batch-pairs", type=int, default=None, help="pairs per device batch (default: the setting's)"
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the setting's; mmpr: <= 6)")
     parser.add_argument(
+        "--text-layers", type=int, default=None, help="real-shape/gpu: keep the first N LLM layers (a shallower LLM)"
+    )
+    parser.add_argument(
         "--ablate-padding-free",
         action="store_true",
         help="also run ours with padding_free=False (one padded row per pair), interleaved with the others",
     )
-    parser.add_argument("--epochs", type=int, default=3, help="schedule the cached reference pass is amortised over")
+    parser.add_argument(
+        "--epochs",
+        default="1,3",
+        help="schedules (comma-separated epochs) the cached reference pass is amortised over; each is reported",
+    )
     parser.add_argument("--liger", action="store_true", help="gpu: TRL's use_liger_kernel in both paths")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per path; the best is kept")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="A/B pairs of runs (stock, ours, stock, ours, ...); default 3, 1 real",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of every worker (default: torch's, one per core). On a machine shared with "
+        "other jobs, fewer threads than cores avoids waiting on a preempted thread at every kernel",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 unless every path's loss agrees with stock's at every step"
+    )
+    parser.add_argument("--check-rtol", type=float, default=1e-5, help="relative loss tolerance of --check")
+    parser.add_argument(
+        "--force-memory", action="store_true", help="real-shape on CPU: run even where the memory estimate says no"
+    )
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the summary here")
     parser.add_argument(
@@ -672,6 +876,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--force-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.lengths is None:
+        args.lengths = "mmpr" if args.setting == "real-shape" else "short"
     if args.worker:
         worker(args)
         return
@@ -683,11 +889,14 @@ def main(argv=None) -> None:
     from pivot_hf import PivotConfig
 
     key = "gpu-tiny" if (args.setting == "gpu" and args.tiny) else args.setting
-    setting = _setting(key, args.batch_pairs, args.lengths, args.steps)
+    setting = _setting(key, args.batch_pairs, args.lengths, args.steps, args.text_layers)
     on_gpu = torch.cuda.is_available()
     if args.setting == "gpu" and not on_gpu and not args.tiny:
         sys.exit("--setting gpu needs a CUDA GPU (use --tiny to exercise the code path on CPU).")
-    workdir = Path(args.workdir or f"/tmp/pivot-dpo-bench-{key}")
+    repeats = args.repeats or (1 if setting.get("real_shape") else 3)
+    epochs_list = sorted({int(e) for e in str(args.epochs).split(",") if e.strip()})
+    suffix = f"-L{args.text_layers}" if args.text_layers else ""
+    workdir = Path(args.workdir or f"/tmp/pivot-dpo-bench-{key}{suffix}")
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     paths = build_checkpoint(setting, workdir)
@@ -695,56 +904,128 @@ def main(argv=None) -> None:
     data = build_dataset(setting, workdir, config.vision_config.image_size, args.lengths)
     print(f"[setup] checkpoint + data in {time.perf_counter() - t0:.0f}s: {workdir}", flush=True)
     force_cpu = not on_gpu
+    if setting.get("real_shape") and not on_gpu:
+        _memory_preflight(paths, args.force_memory)
     overrides = ["--lengths", args.lengths, "--batch-pairs", str(setting["batch_size"])]
     overrides += ["--steps", str(setting["max_steps"])]
-    names = ("stock", "ours-padded", "ours") if args.ablate_padding_free else ("stock", "ours")
-    results = {}
-    # Alternating repeats, best steady-state throughput of each path kept (shared machines are noisy); the peak
-    # memory reported is the largest over the repeats.
-    for repeat in range(args.repeats):
+    if args.text_layers:
+        overrides += ["--text-layers", str(args.text_layers)]
+    if args.threads:
+        overrides += ["--threads", str(args.threads)]
+    names = ["stock", "ours-padded", "ours"] if args.ablate_padding_free else ["stock", "ours"]
+    # A/B alternation: every repeat runs each path once, back to back, so a neighbour's burst or the machine's drift
+    # lands on both sides of a ratio; the ratio is taken per repeat, and its median and spread are reported.
+    runs, failed = [], {}
+    for repeat in range(repeats):
+        results = {}
         for name in names:
             res = _run_worker(
                 name, key, paths, data, workdir, args.liger, force_cpu, args.plain_lm_head, tuple(overrides)
             )
+            if "failed" in res:
+                failed[name] = res["failed"]
+                print(f"[{name} #{repeat}] failed: {res['failed']}", flush=True)
+                continue
+            results[name] = res
             print(
-                f"[{name} #{repeat}] {res['wall_seconds']:.0f}s wall, {res['step_seconds']:.2f}s/step, losses "
-                f"{res['losses']}",
+                f"[{name} #{repeat}] {res['wall_seconds']:.0f}s wall, {res['step_seconds']:.2f}s/step "
+                f"({res['step_cpu_seconds']:.2f} CPU-s), {res['threads']} threads, load "
+                f"{res['load_average'][0]:.1f}-{res['load_average'][1]:.1f}, losses {res['losses']}",
                 flush=True,
             )
-            best = results.get(name)
-            if best is not None:
-                res["peak_rss_mib"] = max(res["peak_rss_mib"], best["peak_rss_mib"])
-                if best["step_seconds"] <= res["step_seconds"]:
-                    best["peak_rss_mib"] = res["peak_rss_mib"]
-                    best["reference_pass_seconds"] = min(best["reference_pass_seconds"], res["reference_pass_seconds"])
-                    continue
-                res["reference_pass_seconds"] = min(best["reference_pass_seconds"], res["reference_pass_seconds"])
-            results[name] = res
+        if failed:
+            break
+        runs.append(results)
+    if failed:
+        for name, reason in failed.items():
+            print(f"{name} could not run on this machine: {reason}")
+        sys.exit(1)
     # TRL scores every position in the LM head off CUDA, only completion positions on CUDA.
-    summary = summarize(results, config, args.epochs, compact_stock=on_gpu, compact_ours=not args.plain_lm_head)
-    summary.update(
-        {
-            "setting": key,
-            "lengths": args.lengths,
-            "device": results["stock"]["device"],
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-            "batch_pairs": setting["batch_size"],
-            "steps": setting["max_steps"],
-            "epochs": args.epochs,
-            "load_average": os.getloadavg(),
-        }
-    )
+    per_repeat = [
+        {e: summarize(r, config, e, compact_stock=on_gpu, compact_ours=not args.plain_lm_head) for e in epochs_list}
+        for r in runs
+    ]
+    stats = aggregate(per_repeat, names, epochs_list)
+    last = per_repeat[-1][max(epochs_list)]
+    blocks = {name: runs[0][name]["vision_blocks_run"] for name in names}
+    loads = [x for r in runs for res in r.values() for x in res["load_average"]]
+    summary = {
+        "setting": key,
+        "lengths": args.lengths,
+        "device": runs[0]["stock"]["device"],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "batch_pairs": setting["batch_size"],
+        "steps": setting["max_steps"],
+        "text_layers": args.text_layers,
+        "repeats": repeats,
+        "threads": runs[0]["stock"]["threads"],
+        "load_average": {"min": min(loads), "max": max(loads)},
+        "vision_blocks_run": blocks,
+        "stock_options": runs[0]["stock"]["stock_options"],
+        "tokens_per_pair": last["tokens_per_pair"],
+        "prefix_share": last["prefix_share"],
+        "loss_max_rel_diff": max(rep[e]["loss_max_rel_diff"] for rep in per_repeat for e in epochs_list),
+        "by_epochs": {str(e): v for e, v in stats.items()},
+        # The last repeat's rows and the median ratio at the longest schedule (what the GPU check reports).
+        "rows": last["rows"],
+        "ratio": stats[max(epochs_list)]["ours"]["ratio"]["median"],
+        "runs": [{e: rep[e]["rows"] for e in epochs_list} for rep in per_repeat],
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
-    rows = summary["rows"]
+    _print_summary(summary, last, names, epochs_list, runs, on_gpu)
+    if len(set(blocks.values())) != 1:
+        print(f"warning: the paths ran different numbers of tower blocks: {blocks} (the FLOP counts follow each)")
+    if args.check:
+        bad = summary["loss_max_rel_diff"] > args.check_rtol
+        print(
+            f"--check: max relative loss difference {summary['loss_max_rel_diff']:.2e} "
+            f"{'>' if bad else '<='} {args.check_rtol:.0e}: {'FAIL' if bad else 'ok'}"
+        )
+        if bad:
+            sys.exit(1)
+
+
+def _memory_preflight(paths: dict, force: bool) -> None:
+    """Before the real-shape runs on CPU: the fp32 tensors each path holds at its peak against the memory available.
+    Stock: policy + live reference + gradients + AdamW's two moments = 5x the weights; ours: 4x (the reference lives
+    only during the cached pass, before the optimizer state exists). Activations, libraries and allocator slack come
+    on top. Exits with the figures when stock cannot fit, naming `--text-layers` (a shallower LLM, the real tower)."""
+    import psutil
+
+    weights = sum(f.stat().st_size for f in Path(paths["pivot"]).glob("*.safetensors"))
+    available = psutil.virtual_memory().available
+    need = {"stock": 5 * weights, "ours": 4 * weights}
     print(
-        f"\nsetting={key} lengths={args.lengths} device={summary['device']} batch={setting['batch_size']} pairs, "
-        f"{summary['tokens_per_pair']:.0f} tokens/pair, shared prefix {summary['prefix_share']:.0%} of a row, "
-        f"load average {summary['load_average'][0]:.1f}"
+        f"[memory] weights {weights / 2**30:.1f} GiB; tensors at the peak: stock {need['stock'] / 2**30:.1f} GiB, "
+        f"ours {need['ours'] / 2**30:.1f} GiB (+ activations and libraries); available now "
+        f"{available / 2**30:.1f} GiB",
+        flush=True,
     )
+    if need["stock"] > available and not force:
+        sys.exit(
+            "stock cannot run at this shape on this machine now (policy + live reference + gradients + AdamW need "
+            f"{need['stock'] / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available): use --text-layers N for a "
+            "shallower LLM with the real tower, or --force-memory to try anyway."
+        )
+
+
+def _print_summary(summary: dict, last: dict, names: list[str], epochs_list: list[int], runs: list, on_gpu: bool):
+    stats = summary["by_epochs"]
+    load = summary["load_average"]
+    print(
+        f"\nsetting={summary['setting']} lengths={summary['lengths']} device={summary['device']} "
+        f"batch={summary['batch_pairs']} pairs, {summary['tokens_per_pair']:.0f} tokens/pair, shared prefix "
+        f"{summary['prefix_share']:.0%} of a row; {summary['repeats']} A/B repeats, {summary['threads']} threads, "
+        f"load average {load['min']:.1f}-{load['max']:.1f} (1-min, at the start and end of every run); vision "
+        f"blocks run {summary['vision_blocks_run']}"
+    )
+    print("stock's TRL options: " + "; ".join(f"{k}: {v}" for k, v in summary["stock_options"].items()))
+    rows = last["rows"]
+    print(f"last repeat, {max(epochs_list)}-epoch amortisation:")
     print(
         f"{'path':11} {'pairs/s':>9} {'tokens/s':>10} {'padding':>8} {'peak RSS MiB':>13} {'CUDA MiB':>9} "
-        f"{'GFLOP/pair':>11} {'TFLOP/s':>8} {'MFU':>6} {'loss rel':>9}  losses"
+        f"{'GFLOP/pair':>11} {'TFLOP/s':>8} {'MFU':>6} {'monitor s':>9} {'loss rel':>9}  losses"
     )
     for name, row in rows.items():
         cuda = f"{row['cuda_max_allocated_mib']:.0f}" if row["cuda_max_allocated_mib"] else "-"
@@ -753,22 +1034,39 @@ def main(argv=None) -> None:
         print(
             f"{name:11} {row['pairs_per_s']:9.3f} {row['tokens_per_s']:10.1f} {row['padding_share']:8.1%} "
             f"{row['peak_rss_mib']:13.0f} {cuda:>9} {row['executed_flops_per_pair'] / 1e9:11.1f} "
-            f"{row['achieved_tflops']:8.3f} {mfu:>6} {row['loss_max_rel_diff']:9.1e}  [{losses}]"
+            f"{row['achieved_tflops']:8.3f} {mfu:>6} {row['monitor_seconds_per_step']:9.3f} "
+            f"{row['loss_max_rel_diff']:9.1e}  [{losses}]"
         )
-    for name, row in rows.items():
-        if name != "stock":
-            print(
-                f"{name}: training only {row['train_only_pairs_per_s']:.3f} pairs/s; cached reference pass "
-                f"{row['reference_pass_seconds']:.1f}s for {results[name]['dataset_pairs']} pairs, amortised over "
-                f"{args.epochs} epochs; ratio to stock {row['ratio']:.2f}"
-                + (f" (per CPU-second of the process: {row['cpu_ratio']:.2f})" if row["cpu_ratio"] else "")
+    print(f"\nmedian [min-max] over {summary['repeats']} A/B repeats:")
+    for epochs in epochs_list:
+        per = stats[str(epochs)] if str(epochs) in stats else stats[epochs]
+        for name in names:
+            entry = per[name]
+            line = (
+                f"  {epochs}-epoch {name:11} pairs/s {_fmt(entry['pairs_per_s'], 3)}, wall s/pair "
+                f"{_fmt(entry['wall_seconds_per_pair'])}, CPU-s/pair {_fmt(entry['cpu_seconds_per_pair'])}"
             )
-    print(f"max relative loss difference to stock, every step: {summary['loss_max_rel_diff']:.2e}")
+            if name != "stock":
+                line += (
+                    f"; ratio to stock {_fmt(entry['ratio'])}, per CPU-second {_fmt(entry['cpu_ratio'])}, "
+                    f"FLOP model {entry['flops_ratio']:.2f}"
+                )
+            print(line)
+    print(f"max relative loss difference to stock, every step of every repeat: {summary['loss_max_rel_diff']:.2e}")
     mem = "peak RSS" if not on_gpu else "CUDA max allocated"
-    stock_mem = rows["stock"]["peak_rss_mib"] if not on_gpu else rows["stock"]["cuda_max_allocated_mib"]
-    ours_mem = rows["ours"]["peak_rss_mib"] if not on_gpu else rows["ours"]["cuda_max_allocated_mib"]
+    key = "peak_rss_mib" if not on_gpu else "cuda_max_allocated_mib"
+    stock_mem = max(r["stock"][key] or 0 for r in runs)
+    ours_mem = max(r["ours"][key] or 0 for r in runs)
+    headline = []
+    for epochs in epochs_list:
+        per = stats[str(epochs)] if str(epochs) in stats else stats[epochs]
+        headline.append(
+            f"{epochs}-epoch {_fmt(per['ours']['ratio'])} (CPU-time ratio {_fmt(per['ours']['cpu_ratio'])})"
+        )
     print(
-        f"ratio ours/stock pairs/s: {summary['ratio']:.2f} | {mem} stock {stock_mem:.0f} MiB, ours {ours_mem:.0f} MiB"
+        f"ratio ours/stock pairs/s, median [min-max] of {summary['repeats']} A/B pairs: "
+        + ", ".join(headline)
+        + f" | {mem} stock {stock_mem:.0f} MiB, ours {ours_mem:.0f} MiB | load {load['min']:.1f}-{load['max']:.1f}"
     )
 
 

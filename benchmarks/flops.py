@@ -40,11 +40,14 @@ def peak_flops(device_name: str | None) -> float | None:
     return None
 
 
-def _vision_flops(config, tokens: int) -> float:
+def _vision_flops(config, tokens: int, blocks: int | None = None) -> float:
+    """Vision tower + projector forward FLOPs per image of `tokens` patches; `blocks`: the tower blocks that run
+    (default: those up to the feature layer, as the fast path runs them)."""
     v = config.vision_config
     d, m = v.hidden_size, v.intermediate_size
-    layer = config.vision_feature_layer if isinstance(config.vision_feature_layer, int) else -1
-    blocks = layer if layer >= 0 else v.num_hidden_layers + 1 + layer
+    if blocks is None:
+        layer = config.vision_feature_layer if isinstance(config.vision_feature_layer, int) else -1
+        blocks = layer if layer >= 0 else v.num_hidden_layers + 1 + layer
     patch = v.patch_size if isinstance(v.patch_size, int) else v.patch_size[0]
     per_block = 2 * tokens * (4 * d * d + 2 * d * m) + 4 * tokens * tokens * d
     embed = 2 * tokens * 3 * patch * patch * d
@@ -68,11 +71,19 @@ def _causal_keys(n: int, offset: int = 0) -> int:
 
 
 def pair_forward_flops(
-    config, prefix: int, chosen: int, rejected: int, images: int, image_tokens: int, path: str, head_positions: int
+    config,
+    prefix: int,
+    chosen: int,
+    rejected: int,
+    images: int,
+    image_tokens: int,
+    path: str,
+    head_positions: int,
+    vision_blocks: int | None = None,
 ) -> float:
     """Forward FLOPs of one preference pair: `prefix` shared tokens (images + prompt), answer tails, LM-head rows."""
     dense, per_key = _llm_token_flops(config)
-    vision = images * _vision_flops(config, image_tokens) if images else 0.0
+    vision = images * _vision_flops(config, image_tokens, vision_blocks) if images else 0.0
     if path == "stock":  # two full rows, each with its own image encoding
         tokens = 2 * prefix + chosen + rejected
         keys = _causal_keys(prefix + chosen) + _causal_keys(prefix + rejected)
@@ -84,17 +95,28 @@ def pair_forward_flops(
     return vision + tokens * dense + keys * per_key + head
 
 
-def dpo_step_flops(config, pairs: list[dict], path: str, compact_head: bool, epochs: int = 3) -> dict:
-    """Executed FLOPs of one optimizer step over `pairs` (dicts of prefix/chosen/rejected/images/image_tokens/width).
+def dpo_step_flops(
+    config, pairs: list[dict], path: str, compact_head: bool, epochs: int = 3, vision_blocks: int | None = None
+) -> dict:
+    """Useful FLOPs of one optimizer step over `pairs` (dicts of prefix/chosen/rejected/images/image_tokens/width).
 
-    `width` is the padded row length of the collated batch: what TRL's LM head scores off CUDA.
+    `width` is the padded row length of the collated batch: what TRL's LM head scores off CUDA. `vision_blocks`: the
+    tower blocks the path's forward runs (default: up to the feature layer).
     """
     train = reference = 0.0
     for pair in pairs:
         answers = pair["chosen"] + pair["rejected"]
         head = answers if compact_head else 2 * (pair["width"] - 1)
         fwd = pair_forward_flops(
-            config, pair["prefix"], pair["chosen"], pair["rejected"], pair["images"], pair["image_tokens"], path, head
+            config,
+            pair["prefix"],
+            pair["chosen"],
+            pair["rejected"],
+            pair["images"],
+            pair["image_tokens"],
+            path,
+            head,
+            vision_blocks,
         )
         train += 3 * fwd
         reference += fwd
@@ -114,7 +136,15 @@ def rows_forward_flops(config, widths: list[int], keys: int | None = None) -> fl
     return sum(widths) * dense + keys * per_key
 
 
-def padded_step_flops(config, batch: dict, path: str, image_tokens: int, compact_head: bool, epochs: int = 3) -> dict:
+def padded_step_flops(
+    config,
+    batch: dict,
+    path: str,
+    image_tokens: int,
+    compact_head: bool,
+    epochs: int = 3,
+    vision_blocks: int | None = None,
+) -> dict:
     """Executed FLOPs of one optimizer step laid out as `path` runs it, padding included.
 
     `batch`: `pairs`, `answer_tokens` (chosen + rejected tokens of all pairs) and `rows` (path -> widths of the LLM rows
@@ -126,7 +156,7 @@ def padded_step_flops(config, batch: dict, path: str, image_tokens: int, compact
     head_rows = batch["answer_tokens"] if compact_head else sum(batch["rows"]["stock"])
     head = 2 * config.text_config.hidden_size * config.text_config.vocab_size * head_rows
     keys = batch.get("keys", {}).get(path)
-    fwd = images * _vision_flops(config, image_tokens) + rows_forward_flops(config, widths, keys) + head
+    fwd = images * _vision_flops(config, image_tokens, vision_blocks) + rows_forward_flops(config, widths, keys) + head
     reference = fwd if path == "stock" else fwd / epochs
     return {"train": 3 * fwd, "reference": reference, "total": 3 * fwd + reference}
 

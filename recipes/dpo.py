@@ -72,6 +72,9 @@ def main(argv=None):
         peft_config=peft_config,
         after_tunable_parts=lambda m: apply_projector_init(m, model_args),
     )
+    # The trainer owns the reference now; with `precompute_ref_log_probs` it frees it once its log-probs are cached,
+    # which this name would prevent for the whole run.
+    del ref_model
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     save_run_summary(trainer, result, processor, script_args, model_args)

@@ -1,7 +1,7 @@
 """Child process of the sharded-training tests (tests/test_distributed_fsdp.py); it defines no tests.
 
 `python tests/distributed_child.py <script.py> [args...]`, usually under `accelerate launch`, runs a recipe as
-`__main__` after wrapping `save_model` of the DPO and SFT trainers, so the recipe needs no test-only code. After the final save
+`__main__` after wrapping `save_model` of the DPO, SFT and GRPO trainers, so the recipe needs no test-only code. After the final save
 each rank reports how the model was held (FSDP2 units, DTensor parameters, optimizer groups), and all ranks run one
 forward pass of the trained (possibly sharded) model on a fixed input; rank 0 writes that input, its logits and the
 report to `<output_dir>/distributed_check.safetensors` / `distributed_check.json`, for comparison with the
@@ -71,10 +71,11 @@ def _allow_fsdp_on_cpu() -> None:
 
 def _install() -> None:
     from pivot_hf.trainer import PivotDPOTrainer, PivotSFTTrainer
+    from pivot_hf.trainer.grpo import PivotGRPOTrainer
 
     if os.environ.get("PIVOT_TEST_FSDP_ON_CPU") == "1":
         _allow_fsdp_on_cpu()
-    for trainer_class in (PivotDPOTrainer, PivotSFTTrainer):
+    for trainer_class in (PivotDPOTrainer, PivotSFTTrainer, PivotGRPOTrainer):
         _wrap_save_model(trainer_class)
 
 

@@ -15,7 +15,7 @@ import yaml
 from pivot_hf import PivotForConditionalGeneration
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = REPO / "tests" / "distributed_child.py"

@@ -18,7 +18,7 @@ from pivot_hf.trainer.checkpointing import STAGING_PREFIX, get_last_complete_che
 from test_distributed_fsdp import _recipe_args, cpu_accelerate_config, run_launched
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,30 @@ def test_main_process_failure_reaches_the_broadcast_so_no_rank_waits(bad_value, 
     trainer.accelerator = SimpleNamespace(num_processes=1, is_main_process=True)
     with pytest.raises(TypeError):  # one process: the original error, unchanged
         trainer._resolve_resume_on_main_process(bad_value)
+
+
+def test_resume_on_another_world_size_is_refused_before_compute(tiny, tmp_path):
+    """A 1-process checkpoint resumed by 2 processes (same global batch) would deal the rows from a position computed
+    for one rank: refused on every rank before any step, naming both shapes and the fixes."""
+    import subprocess
+    import sys
+
+    from test_distributed_fsdp import CHILD, _env
+
+    run = tmp_path / "run"
+    first = _recipe_args(tiny, run, 2, "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "1")
+    proc = subprocess.run([sys.executable, str(CHILD), *first], env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    identity = (run / "checkpoint-1" / "run_identity.json").read_text()
+    assert '"world_size": 1' in identity and '"global_batch_size": 2' in identity
+    state_before = (run / "trainer_state.json").read_text()
+
+    log = tmp_path / "resume.log"
+    config = cpu_accelerate_config("ddp.yaml", tmp_path)
+    rc = run_launched(config, _recipe_args(tiny, run, 1, "--save_strategy", "steps", "--save_steps", "1"), log)
+    text = log.read_text()
+    assert rc != 0
+    assert "was written with world_size=1; this launch has world_size=2" in text, text[-4000:]
+    assert "--num_processes 1" in text and "--resume_from_checkpoint false" in text
+    assert not (run / "checkpoint-2").exists() and (run / "trainer_state.json").read_text() == state_before
+    assert "'loss'" not in text  # no training step ran

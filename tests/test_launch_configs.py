@@ -80,7 +80,14 @@ def test_deepspeed_without_cuda_needs_use_cpu(monkeypatch):
 @pytest.mark.parametrize("config,refused", [("zero3.yaml", True), ("fsdp2.yaml", True), ("ddp.yaml", True)])
 def test_cpu_flag_that_drops_a_distributed_config_is_refused(config, refused, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    argv = ["python", "accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / config), "--cpu"]
+    argv = [
+        "python",
+        "/usr/bin/accelerate",
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config),
+        "--cpu",
+    ]
     monkeypatch.setattr(launch_checks, "_launcher_argv", lambda: argv)
     with pytest.raises(RecipeConfigError, match=f"--cpu.*{config}.*drops"):
         check_launch(_Args())
@@ -98,7 +105,9 @@ def _launch(tmp_path, flags: list[str], recipe_flags: list[str], tiny: str) -> t
     from test_distributed_fsdp import _env, _recipe_args
     from test_distributed_zero3 import free_port
 
-    args = [a for a in _recipe_args(tiny, tmp_path / "out", 1) if a not in ("--use_cpu", "true")]
+    args = _recipe_args(tiny, tmp_path / "out", 1)
+    i = args.index("--use_cpu")
+    del args[i : i + 2]  # each case says whether the recipe sets it
     cmd = [
         sys.executable,
         "-m",

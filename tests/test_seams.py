@@ -91,7 +91,15 @@ def _imported_roots(tree: ast.Module) -> tuple[set[str], set[str]]:
             for alias in node.names:
                 name = alias.asname or alias.name
                 (watched if node.module.split(".")[0] in WATCHED else other).add(name)
+        elif isinstance(node, ast.Assign) and _is_dynamic_module(node.value):
+            # A module reached at run time (`sys.modules.get(...)`, `importlib.import_module(...)`) counts as theirs.
+            watched |= {target.id for target in node.targets if isinstance(target, ast.Name)}
     return watched, other
+
+
+def _is_dynamic_module(value: ast.AST) -> bool:
+    text = ast.unparse(value)
+    return text.startswith(("sys.modules.get(", "sys.modules[", "importlib.import_module("))
 
 
 def _root(node: ast.AST) -> str | None:
@@ -149,7 +157,9 @@ def test_the_seam_scan_finds_what_it_looks_for(tmp_path):
         "model.config._attn_implementation = 'x'\n"
         "self._mine = 1\n"
         "sys._flag = 1\n"
-        "model.pair_forward = None\n",
+        "model.pair_forward = None\n"
+        "module = sys.modules.get(cls.__module__)\n"
+        "module.create_model_from_path = None\n",
         encoding="utf-8",
     )
     found = [line.split(": ", 1)[1] for line in seam_violations(sample, root=tmp_path)]
@@ -159,6 +169,7 @@ def test_the_seam_scan_finds_what_it_looks_for(tmp_path):
             "AttentionInterface._global_mapping['sdpa']",
             "model",  # setattr(model, '_hook', ...)
             "model.config._attn_implementation",
+            "module.create_model_from_path",
         ]
     )
 

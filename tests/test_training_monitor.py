@@ -442,7 +442,7 @@ def test_update_norm_memory_budget_samples_pieces(step_index):
         p.grad = torch.randn(p.shape, generator=g) * p.detach().abs().mean()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     callback.on_pre_optimizer_step(args, state, None)
-    copied = sum(then.numel() * 4 for pairs in callback._snapshot["trainable"].values() for _, then in pairs)
+    copied = sum(then.numel() * 4 for pairs in callback._snapshot["trainable"].values() for *_, then in pairs)
     assert copied <= budget_mib * 2**20 + 2 * monitor._PIECE * 4
     optimizer.step()
     callback.on_step_end(args, state, None)
@@ -466,3 +466,31 @@ def test_update_norm_memory_budget_is_validated():
 
     with pytest.raises(RecipeConfigError, match="update_norm_memory_mib"):
         PivotDPOConfig(output_dir="/tmp/x", update_norm_memory_mib=0, use_cpu=True)
+
+
+def test_update_norm_of_a_non_contiguous_parameter():
+    """A parameter whose values are not contiguous (a transposed weight): its flat view is a copy, so the monitor must
+    read it again after the step; the logged ratio equals the float64 computation."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import IntervalStrategy
+
+    model = _Parts(torch.float32, False)
+    model.vision_tower["w"] = torch.nn.Parameter(torch.randn(70, 300, generator=torch.Generator().manual_seed(2)).t())
+    assert not model.vision_tower["w"].is_contiguous()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=1e-3)
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, is_world_process_zero=lambda: True)
+    callback = monitor.UpdateNormCallback(trainer)
+    args = SimpleNamespace(logging_strategy=IntervalStrategy.STEPS, logging_first_step=True)
+    state = SimpleNamespace(global_step=0, logging_steps=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    callback.on_pre_optimizer_step(args, state, None)
+    optimizer.step()
+    callback.on_step_end(args, state, None)
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = _relative_update(before, after, _by_part(before)["vision_tower"])
+    assert expected > 0
+    assert callback.pop_metrics()["update_norm/vision_tower"] == pytest.approx(expected, rel=1e-5)

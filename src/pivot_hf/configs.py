@@ -402,7 +402,6 @@ class PivotTrainingFields:
             "`image_too_large` before any compute, from its header (decompression-bomb guard; PIL's own default)."
         },
     )
-
     update_norm_memory_mib: float = field(
         default=512,
         metadata={
@@ -416,7 +415,11 @@ class PivotTrainingFields:
     def _pivot_post_init(self):
         check_keys(self)
 
-        if self.update_norm_memory_mib is not None and 0 <= self.update_norm_memory_mib < 1:
+        if (
+            self.update_norm_memory_mib is not None
+            and self.update_norm_memory_mib != -1
+            and self.update_norm_memory_mib < 1
+        ):
             raise RecipeConfigError(
                 f"`update_norm_memory_mib` must be >= 1 (MiB) or -1 (no budget), got {self.update_norm_memory_mib}."
             )

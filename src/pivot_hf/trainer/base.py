@@ -7,7 +7,7 @@ and `_pivot_finish` after it, so every trainer runs the same checks in the same 
 1. the model and the processor agree (`preflight.check_model_processor`);
 2. the row contract on `train_dataset` / `eval_dataset`, before anything looks at a row (`row_contract`);
 3. tunable parts, per-part learning rates and the PEFT split (`tunable`);
-4. after the parent: the trainable split re-read after wrapping, the collate-time guard (SFT, DPO).
+4. after the parent: the trainable split re-read after wrapping, the collate-time guard.
 
 The behaviours that live on methods (atomic checkpoints and safe resume, per-part optimizer groups and the end-of-run
 change check, update norms and curves) come from the four parts below, whose order here is the only one used.
@@ -37,12 +37,10 @@ class PivotTrainerMixin(RowContractMixin, AtomicCheckpointMixin, TunablePartsMix
         )
         return train_dataset, eval_dataset, peft_config
 
-    def _pivot_finish(self, guard_collator: bool = True) -> None:
-        """After the parent: the trainable split after wrapping, and (SFT, DPO) the collate-time guard. GRPO's
-        collator hands rows to generation undecoded, so its rows are checked by the contract only."""
+    def _pivot_finish(self) -> None:
+        """After the parent: the trainable split after wrapping, and the collate-time guard."""
         self._finish_tunable_parts()
-        if guard_collator:
-            self._guard_collator()
+        self._guard_collator()
 
 
 __all__ = ["PivotTrainerMixin"]

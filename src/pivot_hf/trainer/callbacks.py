@@ -30,6 +30,7 @@ a tensor (flattened FSDP1 parameters without `use_orig_params`) is skipped with 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -93,6 +94,29 @@ def _update_and_weight(now: list[torch.Tensor], then: list[torch.Tensor]) -> tor
     return total
 
 
+def _live_piece(tensor: torch.Tensor, index: int) -> torch.Tensor:
+    """Piece `index` (`_PIECE` elements) of a tensor's flattened values, read now."""
+    return tensor.detach().reshape(-1)[index * _PIECE : (index + 1) * _PIECE]
+
+
+@contextlib.contextmanager
+def _one_cpu_thread():
+    """Run the monitor's CPU copies and norms on one intra-op thread, the caller's thread count restored after.
+
+    They are memory-bound (one core already streams the bytes), and on a machine whose cores are shared with other
+    jobs every multi-threaded kernel waits at its barrier for a preempted thread: measured on a 2-core VM at load
+    average ~11, the snapshot + norms of 22M fp32 weights took 0.4-10 s per logged step on 2 threads and 0.1 s on one.
+    """
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
 def _group_part(group: dict, names_by_id: dict[int, str]) -> str | None:
     """The part of an optimizer parameter group: its `name` (set by `TunablePartsMixin.create_optimizer`), else the
     part of its first named parameter (a custom optimizer)."""
@@ -145,11 +169,14 @@ class UpdateNormCallback(TrainerCallback):
         if not getattr(self.trainer, "is_deepspeed_enabled", False):
             self._take_snapshot(args, state)
 
-    @torch.no_grad()
     def _take_snapshot(self, args, state):
         self._snapshot = None
+        with torch.no_grad(), _one_cpu_thread():
+            self._snapshot = self._build_snapshot(args, state)
+
+    def _build_snapshot(self, args, state) -> dict | None:
         if not self._will_log(args, state, state.global_step + 1):
-            return
+            return None
         model = self._model()
         trainable, frozen = {}, {part: [] for part in TUNABLE_PARTS}
         unattributed = 0
@@ -172,7 +199,7 @@ class UpdateNormCallback(TrainerCallback):
                 "Update norms per part are skipped: the trainable parameters carry no part name (flattened FSDP1 "
                 "parameters?). Use FSDP2 or `fsdp_use_orig_params: true` to get them.",
             )
-            return
+            return None
         trainable = self._sampled_copies(trainable, args, state)
         names_by_id = {id(p): n for n, p in model.named_parameters()}
         lrs = {}
@@ -181,7 +208,7 @@ class UpdateNormCallback(TrainerCallback):
             part = _group_part(group, names_by_id)
             if part is not None:
                 lrs.setdefault(part, float(group["lr"]))
-        self._snapshot = {
+        return {
             "trainable": trainable,
             "frozen": {part: (tensors, self._checksum(tensors)) for part, tensors in frozen.items()},
             "lrs": lrs,
@@ -205,11 +232,13 @@ class UpdateNormCallback(TrainerCallback):
         offset = int(state.global_step) % stride
         sampled = {}
         for part, tensors in trainable.items():
-            pieces = [piece for t in tensors for piece in t.detach().reshape(-1).split(_PIECE) if piece.numel()]
+            # (tensor, piece index): the live piece is sliced again after the step (`_live_piece`), so that a
+            # non-contiguous parameter, whose flat view would be a copy, is read as the optimizer left it.
+            pieces = [(t, i) for t in tensors for i in range(math.ceil(t.numel() / _PIECE))]
             kept = pieces[offset::stride]
             if pieces and not kept:
                 kept = [pieces[offset % len(pieces)]]
-            sampled[part] = [(piece, piece.clone()) for piece in kept]
+            sampled[part] = [(t, i, _live_piece(t, i).clone()) for t, i in kept]
         return sampled
 
     @staticmethod
@@ -226,7 +255,7 @@ class UpdateNormCallback(TrainerCallback):
         snapshot, self._snapshot = self._snapshot, None
         if snapshot is None:
             return
-        with torch.no_grad():
+        with torch.no_grad(), _one_cpu_thread():
             self._metrics = self._measure(snapshot)
 
     def _measure(self, snapshot) -> dict[str, float]:
@@ -235,11 +264,11 @@ class UpdateNormCallback(TrainerCallback):
         # not one per tensor).
         sums = torch.zeros(len(parts), 2, dtype=torch.float64)
         for i, part in enumerate(parts):
-            pairs = [(now, then) for now, then in snapshot["trainable"].get(part, []) if now.numel()]
+            pairs = [(_live_piece(t, i), then) for t, i, then in snapshot["trainable"].get(part, [])]
             if not pairs:
                 continue
-            now = [t.detach().reshape(-1) for t, _ in pairs]
-            then = [t.reshape(-1) for _, t in pairs]
+            now = [t for t, _ in pairs]
+            then = [t for _, t in pairs]
             sums[i] += _update_and_weight(now, then).to(sums.device)
         # ... then the frozen tensors' checksums before and after the step.
         frozen_before = torch.stack([snapshot["frozen"][p][1] for p in parts])

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR; checked in the tests
 CHECKPOINT_MARKER = "pivot_checkpoint_complete.json"
 STAGING_PREFIX = ".tmp-"
+# World size and batch shape of the run that wrote a checkpoint (`_refuse_other_run_shape`).
+RUN_IDENTITY_FILE = "run_identity.json"
 TRASH_PREFIX = ".trash-"
 TRAINING_ARGS_BIN = "training_args.bin"
 TRAINING_ARGS_JSON = "training_args.json"
@@ -394,6 +396,7 @@ class AtomicCheckpointMixin:
             how = "automatically " if resume_from_checkpoint is None else ""
             logger.warning("Resuming %sfrom the complete checkpoint %s", how, resolved)
             self._refuse_finished_run(resolved)
+            self._refuse_other_run_shape(resolved)
         # Passing the resolved folder (never True) keeps the stock `get_last_checkpoint` out of the way.
         return super().train(resolved, *args, **kwargs)
 
@@ -450,6 +453,42 @@ class AtomicCheckpointMixin:
                 "`num_train_epochs`) to train further, or pass `--resume_from_checkpoint false` to start over there."
             )
 
+    def _run_identity(self) -> dict[str, int]:
+        """What fixes the data position and schedule of a checkpoint: who read which rows at which step."""
+        world = int(getattr(self.accelerator, "num_processes", 1) or 1) if hasattr(self, "accelerator") else 1
+        per_device = int(self.args.per_device_train_batch_size)
+        accumulation = int(self.args.gradient_accumulation_steps)
+        return {
+            "world_size": world,
+            "per_device_train_batch_size": per_device,
+            "gradient_accumulation_steps": accumulation,
+            "global_batch_size": world * per_device * accumulation,
+        }
+
+    def _refuse_other_run_shape(self, checkpoint: str) -> None:
+        """A checkpoint resumed on another world size (or global batch) would restart each rank's data shard at a
+        position computed for the old shape: rows trained twice or never, on an unchanged schedule. Refused before
+        any compute, with the ways out; every rank reads the same file, so every rank raises."""
+        path = os.path.join(checkpoint, RUN_IDENTITY_FILE)
+        if not os.path.isfile(path):
+            return  # written before run identities existed: nothing to compare
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        now = self._run_identity()
+        changed = [k for k in ("world_size", "global_batch_size") if saved.get(k) is not None and saved[k] != now[k]]
+        if not changed:
+            return
+        was = ", ".join(f"{k}={saved[k]}" for k in changed)
+        is_ = ", ".join(f"{k}={now[k]}" for k in changed)
+        raise ValueError(
+            f"{checkpoint} was written with {was}; this launch has {is_}. Resuming would deal the rows to the ranks "
+            "from a position computed for the old shape (some rows trained twice, others never). Fix: resume with "
+            f"the checkpoint's shape (`accelerate launch --num_processes {saved.get('world_size')}`, "
+            f"per_device_train_batch_size={saved.get('per_device_train_batch_size')}, "
+            f"gradient_accumulation_steps={saved.get('gradient_accumulation_steps')}), or start a new run from its "
+            f"weights: `--model_name_or_path {checkpoint} --resume_from_checkpoint false --output_dir <new folder>`."
+        )
+
     # -- save ----------------------------------------------------------------------------------------------------
 
     def _get_output_dir(self, trial) -> str:
@@ -494,6 +533,8 @@ class AtomicCheckpointMixin:
                 )
             # Nothing was written (e.g. a subclass decided not to save): leave no half state behind.
             return
+        with open(os.path.join(staged, RUN_IDENTITY_FILE), "w", encoding="utf-8") as f:
+            json.dump(self._run_identity(), f, indent=2)
         fsync_tree(staged)
         write_completion_marker(staged, self.state.global_step)
         _publish(staged, final)

@@ -11,6 +11,9 @@ docs/architecture.md lists every remaining touch with its guard.
 - `PreTrainedModel._weight_conversions` (the load-time key renamings `save_pretrained` reverses): restricted to the
   ones that matched a key for the scope of a ZeRO-3 save (`used_weight_conversions_only`), put back on exit; a model
   without it is left alone (the ZeRO-3 save-name tests check the names written).
+- `create_model_from_path` in TRL's trainer modules (public, module-level): while a TRL trainer builds a reference it
+  reloads itself, it gets the policy's Hub-kernels choice (`trl_reference_loads_like`), put back on exit; a module
+  without it is left alone.
 - `transformers.Trainer._get_output_dir`, called by `Trainer._save_checkpoint` for the run folder: the atomic
   checkpoints stage a save by overriding it for the duration of that call (`checkpointing.AtomicCheckpointMixin`).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata as metadata
 import inspect
+import sys
 
 import transformers
 import trl.trainer.utils as trl_utils
@@ -101,4 +105,34 @@ def used_weight_conversions_only(model):
         model._weight_conversions = conversions  # the model is left as it was
 
 
-__all__ = ["TESTED", "compact_lm_head_scoring", "used_weight_conversions_only"]
+@contextlib.contextmanager
+def trl_reference_loads_like(policy, args, trainer_class):
+    """Inside it, a reference model that TRL's `trainer_class` loads itself gets the policy's Hub-kernels choice.
+
+    TRL builds the reference by reloading the policy's checkpoint (`create_model_from_path` with
+    `args.model_init_kwargs`) for GRPO with `beta > 0`, and for DPO without a `ref_model` under ZeRO-3 (or FSDP with
+    `precompute_ref_log_probs`). transformers 5.25+ loads it with Hub kernels on by default, whatever the policy has,
+    which makes the reference compute other numbers than the policy at step 0 (and the lower end of the range loads
+    it with them off when the policy has them on). A `use_kernels` in `model_init_kwargs` is kept as given.
+    """
+    module = sys.modules.get(trainer_class.__module__)
+    load = getattr(module, "create_model_from_path", None)
+    if load is None or "use_kernels" in (getattr(args, "model_init_kwargs", None) or {}):
+        yield
+        return
+    from .model_loading import uses_hub_kernels
+
+    use_kernels = uses_hub_kernels(policy)
+
+    def create_model_from_path(*load_args, **load_kwargs):
+        load_kwargs.setdefault("use_kernels", use_kernels)
+        return load(*load_args, **load_kwargs)
+
+    module.create_model_from_path = create_model_from_path
+    try:
+        yield
+    finally:
+        module.create_model_from_path = load
+
+
+__all__ = ["TESTED", "compact_lm_head_scoring", "trl_reference_loads_like", "used_weight_conversions_only"]

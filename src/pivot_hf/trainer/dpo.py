@@ -15,6 +15,7 @@ from trl import DPOTrainer
 
 from .adapters import preserved_requires_grad
 from .base import PivotTrainerMixin
+from .compat import trl_reference_loads_like
 from .fast_dpo import FastDPOMixin
 from .model_loading import check_reference_model
 from .tunable import as_pivot_config
@@ -67,20 +68,22 @@ class PivotDPOTrainer(PivotTrainerMixin, FastDPOMixin, DPOTrainer):
             # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a
             # copy of the model as passed is the reference TRL means. (Precompute and PEFT need no separate model.)
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        # Where TRL still reloads the reference itself (ZeRO-3; FSDP with precompute), it gets the policy's Hub kernels.
+        with trl_reference_loads_like(model, args, DPOTrainer):
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
         self._pivot_finish()
         if is_peft_model(self.model) and self.ref_model is None and self.is_world_process_zero():
             from .adapters import describe_reference

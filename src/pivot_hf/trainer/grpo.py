@@ -26,6 +26,7 @@ from trl import GRPOConfig, GRPOTrainer
 from ..configs import PivotScriptArguments, PivotTrainingFields, RecipeConfigError
 from .adapters import preserved_requires_grad
 from .base import PivotTrainerMixin
+from .compat import trl_reference_loads_like
 from .rewards import (
     DEFAULT_FORMAT_PROMPT,
     REWARD_NAMES,
@@ -39,6 +40,7 @@ from .rewards import (
     make_length_reward,
     normalize_answer,
 )
+from .row_contract import zero_reward_for_skipped_rows
 from .tunable import as_pivot_config
 
 
@@ -103,8 +105,8 @@ def _read_verifiable_jsonl(path: str, image_folder: str | None):
                 report.skip("invalid_text", record_id)
                 continue
             image = obj.get("image")
-            images = [image] if isinstance(image, str) else list(image or [])
-            if not all(isinstance(p, str) for p in images):
+            images = [image] if isinstance(image, str) else ([] if image is None else image)
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
                 report.skip("invalid_image_field", record_id)
                 continue
             question = question.replace("<image>\n", "").replace("<image>", "").strip()
@@ -285,7 +287,8 @@ class PivotGRPOTrainer(PivotTrainerMixin, GRPOTrainer):
 
     The tunable parts, per-part learning-rate groups and the end-of-run check that the vision tower changed are the
     SFT/DPO trainers' own (`TunablePartsMixin`). With `beta > 0`, TRL builds the KL reference by reloading the
-    policy's checkpoint (`model.config.name_or_path`), which `import pivot_hf` makes loadable as a Pivot model; with
+    policy's checkpoint (`model.config.name_or_path`), which `import pivot_hf` makes loadable as a Pivot model, with the
+    policy's Hub-kernels choice (`use_kernels`, not transformers' default); with
     `peft_config` it is the adapter-disabled policy, and the tunable parts without adapters train in full beside them.
     """
 
@@ -315,23 +318,28 @@ class PivotGRPOTrainer(PivotTrainerMixin, GRPOTrainer):
         train_dataset, eval_dataset, peft_config = self._pivot_prepare(
             model, args, processing_class, train_dataset, eval_dataset, peft_config, after_tunable_parts
         )
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-            rollout_func=rollout_func,
-            environment_factory=environment_factory,
-        )
-        self._pivot_finish(guard_collator=False)
+        if reward_funcs is not None:
+            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs = [zero_reward_for_skipped_rows(f) for f in funcs]
+        # With `beta > 0` TRL reloads the KL reference itself: it gets the policy's Hub kernels, not transformers' default.
+        with trl_reference_loads_like(model, args, GRPOTrainer):
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+                rollout_func=rollout_func,
+                environment_factory=environment_factory,
+            )
+        self._pivot_finish()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Under PEFT the KL reference is the adapter-disabled policy; PEFT's re-enable would un-freeze what the

@@ -77,8 +77,11 @@ def _launcher_argv() -> list[str]:
         argv = psutil.Process().parent().cmdline()
     except Exception:  # noqa: BLE001 - no parent information (containers, permissions): nothing to check
         return []
-    joined = " ".join(argv)
-    if "accelerate" in joined and "launch" in argv:
+    # `accelerate launch ...`, `accelerate-launch ...` (console scripts) or `python -m accelerate.commands.launch ...`
+    scripts = {os.path.basename(a) for a in argv[:2]}
+    if ("accelerate" in scripts and "launch" in argv) or "accelerate-launch" in scripts:
+        return argv
+    if "accelerate.commands.launch" in argv:
         return argv
     return []
 

@@ -17,6 +17,7 @@ from ..configs import PivotModelConfig, RecipeConfigError, check_model_source
 from ..configuration_pivot import vision_config_from_any
 from ..modeling_pivot import PivotForConditionalGeneration, resolve_feature_layer
 from ..processing_pivot import PivotProcessor
+from .compat import trl_reference_loads_like
 
 
 logger = logging.getLogger(__name__)
@@ -246,6 +247,12 @@ def load_reference_model(model_args: PivotModelConfig, policy) -> PivotForCondit
     return ref_model
 
 
+def uses_hub_kernels(model) -> bool:
+    """Whether transformers' Hub kernels are on anywhere in `model`: a Pivot model composed with
+    `from_vision_text_pretrained(..., use_kernels=True)` carries them in its sub-models, not on itself."""
+    return any(getattr(module, "use_kernels", False) is True for module in model.modules())
+
+
 __all__ = [
     "quantization_kwargs",
     "apply_projector_init",
@@ -254,6 +261,8 @@ __all__ = [
     "check_reference_model",
     "refuse_copy_under_zero3",
     "load_model",
+    "trl_reference_loads_like",
+    "uses_hub_kernels",
     "load_processor",
     "load_reference_model",
     "preflight_model",

@@ -17,6 +17,7 @@ a row that becomes unreadable later is skipped at collate time, never fatal.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -62,12 +63,15 @@ class CollateGuard:
     """Wraps a collator: rows marked unreadable by `LazyImages` are left out (and reported in the batch under
     `SKIPPED_KEY`); an empty micro-batch becomes a zero-weight fallback batch (`ZERO_WEIGHT_KEY`)."""
 
-    def __init__(self, inner, dataset, mask_labels: bool, strip_id: bool = False):
-        self.inner, self.dataset, self.mask_labels = inner, dataset, mask_labels
+    def __init__(self, inner, dataset, mask_labels: bool, strip_id: bool = False, substitute: bool = False):
+        self.inner, self.dataset, self.mask_labels, self.substitute = inner, dataset, mask_labels, substitute
+        self.skipped: list[tuple[str, str]] = []  # substitute mode: recorded here (the batch is a list of rows)
         self.strip_id = strip_id  # the id column rides along for the report only: the inner collator never sees it
         self._fallback = None
 
     def __call__(self, examples):
+        if self.substitute:
+            return self._substituted(examples)
         good, skipped = [], []
         for position, example in enumerate(examples):
             reason = example.pop(UNREADABLE_KEY, None)
@@ -86,6 +90,21 @@ class CollateGuard:
         if skipped:
             batch[SKIPPED_KEY] = skipped
         return batch
+
+    def _substituted(self, examples):
+        """GRPO: the batch keeps its size (its rows are groups of generations spread over ranks); an unreadable row
+        becomes the fallback row marked with its reason, whose rewards `zero_reward_for_skipped_rows` set to 0 for the
+        whole group: equal rewards, zero advantage, no update from it."""
+        out = []
+        for position, example in enumerate(examples):
+            reason = example.pop(UNREADABLE_KEY, None)
+            if reason:
+                row_id = _row_id(example, f"batch-row-{position}")
+                self.skipped.append((row_id, reason))
+                logger.warning("Row %s skipped at collate time: its image could not be read (%s).", row_id, reason)
+                example = {**self._fallback_row(), "id": row_id}
+            out.append({**example, UNREADABLE_KEY: reason})
+        return self.inner(out)
 
     def _fallback_row(self) -> dict:
         if self._fallback is None:
@@ -176,12 +195,15 @@ class RowContractMixin:
         if self.data_collator is None or isinstance(self.data_collator, CollateGuard):
             return
         if self.train_dataset is None or not hasattr(self.train_dataset, "__getitem__"):
-            return  # streamed rows are decoded (and checked) as they stream
+            # Streamed rows are decoded (and checked, counted) as they stream: the report is re-written at saves.
+            self.add_callback(DataReportCallback(self))
+            return
         self.data_collator = CollateGuard(
             self.data_collator,
             self.train_dataset,
             mask_labels=self._row_contract_kind == "sft",
             strip_id=getattr(self, "_contract_added_id", False),
+            substitute=self._row_contract_kind == "grpo",
         )
         self.add_callback(DataReportCallback(self))
 
@@ -232,6 +254,9 @@ class RowContractMixin:
 
         local = list(self._collate_skips)
         self._collate_skips.clear()
+        if isinstance(self.data_collator, CollateGuard):
+            local += self.data_collator.skipped
+            self.data_collator.skipped.clear()
         skips = gather_object([local])
         skips = [item for part in skips for item in (part or [])]
         report = self._data_reports.get("train")
@@ -257,8 +282,30 @@ class RowContractMixin:
         os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous report
 
 
+def zero_reward_for_skipped_rows(reward_func):
+    """A reward function that gives 0.0 to rows the collate guard substituted (GRPO), the reward of others as is."""
+    if not callable(reward_func) or isinstance(reward_func, torch.nn.Module):
+        return reward_func
+
+    @functools.wraps(reward_func)
+    def reward(*args, **kwargs):
+        rewards = reward_func(*args, **kwargs)
+        marks = kwargs.get(UNREADABLE_KEY)
+        if not marks:
+            return rewards
+        return [0.0 if mark else value for value, mark in zip(rewards, marks)]
+
+    return reward
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-__all__ = ["CollateGuard", "DataReportCallback", "RowContractMixin", "attach_report"]
+__all__ = [
+    "CollateGuard",
+    "DataReportCallback",
+    "RowContractMixin",
+    "attach_report",
+    "zero_reward_for_skipped_rows",
+]

@@ -250,8 +250,15 @@ class FastDPOMixin:
         self.precompute_ref_logps = True  # TRL's own switch: `_compute_loss` reads the cached columns
         if not isinstance(self.data_collator, _RefLogpsCollator):
             self.data_collator = _RefLogpsCollator(self.data_collator)
-        # The reference is never needed again: free it before the optimizer and activations take the memory.
-        self.ref_model = None
+        # The reference is never needed again: free it before the optimizer and activations take the memory. TRL
+        # prepared it with `accelerator.prepare_model`, which keeps every prepared model in the accelerator's list
+        # of models (for `free_memory` and saving): that reference is dropped too, or the model would stay alive
+        # through training (3.4 GiB at the paper's shape on CPU). Only the reference leaves the list.
+        reference, self.ref_model = self.ref_model, None
+        prepared = getattr(self.accelerator, "_models", None)
+        if reference is not None and isinstance(prepared, list):
+            prepared[:] = [m for m in prepared if m is not reference]
+        del reference
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

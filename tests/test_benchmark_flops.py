@@ -1,0 +1,77 @@
+"""`benchmarks/flops.py` (the FLOP model behind the benchmark's GFLOP/pair, MFU and "FLOP model" ratio) against a
+count done by hand for one small config."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import flops  # noqa: E402
+
+
+# Vision: width 4, MLP 8, 3 blocks, feature layer -2 (2 blocks run), patch 2, 4 patches per image.
+# LLM: width 4, MLP 6, 1 layer, 2 query heads and 1 key/value head of width 2, vocabulary 10.
+CONFIG = SimpleNamespace(
+    vision_config=SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=3, patch_size=2),
+    vision_feature_layer=-2,
+    text_config=SimpleNamespace(
+        hidden_size=4,
+        intermediate_size=6,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=2,
+        vocab_size=10,
+    ),
+)
+PAIR = {"prefix": 3, "chosen": 2, "rejected": 1, "images": 1, "image_tokens": 4, "width": 5}
+
+# By hand (2 FLOPs per multiply-accumulate):
+# vision block: q,k,v,o 4 x (4x4 matmul on 4 tokens) = 4*16*4*2 = 512; MLP 2 x (4x8 on 4 tokens) = 2*32*4*2 = 512;
+#   scores + values 2 x (4 tokens x 4 keys x width 4) x 2 = 256  -> 1280 per block, 2 blocks = 2560
+# patch embedding: 4 patches x (3 channels x 2 x 2 -> 4) x 2 = 384; projector 4 tokens x (4x4 + 4x4) x 2 = 256
+VISION = 2560 + 384 + 256  # 3200 per image
+# LLM per token: q (4->4) 32 + o (4->4) 32 + k (4->2) 16 + v (4->2) 16 + gated MLP 3 x (4x6) x 2 = 144 -> 240;
+# attention per attended key: scores + values over 2 heads of width 2 = 2 x 4 x 2 = 16
+# ours: one row [prefix 3 | chosen 2 | rejected 1] = 6 tokens; keys: prefix 1+2+3 = 6, chosen (3+1)+(3+2) = 9,
+#   rejected 3+1 = 4 -> 19; LM head on the 3 answer positions: 3 x 4 x 10 x 2 = 240
+OURS_FORWARD = VISION + 6 * 240 + 19 * 16 + 240  # 5184
+# stock: rows [prefix | chosen] (5 tokens, 15 keys) and [prefix | rejected] (4 tokens, 10 keys), the image twice
+STOCK_FORWARD = 2 * VISION + 9 * 240 + 25 * 16 + 240  # 9200
+
+
+def test_pair_forward_matches_the_hand_count():
+    for path, expected in (("ours", OURS_FORWARD), ("stock", STOCK_FORWARD)):
+        got = flops.pair_forward_flops(CONFIG, 3, 2, 1, images=1, image_tokens=4, path=path, head_positions=3)
+        assert got == expected, path
+
+
+def test_step_counts_training_three_forwards_and_the_reference():
+    # Training = forward + backward (2x forward); stock runs its reference every step, ours 1/epochs of one.
+    stock = flops.dpo_step_flops(CONFIG, [PAIR], "stock", compact_head=True)
+    assert stock == {"train": 3 * 9200, "reference": 9200, "total": 4 * 9200}
+    ours = flops.dpo_step_flops(CONFIG, [PAIR], "ours", compact_head=True, epochs=3)
+    assert ours["train"] == 3 * 5184 and ours["reference"] == pytest.approx(5184 / 3)
+    assert flops.dpo_step_flops(CONFIG, [PAIR], "ours", compact_head=True, epochs=1)["total"] == 4 * 5184
+    # TRL off CUDA scores every position of both padded rows: 2 x (width 5 - 1) = 8 head positions, not 3.
+    plain_head = flops.dpo_step_flops(CONFIG, [PAIR], "stock", compact_head=False)
+    assert plain_head["total"] == 4 * (9200 + (8 - 3) * 80)
+
+
+def test_tower_blocks_that_run_are_counted():
+    # A LLaVA tower run whole (3 blocks) costs one more block per image than the cut one.
+    full = flops.pair_forward_flops(CONFIG, 3, 2, 1, 1, 4, "stock", head_positions=3, vision_blocks=3)
+    assert full == STOCK_FORWARD + 2 * 1280
+
+
+def test_padded_step_counts_row_slots():
+    # Stock's batch of one pair: 2 rows padded to width 5 -> 10 slots x 240, causal triangles 2 x 15 keys x 16.
+    batch = {"pairs": 1, "answer_tokens": 3, "rows": {"stock": [5, 5], "ours": [6]}, "keys": {"ours": 19}}
+    stock = flops.padded_step_flops(CONFIG, batch, "stock", image_tokens=4, compact_head=True)
+    forward = 2 * VISION + 10 * 240 + 30 * 16 + 240
+    assert stock["total"] == 4 * forward
+    ours = flops.padded_step_flops(CONFIG, batch, "ours", image_tokens=4, compact_head=True, epochs=1)
+    assert ours["total"] == 4 * OURS_FORWARD
