@@ -186,6 +186,12 @@ class PivotModelConfig(ModelConfig):
                 f"lora_target_parts={self.lora_target_parts} must list one or more of {list(TUNABLE_PARTS)}."
             )
         check_quantization(self)
+        if self.use_peft and not self.model_name_or_path:
+            raise RecipeConfigError(
+                "`use_peft: true` needs `model_name_or_path` (a Pivot checkpoint): the adapter it saves is loaded onto "
+                "that base checkpoint, and a newly composed MLLM has none. Fix: save the composed model first (e.g. "
+                "the Stage-1 output) and continue from it with `use_peft`."
+            )
         has_ckpt = bool(self.model_name_or_path)
         has_pair = bool(self.vision_model_name_or_path) or bool(self.text_model_name_or_path)
         if has_ckpt and has_pair:
