@@ -510,3 +510,33 @@ def test_run_identity_mismatch_is_refused_with_the_fixes(tmp_path):
         trainer._refuse_other_run_shape(str(checkpoint))
     trainer.accelerator.num_processes, trainer.args.per_device_train_batch_size = 2, 1
     trainer._refuse_other_run_shape(str(checkpoint))  # the same shape resumes
+
+
+def test_grpo_row_deleted_mid_run_is_skipped_with_zero_rewards(tiny, tmp_path, monkeypatch, one_torch_thread):
+    """GRPO through its recipe: an image deleted after the check is substituted at collate time (the batch keeps its
+    groups), its generations all get reward 0 (zero advantage), the run finishes and the report names the row."""
+    import importlib.util
+
+    rows = []
+    for i in range(4):
+        path = shutil.copy(CAT, tmp_path / f"g{i}.jpg")
+        rows.append({"id": f"g{i}", "image": str(path), "question": f"<image>\nWhat animal ({i})?", "answer": "cat"})
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("grpo_recipe", os.path.join(repo, "recipes", "grpo.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    built = recipe.PivotGRPOTrainer.__init__
+
+    def init_then_delete(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        os.remove(tmp_path / "g0.jpg")  # after the contract's check, before any step
+
+    monkeypatch.setattr(recipe.PivotGRPOTrainer, "__init__", init_then_delete)
+    out = tmp_path / "out"
+    trainer = recipe.main(["--config", os.path.join(repo, "recipes", "grpo_tiny.yaml"), "--model_name_or_path", tiny,
+                           "--dataset_name", str(tmp_path / "q.jsonl"), "--output_dir", str(out)])  # fmt: skip
+    assert trainer.state.global_step == 2
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["examples"]["skipped:image_unreadable_at_collate"] == ["g0"] and report["kept"] == 3
+    assert report["invariant_ok"]
