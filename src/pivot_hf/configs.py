@@ -222,22 +222,18 @@ def check_quantization(model_args) -> None:
     refused here, when the recipe is parsed: before a weight is loaded."""
     import torch
 
+    bnb_4bit = [k for k, default in _BNB_4BIT_DEFAULTS.items() if getattr(model_args, k) != default]
+    if bnb_4bit and not model_args.load_in_4bit:
+        raise RecipeConfigError(
+            f"{bnb_4bit} only apply with `load_in_4bit: true`, which is not set. Fix: remove them, or set "
+            "`load_in_4bit: true` (QLoRA, CUDA only)."
+        )
     keys = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(model_args, k, False)]
     if not keys:
-        bnb_4bit = [k for k, default in _BNB_4BIT_DEFAULTS.items() if getattr(model_args, k) != default]
-        if bnb_4bit:
-            raise RecipeConfigError(
-                f"{bnb_4bit} only apply with `load_in_4bit: true`, which is not set. Fix: remove them, or set "
-                "`load_in_4bit: true` (QLoRA, CUDA only)."
-            )
         return
     if len(keys) > 1:
         raise RecipeConfigError("`load_in_4bit` and `load_in_8bit` are both set. Fix: choose one.")
     key = keys[0]
-    if key == "load_in_8bit":
-        bnb_4bit = [k for k, default in _BNB_4BIT_DEFAULTS.items() if getattr(model_args, k) != default]
-        if bnb_4bit:
-            raise RecipeConfigError(f"{bnb_4bit} only apply with `load_in_4bit: true`. Fix: remove them.")
     if not torch.cuda.is_available():
         raise RecipeConfigError(
             f"`{key}: true` quantizes the model with bitsandbytes, which needs a CUDA GPU, and none is visible on this "
