@@ -145,6 +145,18 @@ def test_torch_export_gives_the_eager_outputs(family):
     torch.testing.assert_close(program.module()(**inputs).logits, expected, rtol=0, atol=0)
 
 
+def test_torch_export_with_dynamic_shapes_serves_another_text_length():
+    """`DynamoConfig(dynamic=True)`, as for LLaVA: the exported program runs a prompt of another length exactly."""
+    from transformers.exporters.configs import DynamoConfig
+    from transformers.exporters.exporter_dynamo import DynamoExporter
+
+    model, inputs, _ = _load("siglip")
+    exported = DynamoExporter().export(model, dict(inputs), config=DynamoConfig(dynamic=True))
+    shorter = {**inputs, "input_ids": inputs["input_ids"][:, 2:], "attention_mask": inputs["attention_mask"][:, 2:]}
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**shorter).logits, model(**shorter).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_partial_checkpoint_inits_missing_tower_weights_as_the_towers_own_class(family, tmp_path):
     """Missing tower weights get the tower class's own init: equal to what the tower class itself loads from the same

@@ -2,6 +2,7 @@
 under PEFT, the adapter output (reload, merge, encoder export) and the refusal of 4/8-bit loading without CUDA."""
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -16,8 +17,14 @@ from pivot_hf import PivotForConditionalGeneration, PivotProcessor
 from pivot_hf.configs import TUNABLE_PARTS, PivotDPOConfig, RecipeConfigError
 from pivot_hf.data import load_pivot_dataset
 from pivot_hf.export import export_encoder, merge_adapter, merge_adapter_checkpoint
-from pivot_hf.trainer import PivotDPOTrainer
-from pivot_hf.trainer.adapters import base_parameter_name, complete_lora_config, scoped_target_modules
+from pivot_hf.trainer import PivotDPOTrainer, trainable_split
+from pivot_hf.trainer.adapters import (
+    base_parameter_name,
+    complete_lora_config,
+    describe_reference,
+    restore_full_part_dtypes,
+    scoped_target_modules,
+)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +177,7 @@ def test_sft_recipe_with_dora_rslora(tiny, mmpr, tmp_path, sample_images):
 
 
 # ------------------------------------------------------------------------------------------------ trainer API
-def test_user_lora_config_on_tower_and_llm_trains_projector_in_full(tiny, mmpr, tmp_path):
+def test_user_lora_config_on_tower_and_llm_trains_projector_in_full(tiny, mmpr, tmp_path, caplog):
     """TRL's documented door (`peft_config=LoraConfig(...)`): q_proj/v_proj exist in both the tower and the LLM, so
     both get LoRA; the projector, a tunable part without adapters, trains in full; precompute needs no second model."""
     model = PivotForConditionalGeneration.from_pretrained(tiny)
@@ -188,13 +195,24 @@ def test_user_lora_config_on_tower_and_llm_trains_projector_in_full(tiny, mmpr, 
         precompute_ref_log_probs=True,
         logging_steps=1,
     )
-    trainer = PivotDPOTrainer(
-        model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=processor,
-        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    with caplog.at_level(logging.INFO, logger="pivot_hf"):
+        trainer = PivotDPOTrainer(
+            model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        )
+    # The split is the wrapped model's (LoRA weights and the projector's trained copy), and the log says it.
+    split = trainable_split(trainer.model)
+    lora_llm = sum(p.numel() for n, p in trainer.model.named_parameters() if "language_model" in n and p.requires_grad)
+    assert split["language_model"]["trainable"] == lora_llm > 0
+    assert f"{lora_llm / 1e6:10.3f}M" in caplog.text
+    assert (
+        "DPO reference (once, before training (precompute_ref_log_probs)): the policy with its adapters disabled"
+        in (caplog.text)
     )
+    assert "['projector'] (trained in full) run as the frozen originals" in caplog.text
     assert trainer.ref_model is None and trainer._peft_parts == (["language_model", "vision_tower"], ["projector"])
     peft_model = trainer.model
     unreached = {n for n in model.unreached_vision_parameter_names()}
@@ -249,3 +267,30 @@ def test_grpo_recipe_with_lora(tiny, mmpr, tmp_path):
     trainer = recipe.main(argv)
     _assert_peft_run(trainer, tiny)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_reference_description_says_which():
+    assert "nothing outside the adapters" in describe_reference(["language_model"], [])
+    assert "['vision_tower'] (trained in full) run as the frozen originals" in describe_reference(
+        ["language_model"], ["vision_tower"]
+    )
+
+
+def test_full_parts_keep_their_dtype_after_a_qlora_style_cast(tiny):
+    """TRL casts every trainable weight to bf16 under QLoRA; the parts trained in full get their dtype back."""
+    from peft import get_peft_model
+
+    model = PivotForConditionalGeneration.from_pretrained(tiny)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    config, _, _ = complete_lora_config(
+        model, LoraConfig(target_modules=["gate_proj"]), ["projector", "language_model"]
+    )
+    peft_model = get_peft_model(model, config)
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    restored = restore_full_part_dtypes(peft_model, dtypes)
+    assert restored and all("multi_modal_projector.modules_to_save" in n for n in restored)
+    for name, param in peft_model.named_parameters():
+        expected = torch.bfloat16 if ".lora_" in name else dtypes[base_parameter_name(name)]
+        assert param.dtype == expected, name

@@ -488,3 +488,55 @@ def test_grpo_guard_keeps_the_batch_size_and_zeroes_the_rewards_of_a_skipped_row
     reward = zero_reward_for_skipped_rows(accuracy_reward)
     kwargs = {key: [r[key] for r in rows] for key in ("solution", UNREADABLE_KEY)}
     assert reward(["<answer>cat</answer>"] * 2, **kwargs) == [1.0, 0.0] and reward.__name__ == "accuracy_reward"
+
+
+def test_run_identity_mismatch_is_refused_with_the_fixes(tmp_path):
+    """The one-process side of the 2-process test (`test_distributed_resume.py`): a checkpoint written by 2 ranks."""
+    from pivot_hf.trainer.checkpointing import RUN_IDENTITY_FILE, AtomicCheckpointMixin
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    saved = {
+        "world_size": 2,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "global_batch_size": 2,
+    }
+    (checkpoint / RUN_IDENTITY_FILE).write_text(json.dumps(saved))
+    trainer = AtomicCheckpointMixin.__new__(AtomicCheckpointMixin)
+    trainer.args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    trainer.accelerator = SimpleNamespace(num_processes=1)
+    with pytest.raises(ValueError, match="world_size=2; this launch has world_size=1.*--num_processes 2"):
+        trainer._refuse_other_run_shape(str(checkpoint))
+    trainer.accelerator.num_processes, trainer.args.per_device_train_batch_size = 2, 1
+    trainer._refuse_other_run_shape(str(checkpoint))  # the same shape resumes
+
+
+def test_grpo_row_deleted_mid_run_is_skipped_with_zero_rewards(tiny, tmp_path, monkeypatch, one_torch_thread):
+    """GRPO through its recipe: an image deleted after the check is substituted at collate time (the batch keeps its
+    groups), its generations all get reward 0 (zero advantage), the run finishes and the report names the row."""
+    import importlib.util
+
+    rows = []
+    for i in range(4):
+        path = shutil.copy(CAT, tmp_path / f"g{i}.jpg")
+        rows.append({"id": f"g{i}", "image": str(path), "question": f"<image>\nWhat animal ({i})?", "answer": "cat"})
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("grpo_recipe", os.path.join(repo, "recipes", "grpo.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    built = recipe.PivotGRPOTrainer.__init__
+
+    def init_then_delete(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        os.remove(tmp_path / "g0.jpg")  # after the contract's check, before any step
+
+    monkeypatch.setattr(recipe.PivotGRPOTrainer, "__init__", init_then_delete)
+    out = tmp_path / "out"
+    trainer = recipe.main(["--config", os.path.join(repo, "recipes", "grpo_tiny.yaml"), "--model_name_or_path", tiny,
+                           "--dataset_name", str(tmp_path / "q.jsonl"), "--output_dir", str(out)])  # fmt: skip
+    assert trainer.state.global_step == 2
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["examples"]["skipped:image_unreadable_at_collate"] == ["g0"] and report["kept"] == 3
+    assert report["invariant_ok"]

@@ -49,7 +49,8 @@ SKIP_REASONS = {
 
 @dataclass
 class ConversionReport:
-    """Counts of kept / skipped / converted rows, with up to `max_examples` example record ids per reason."""
+    """Counts of kept / skipped / converted rows: the record id of every skipped row (rows left out by sampling
+    and repairs: up to `max_examples` example ids per reason)."""
 
     source: str = ""
     total: int = 0
@@ -65,7 +66,9 @@ class ConversionReport:
         if record_id is None:
             return
         ids = self.examples.setdefault(key, [])
-        if len(ids) < self.max_examples:
+        # Every skipped row is named (the audit trail of a run); repairs and rows left out by sampling keep examples.
+        named = key.startswith("skipped:") and key != "skipped:not_sampled"
+        if named or len(ids) < self.max_examples:
             ids.append(str(record_id))
 
     def add_total(self, n: int = 1) -> None:
@@ -145,7 +148,10 @@ class ConversionReport:
         if self.skipped:
             lines += ["## Skipped", "", "| reason | rows | meaning | example ids |", "|---|---:|---|---|"]
             for reason, count in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
-                ids = ", ".join(self.examples.get(f"skipped:{reason}", []))
+                all_ids = self.examples.get(f"skipped:{reason}", [])
+                ids = ", ".join(all_ids[: self.max_examples])
+                if len(all_ids) > self.max_examples:
+                    ids += f" (+{len(all_ids) - self.max_examples} more in the JSON report)"
                 lines.append(f"| `{reason}` | {count} | {SKIP_REASONS.get(reason, '')} | {ids} |")
             lines.append("")
         if self.converted:

@@ -183,6 +183,23 @@ def restore_frozen(peft_model, requires_grad_before: dict[str, bool]) -> list[st
     return frozen
 
 
+def restore_full_part_dtypes(peft_model, dtypes_before: dict[str, torch.dtype]) -> list[str]:
+    """Give the trained copies of the parts trained in full (`modules_to_save`) back the dtype their originals had.
+
+    Under QLoRA, TRL casts every trainable weight to bf16 after wrapping (QLoRA's recipe for adapter weights); for a
+    vision tower trained in full at lr ~1e-6 that would round its updates away. Returns the names cast back.
+    """
+    restored = []
+    for name, param in peft_model.named_parameters():
+        if ".modules_to_save." not in name:
+            continue
+        dtype = dtypes_before.get(base_parameter_name(name))
+        if dtype is not None and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            restored.append(name)
+    return restored
+
+
 @contextlib.contextmanager
 def preserved_requires_grad(model):
     """Keep every `requires_grad` flag of `model` as it is across the block.
@@ -248,5 +265,6 @@ __all__ = [
     "peft_summary",
     "preserved_requires_grad",
     "restore_frozen",
+    "restore_full_part_dtypes",
     "scoped_target_modules",
 ]

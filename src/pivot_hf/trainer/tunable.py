@@ -236,6 +236,7 @@ class TunablePartsMixin:
             peft_config, adapted, full = complete_lora_config(model, peft_config, args.tunable_parts)
             self._peft_parts = (adapted, full)
             self._requires_grad_before_peft = {n: p.requires_grad for n, p in model.named_parameters()}
+            self._dtypes_before_peft = {n: p.dtype for n, p in model.named_parameters()}
         half = {p.dtype for p in model.parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)}
         plugin = getattr(args, "deepspeed_plugin", None)
         if half and plugin is None and int(os.environ.get("RANK", "0")) == 0:
@@ -259,10 +260,11 @@ class TunablePartsMixin:
 
         model = self.model
         if is_peft_model(model) and getattr(self, "_requires_grad_before_peft", None) is not None:
-            from .adapters import restore_frozen
+            from .adapters import restore_frozen, restore_full_part_dtypes
 
             restore_frozen(model, self._requires_grad_before_peft)
-            self._requires_grad_before_peft = None
+            restore_full_part_dtypes(model, self._dtypes_before_peft)
+            self._requires_grad_before_peft = self._dtypes_before_peft = None
             adapted, full = self._peft_parts
             if int(os.environ.get("RANK", "0")) == 0:
                 config = model.peft_config[model.active_adapter]
