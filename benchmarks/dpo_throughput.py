@@ -539,10 +539,13 @@ def worker(args) -> None:
     # A previous run's cached reference log-probs would be reused (that is the resume path): start clean so the
     # reference pass is timed.
     shutil.rmtree(Path(common["output_dir"]) / "ref_logps", ignore_errors=True)
+    # Hub kernels off in every arm (transformers 5.25+ turns them on by default): on a GPU with Hub access they would
+    # swap in the same RMSNorm kernel Liger provides, in the "without Liger" arms too.
+    load = {"dtype": dtype, "attn_implementation": attn, "use_kernels": False}
     stock_options = {}
     if args.worker == "stock":
-        model = LlavaForConditionalGeneration.from_pretrained(paths["llava"], dtype=dtype, attn_implementation=attn)
-        ref = LlavaForConditionalGeneration.from_pretrained(paths["llava"], dtype=dtype, attn_implementation=attn)
+        model = LlavaForConditionalGeneration.from_pretrained(paths["llava"], **load)
+        ref = LlavaForConditionalGeneration.from_pretrained(paths["llava"], **load)
         # Every TRL option that could apply to vision data is asked for; what TRL refuses or disables is recorded.
         try:  # TRL raises on a vision dataset: no cached reference for stock
             trl.DPOTrainer(
@@ -594,7 +597,7 @@ def worker(args) -> None:
                     ref_seconds["value"] += time.perf_counter() - t0
 
         trainer_cls = _Timed
-        model = PivotForConditionalGeneration.from_pretrained(paths["pivot"], dtype=dtype, attn_implementation=attn)
+        model = PivotForConditionalGeneration.from_pretrained(paths["pivot"], **load)
         ref = None  # the policy before its first step is the reference; cached, then freed
 
     step_times, step_cpu, losses = [], [], []

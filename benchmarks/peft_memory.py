@@ -45,7 +45,8 @@ def worker(variant: str, workdir: Path, steps: int) -> dict:
     setting = b.SETTINGS["cpu"]
     paths = b.build_checkpoint(setting, workdir)
     data = load_from_disk(b.build_dataset(setting, workdir, setting["vision"]["image_size"]))
-    model = PivotForConditionalGeneration.from_pretrained(paths["pivot"])
+    # Hub kernels off (transformers 5.25+ defaults to on): both variants measure the same layers.
+    model = PivotForConditionalGeneration.from_pretrained(paths["pivot"], use_kernels=False)
     processor = PivotProcessor.from_pretrained(paths["pivot"])
     args = PivotDPOConfig(
         output_dir=str(workdir / f"run-{variant}"),
@@ -63,7 +64,7 @@ def worker(variant: str, workdir: Path, steps: int) -> dict:
     )
     kwargs = {}
     if variant == "full":
-        kwargs["ref_model"] = PivotForConditionalGeneration.from_pretrained(paths["pivot"])
+        kwargs["ref_model"] = PivotForConditionalGeneration.from_pretrained(paths["pivot"], use_kernels=False)
     else:
         targets = scoped_target_modules(model, "all-linear", ["language_model"])
         kwargs["peft_config"] = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=targets)

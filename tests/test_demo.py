@@ -66,9 +66,22 @@ def test_probe_data_labels_the_same_images_by_colour_and_by_shape(tmp_path):
     for split, count in (("train", 10), ("test", 6)):
         by = {a: sorted(Path(folders[a], split).glob("*/*.png")) for a in demo.ATTRIBUTES}
         assert [p.name for p in sorted(by["colour"], key=lambda p: p.name)] == sorted(p.name for p in by["shape"])
-        assert len(by["colour"]) == count
+        assert len(by["colour"]) >= count  # plus one image per class the random draw missed
         for attribute, position in (("colour", 1), ("shape", 2)):
             assert all(p.parent.name == p.stem.split("_")[position] for p in by[attribute])
+
+
+def test_probe_data_has_every_class_in_both_splits_whatever_the_count(tmp_path):
+    """The probe refuses a test class without train images: small `--probe_images` must not draw one (it did, after
+    all the training, with `--probe_images 4`)."""
+    for count in (1, 2, 4, 5):
+        folders = demo.make_probe_data(tmp_path / str(count), num_train=count, num_test=count, seed=3000)
+        for attribute, classes in (("colour", set(demo.COLOURS)), ("shape", set(demo.SHAPES))):
+            for split in ("train", "test"):
+                assert {p.name for p in Path(folders[attribute], split).iterdir()} == classes, (count, split)
+    # A draw that already covers every class is kept as it is (the default demo's images do not change).
+    big = demo.make_probe_data(tmp_path / "big", num_train=120, num_test=120, seed=3000)
+    assert len(list(Path(big["colour"], "train").glob("*/*.png"))) == 120
 
 
 def test_the_sentence_follows_the_numbers():

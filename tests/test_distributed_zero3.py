@@ -31,21 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: str, args: list[str], log: Path, *flags: str, timeout: int = 900) -> int:
-    """`accelerate launch --config_file accelerate_configs/<config> --num_processes 2 --mixed_precision no
-    [flags] tests/distributed_child.py <recipe> ...`: the shipped config with the README's CPU overrides."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / config),
-    ]
-    cmd += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()), *flags]
+def launch(config: str, args: list[str], log: Path, *flags: str, child: bool = True, timeout: int = 900) -> int:
+    """`accelerate launch --config_file accelerate_configs/<config> --num_processes 2 --mixed_precision no [flags]
+    recipes/<script>.py ...`: the shipped config with the README's CPU overrides. With `child`, the recipe runs under
+    tests/distributed_child.py, which reports how the model was held after the final save."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--config_file", str(REPO / "accelerate_configs" / config), "--num_processes", "2"]
+    cmd += ["--mixed_precision", "no", "--main_process_port", str(free_port()), *flags]
+    cmd += [str(CHILD), *args] if child else args
     with open(log, "ab") as f:
-        proc = subprocess.run(
-            [*cmd, str(CHILD), *args], env=_env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
-        )
+        proc = subprocess.run(cmd, env=_env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     return proc.returncode
 
 
@@ -85,14 +80,14 @@ def runs(tiny, tmp_path_factory):
             run_one_process(dpo(out, 2), out)
         elif name == "one_sft":
             run_one_process(_script(dpo(out, 2), "sft.py"), out)
-        elif name == "zero3_dpo":
-            assert launch("zero3.yaml", dpo(out, 1, *checkpoints), log) == 0, log.read_text()[-4000:]
+        elif name == "zero3_dpo":  # recipes/dpo.py itself, as the README launches it
+            assert launch("zero3.yaml", dpo(out, 1, *checkpoints), log, child=False) == 0, log.read_text()[-4000:]
         elif name == "zero3_dpo_resumed":
             # The run above, killed after checkpoint-2: only that checkpoint is left, then resumed.
             source = get("zero3_dpo")
             out.mkdir()
             shutil.copytree(source / "checkpoint-2", out / "checkpoint-2")
-            assert launch("zero3.yaml", dpo(out, 1, *checkpoints), log) == 0, log.read_text()[-4000:]
+            assert launch("zero3.yaml", dpo(out, 1, *checkpoints), log, child=False) == 0, log.read_text()[-4000:]
         elif name == "zero3_dpo_precompute":
             args = dpo(out, 1, "--precompute_ref_log_probs", "true")
             assert launch("zero3.yaml", args, log) == 0, log.read_text()[-4000:]
@@ -167,13 +162,9 @@ def _assert_groups_kept(report: dict) -> None:
 
 
 def test_zero3_dpo_two_processes_equal_one_process(runs, tiny):
-    """Live reference model. One 2-process run checked for: partitioning, LR groups, losses, update norms, the
-    end-of-run check, the saved names, the reloaded logits (AutoModelForImageTextToText) and the trained tower."""
+    """Live reference model, `recipes/dpo.py` launched as the README writes it for CPU. Checked: losses, update norms,
+    the saved names, the trained tower, and the final model.safetensors through AutoModelForImageTextToText."""
     one, two = runs("one_dpo"), runs("zero3_dpo")
-    report = _report(two)
-    assert report["distributed_type"].endswith("DEEPSPEED") and report["world_size"] == 2
-    assert report["zero3_partitioned"] == report["parameters"] > 0, "every parameter partitioned over the 2 ranks"
-    _assert_groups_kept(report)
     _assert_losses_equal(one, two)
     # Update norms from the local shards, all-reduced, equal the 1-process values; LRs per part as well.
     expected, got = _update_norms(one), _update_norms(two)
@@ -181,20 +172,16 @@ def test_zero3_dpo_two_processes_equal_one_process(runs, tiny):
     rel = {k: abs(got[k] - v) / abs(v) for k, v in expected.items() if v}
     print("update norms rel", max(rel.values()))
     assert max(rel.values()) <= 1e-4, rel
-    # The end-of-run check saw every trainable tensor change (it reads the shards, all-reduced).
-    changed = report["tunable_parts_report"]
-    assert set(changed) == set(LRS) and all(e["changed"] == e["total"] > 0 for e in changed.values()), changed
-
     _assert_like_one_process_save(two, one)
     _assert_trained_like_one_process(two, one, tiny)
 
     # The final model.safetensors loads with the Auto class and gives the 1-process run's logits.
     from transformers import AutoModelForImageTextToText
 
-    import pivot_hf  # noqa: F401 - registers the Pivot classes with the Auto classes
+    from distributed_child import _fixed_inputs
+    from pivot_hf import PivotProcessor  # importing pivot_hf registers the Pivot classes with the Auto classes
 
-    check = load_file(str(two / "distributed_check.safetensors"))
-    inputs = {k[len("input.") :]: v for k, v in check.items() if k.startswith("input.")}
+    inputs = _fixed_inputs(PivotProcessor.from_pretrained(one))
     logits = {}
     for name, folder in (("one", one), ("zero3", two)):
         model = AutoModelForImageTextToText.from_pretrained(folder).eval()
@@ -203,8 +190,6 @@ def test_zero3_dpo_two_processes_equal_one_process(runs, tiny):
     rel = ((logits["zero3"] - logits["one"]).norm() / logits["one"].norm()).item()
     print(f"logits rel (zero3 save vs 1 process) = {rel:.3g}")
     assert rel <= 1e-5
-    # ... and the logits the partitioned model itself computed before the save.
-    torch.testing.assert_close(logits["zero3"], check["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_zero3_mid_run_checkpoint_and_export(runs, tmp_path):
@@ -240,13 +225,28 @@ def test_zero3_resume_from_checkpoint_is_bit_equal(runs):
 
 
 def test_zero3_dpo_precomputed_reference_equals_one_process(runs, tiny):
-    """`precompute_ref_log_probs` under ZeRO-3: the reference log-probs computed by the partitioned reference (all
-    ranks in each forward) give the losses of the 1-process live-reference run."""
+    """`precompute_ref_log_probs` under ZeRO-3 (the partitioned reference scores every row, all ranks in each forward)
+    gives the losses of the 1-process live-reference run. This run also reports how the model was held: every
+    parameter partitioned, the per-part LR groups each holding its part, the end-of-run check (which reads the shards)
+    seeing every trainable tensor change, and the partitioned model's own logits equal to its saved file's."""
     one, two = runs("one_dpo"), runs("zero3_dpo_precompute")
     _assert_losses_equal(one, two)
-    _assert_groups_kept(_report(two))
+    report = _report(two)
+    assert report["distributed_type"].endswith("DEEPSPEED") and report["world_size"] == 2
+    assert report["zero3_partitioned"] == report["parameters"] > 0, "every parameter partitioned over the 2 ranks"
+    _assert_groups_kept(report)
+    changed = report["tunable_parts_report"]
+    assert set(changed) == set(LRS) and all(e["changed"] == e["total"] > 0 for e in changed.values()), changed
     _assert_like_one_process_save(two, one)
     _assert_trained_like_one_process(two, one, tiny)
+
+    from pivot_hf import PivotForConditionalGeneration
+
+    check = load_file(str(two / "distributed_check.safetensors"))
+    inputs = {k[len("input.") :]: v for k, v in check.items() if k.startswith("input.")}
+    with torch.no_grad():
+        logits = PivotForConditionalGeneration.from_pretrained(two).eval()(**inputs).logits.float()
+    torch.testing.assert_close(logits, check["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_zero2_dpo_equals_one_process(runs, tiny):

@@ -188,6 +188,21 @@ def test_run_chain_runs_a_subset_in_chain_order():
     assert _chain("--dry-run", pair, "1").stdout.count(" --config ") == 2  # `1` = 1a 1b
 
 
+def test_run_chain_runs_every_step_on_the_python_it_is_given(tmp_path):
+    """With PYTHON set (a venv's interpreter that is not first on PATH), the `accelerate launch` steps use it too:
+    before, they ran on whatever `accelerate` PATH found, another environment than the export steps'."""
+    python = str(tmp_path / "venv" / "bin" / "python")
+    script = RECIPES / "paper" / "run_chain.sh"
+    env = {**os.environ, "PYTHON": python}
+    proc = subprocess.run(
+        ["bash", str(script), "--dry-run", "siglip2-base+qwen2.5-0.5b"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines and all(line.startswith(f"{python} ") for line in lines), lines
+    assert sum(line.startswith(f"{python} -m accelerate.commands.launch ") for line in lines) == len(lines) - 2
+
+
 def test_run_chain_rejects_an_unknown_pair_or_step():
     proc = _chain("--dry-run", "siglip2-so400m+llama-7b")
     assert proc.returncode != 0 and proc.stdout == ""

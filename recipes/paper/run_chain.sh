@@ -17,10 +17,16 @@
 #              order given, so `bash recipes/paper/run_chain.sh siglip2-so400m+qwen2.5-1.5b export 2` resumes at
 #              Stage 2. Each step reads the previous one's folder under runs/paper/<pair>/.
 #   --dry-run  print the commands, one a line, without running them.
-# Python steps run on $PYTHON (default `python`; e.g. PYTHON="$(command -v python)" inside a venv), accelerate's on the
-# `accelerate` found first on PATH, as a user's shell would.
+# Python steps run on $PYTHON (e.g. PYTHON="$(command -v python)" inside a venv), and so do the `accelerate launch`
+# steps when it is set (`$PYTHON -m accelerate.commands.launch`: one interpreter for the whole chain, never a mix).
+# Unset: `python` and the `accelerate` found first on PATH, as a user's shell would.
 set -euo pipefail
-PYTHON="${PYTHON:-python}"
+if [[ -n "${PYTHON:-}" ]]; then
+  LAUNCH=("$PYTHON" -m accelerate.commands.launch)
+else
+  PYTHON=python
+  LAUNCH=(accelerate launch)
+fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STAGES_DIR="$HERE/stages"
@@ -76,9 +82,9 @@ run() {
 
 CFG="recipes/paper/stages/$PAIR"
 BASE="runs/paper/$PAIR"
-Z2=(accelerate launch --config_file accelerate_configs/zero2.yaml)
-Z3=(accelerate launch --config_file accelerate_configs/zero3.yaml)
-EVAL=(accelerate launch --num_processes 8 recipes/eval_mllm.py --tasks all --batch_size 8 --dtype bfloat16)
+Z2=("${LAUNCH[@]}" --config_file accelerate_configs/zero2.yaml)
+Z3=("${LAUNCH[@]}" --config_file accelerate_configs/zero3.yaml)
+EVAL=("${LAUNCH[@]}" --num_processes 8 recipes/eval_mllm.py --tasks all --batch_size 8 --dtype bfloat16)
 # The Hub encoder Stage 1a composed: the export records it as the model card's base model.
 BASE_ENCODER="$(sed -n 's/^vision_model_name_or_path: *//p' "$STAGES_DIR/$PAIR/1a_projector.yaml")"
 

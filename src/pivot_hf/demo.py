@@ -147,17 +147,33 @@ def make_shapes_data(root: str | os.PathLike, num_images: int, seed: int) -> dic
 
 def make_probe_data(root: str | os.PathLike, num_train: int, num_test: int, seed: int) -> dict:
     """ImageFolder trees `by_<attribute>/{train,test}/<class>/<file>.png` of the same drawn images, labelled by
-    colour and by shape: the prototype probe's class means come from train, its accuracy from test."""
+    colour and by shape: the prototype probe's class means come from train, its accuracy from test.
+
+    Each split holds every colour and every shape (the probe refuses a test class without train images): where the
+    random draw missed one, as small counts can, an image of each missing class is added (from its own random
+    stream, so the draw itself does not change)."""
     root = Path(root)
     rng = random.Random(seed)
+    top_up = random.Random(seed + 1)
+
+    def save(image, split: str, i: int, shape: str, colour: str) -> None:
+        for attribute, label in (("colour", colour), ("shape", shape)):
+            folder = root / f"by_{attribute}" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{i:04d}_{colour}_{shape}.png")
+
     for split, count in (("train", num_train), ("test", num_test)):
+        seen = set()
         for i in range(count):
             shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-            image = _draw(shape, colour, rng)
-            for attribute, label in (("colour", colour), ("shape", shape)):
-                folder = root / f"by_{attribute}" / split / label
-                folder.mkdir(parents=True, exist_ok=True)
-                image.save(folder / f"{i:04d}_{colour}_{shape}.png")
+            save(_draw(shape, colour, rng), split, i, shape, colour)
+            seen |= {shape, colour}
+        missing_colours = [c for c in COLOURS if c not in seen]
+        missing_shapes = [s for s in SHAPES if s not in seen]
+        for j in range(max(len(missing_colours), len(missing_shapes))):
+            colour = missing_colours[j] if j < len(missing_colours) else top_up.choice(list(COLOURS))
+            shape = missing_shapes[j] if j < len(missing_shapes) else top_up.choice(SHAPES)
+            save(_draw(shape, colour, top_up), split, count + j, shape, colour)
     return {attribute: str(root / f"by_{attribute}") for attribute in ATTRIBUTES}
 
 
@@ -350,7 +366,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=3, help="Stage-2 seeds (each: its own rows and trainer seed).")
     parser.add_argument("--train_images", type=int, default=96, help="Images per training set (2 questions each).")
     parser.add_argument("--eval_images", type=int, default=48, help="Held-out images for the choice accuracy.")
-    parser.add_argument("--probe_images", type=int, default=120, help="Probe images per split (train and test).")
+    parser.add_argument(
+        "--probe_images",
+        type=int,
+        default=120,
+        help="Probe images per split (train and test; at least one of each colour and shape).",
+    )
     parser.add_argument("--stage1_steps", type=int, default=80, help="Projector-pretraining steps (once).")
     parser.add_argument("--stage2_steps", type=int, default=96, help="Steps of DPO and of the SFT control (the same).")
     parser.add_argument("--jobs", type=int, default=2, help="Training runs at once (one CPU thread each).")

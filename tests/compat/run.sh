@@ -17,8 +17,10 @@ cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 VENVS=${COMPAT_VENVS:-.venvs}
 ENDS=${COMPAT_ENDS:-lower newest}
-# The HF stack whose newest releases the `newest` end installs (torch: the CPU wheel only, see torch_spec).
-STACK="transformers trl accelerate datasets peft huggingface_hub tokenizers"
+# The HF stack whose newest releases the `newest` end installs (torch: the CPU wheel only, see torch_spec). kernels
+# (transformers' Hub kernels) and safetensors come with transformers; listed so that a reused venv gets theirs too and
+# a failure names them.
+STACK="transformers trl accelerate datasets peft huggingface_hub tokenizers kernels safetensors"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 mkdir -p "$VENVS"
 VENVS=$(cd "$VENVS" && pwd)
@@ -57,12 +59,15 @@ versions_against_lock() {
   # "transformers==5.26.0 (lock: 5.25.0), ..." for every package of the stack whose version is not the lock's.
   "$VENVS/compat-$1/bin/python" - "$STACK torch" <<'PY'
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 lock = dict(line.split("==") for line in open("requirements/lock.txt") if "==" in line and not line.startswith("#"))
 lock = {k.lower().replace("-", "_"): v.strip() for k, v in lock.items()}
 diff = []
 for name in sys.argv[1].split():
-    found = version(name.replace("_", "-"))
+    try:
+        found = version(name.replace("_", "-"))
+    except PackageNotFoundError:
+        found = "not installed"
     if found.split("+")[0] != lock.get(name, "").split("+")[0]:
         diff.append(f"{name}=={found} (lock: {lock.get(name, 'none')})")
 print(", ".join(diff) or "the lock's versions")
@@ -89,7 +94,7 @@ if [ -x "$VENVS/compat-lower/bin/python" ] && [ -x "$VENVS/compat-newest/bin/pyt
   start=$SECONDS
   if ! PIVOT_COMPAT_OTHER_PYTHON="$VENVS/compat-lower/bin/python" "$VENVS/compat-newest/bin/python" -m pytest \
       tests/test_compat.py -k across_versions -q -p no:cacheprovider -s; then
-    echo "compat: cross-version checkpoints FAILED" >&2
+    echo "compat: cross-version checkpoints FAILED; newest end: $(versions_against_lock newest)" >&2
     status=1
   fi
   echo "compat: cross-version checkpoints took $((SECONDS - start)) s"

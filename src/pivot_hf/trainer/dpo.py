@@ -17,7 +17,7 @@ from .adapters import preserved_requires_grad
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
 from .fast_dpo import FastDPOMixin
-from .model_loading import check_reference_model
+from .model_loading import check_reference_model, trl_reference_loads_like
 from .preflight import check_model_processor
 from .row_contract import RowContractMixin, with_datasets
 from .tunable import TunablePartsMixin, as_pivot_config
@@ -69,7 +69,9 @@ class PivotDPOTrainer(
             # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a
             # copy of the model as passed is the reference TRL means. (Precompute and PEFT need no separate model.)
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-        super().__init__(model, ref_model, args, *trainer_args, **kwargs)
+        # Where TRL still reloads the reference itself (ZeRO-3; FSDP with precompute), it gets the policy's Hub kernels.
+        with trl_reference_loads_like(model, args, DPOTrainer):
+            super().__init__(model, ref_model, args, *trainer_args, **kwargs)
         self._finish_tunable_parts()
         self._guard_collator()
         if is_peft_model(self.model) and self.ref_model is None and self.is_world_process_zero():

@@ -27,6 +27,7 @@ from ..configs import PivotScriptArguments, PivotTrainingFields, RecipeConfigErr
 from .adapters import preserved_requires_grad
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
+from .model_loading import trl_reference_loads_like
 from .rewards import (
     DEFAULT_FORMAT_PROMPT,
     REWARD_NAMES,
@@ -287,7 +288,8 @@ class PivotGRPOTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixi
 
     The tunable parts, per-part learning-rate groups and the end-of-run check that the vision tower changed are the
     SFT/DPO trainers' own (`TunablePartsMixin`). With `beta > 0`, TRL builds the KL reference by reloading the
-    policy's checkpoint (`model.config.name_or_path`), which `import pivot_hf` makes loadable as a Pivot model; with
+    policy's checkpoint (`model.config.name_or_path`), which `import pivot_hf` makes loadable as a Pivot model, with the
+    policy's Hub-kernels choice (`use_kernels`, not transformers' default); with
     `peft_config` it is the adapter-disabled policy, and the tunable parts without adapters train in full beside them.
     """
 
@@ -311,7 +313,9 @@ class PivotGRPOTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixi
         if reward_funcs is not None:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
             reward_funcs = [zero_reward_for_skipped_rows(f) for f in funcs]
-        super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
+        # With `beta > 0` TRL reloads the KL reference itself: it gets the policy's Hub kernels, not transformers' default.
+        with trl_reference_loads_like(model, args, GRPOTrainer):
+            super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
         self._finish_tunable_parts()
         self._guard_collator()
 

@@ -60,8 +60,8 @@ def reference_identity(model: torch.nn.Module | None, processor=None) -> dict:
     """Everything about the reference model and processor that changes cached reference log-probs.
 
     The weights' hash (`_hash_state`), the full model config (feature layer, projector, prefix tokens, ...), the
-    attention implementation and dtype, the image processor (size, mean, std, resampling, ...), the tokenizer and chat
-    template, and the versions of the libraries that do the math.
+    attention implementation and dtype, whether Hub kernels are on (`use_kernels`), the image processor (size, mean,
+    std, resampling, ...), the tokenizer and chat template, and the versions of the libraries that do the math.
     """
     import importlib.metadata as metadata
 
@@ -73,6 +73,15 @@ def reference_identity(model: torch.nn.Module | None, processor=None) -> dict:
             identity["config"] = _config_dict(config)
         param = next(model.parameters(), None)
         identity["dtype"] = str(param.dtype) if param is not None else None
+        from ..model_loading import uses_hub_kernels
+
+        if uses_hub_kernels(model):
+            # Hub kernels replace layers (RMSNorm, rotary, activations) with other numerics. Recorded only when on, so
+            # caches written without them keep their keys.
+            try:
+                identity["hub_kernels"] = {"kernels": metadata.version("kernels")}
+            except metadata.PackageNotFoundError:
+                identity["hub_kernels"] = {"kernels": None}
     if processor is not None:
         image_processor = getattr(processor, "image_processor", None)
         if image_processor is not None:
