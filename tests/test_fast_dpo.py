@@ -240,8 +240,8 @@ def test_gpu_benchmark_code_path_runs_on_cpu_with_a_tiny_config(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_throughput.py"
     summary = tmp_path / "summary.json"
     cmd = [sys.executable, str(script), "--setting", "gpu", "--tiny", "--repeats", "1", "--workdir", str(tmp_path)]
-    cmd += ["--check", "--threads", "1"]
-    result = subprocess.run(cmd + ["--json", str(summary)], capture_output=True, text=True, timeout=600)
+    cmd += ["--check"]
+    result = subprocess.run(cmd + ["--json", str(summary)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("--check: ") and lines[-1].endswith("ok")
@@ -253,7 +253,7 @@ def test_gpu_benchmark_code_path_runs_on_cpu_with_a_tiny_config(tmp_path):
     assert report["vision_blocks_run"]["stock"] == report["vision_blocks_run"]["ours"] == 2
     assert report["stock_options"]["precompute_ref_log_probs"].startswith("refused")
     rows = report["runs"][0]["3"]
-    assert set(rows) == {"stock", "ours"} and report["threads"] == 1
+    assert set(rows) == {"stock", "ours"} and report["threads"] >= 1
     assert rows["stock"]["losses"] == pytest.approx(rows["ours"]["losses"], rel=1e-5)
     assert set(report["by_epochs"]) == {"1", "3"}
 
@@ -552,8 +552,7 @@ def test_pair_blocks_in_bf16_are_as_exact_as_the_plain_path(tiny):
     model = _model(path).to(torch.bfloat16)
     bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
     plain = _logps_and_grads(model, bf16, position_ids=_plain_positions(batch))
-    install_pair_forward(model, padding_free=True)
-    with compact_lm_head_scoring(True):
+    with paired_forward(model, padding_free=True), compact_lm_head_scoring(True):
         fast = _logps_and_grads(model, bf16)
     assert fast[0].dtype == torch.bfloat16 or fast[0].dtype == torch.float32
     assert fast[1].keys() == plain[1].keys() == truth[1].keys()

@@ -64,6 +64,23 @@ def test_deepspeed_precision_must_match_the_recipe(launcher, args, ok, monkeypat
             check_launch(args)
 
 
+@pytest.mark.parametrize("bf16,refused", [({"enabled": "auto"}, False), ({"enabled": True}, True), (None, False)])
+def test_deepspeed_json_precision_is_what_counts(bf16, refused, monkeypatch, tmp_path):
+    """With a DeepSpeed JSON (`deepspeed_config_file`) its own bf16/fp16 blocks decide; "auto" follows the recipe."""
+    import json
+
+    config = {"zero_optimization": {"stage": 3}, **({"bf16": bf16} if bf16 else {})}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    if refused:
+        with pytest.raises(RecipeConfigError, match='mixed_precision: bf16.*"enabled": "auto"'):
+            check_launch(_Args(bf16=False))
+    else:
+        check_launch(_Args(bf16=False))
+
+
 def test_deepspeed_without_cuda_needs_use_cpu(monkeypatch):
     import torch
 

@@ -246,6 +246,12 @@ class PivotModelConfig(ModelConfig):
                 f"lora_target_parts={self.lora_target_parts} must list one or more of {list(TUNABLE_PARTS)}."
             )
         check_quantization(self)
+        if self.use_peft and not self.model_name_or_path:
+            raise RecipeConfigError(
+                "`use_peft: true` needs `model_name_or_path` (a Pivot checkpoint): the adapter it saves is loaded onto "
+                "that base checkpoint, and a newly composed MLLM has none. Fix: save the composed model first (e.g. "
+                "the Stage-1 output) and continue from it with `use_peft`."
+            )
         has_ckpt = bool(self.model_name_or_path)
         has_pair = bool(self.vision_model_name_or_path) or bool(self.text_model_name_or_path)
         if has_ckpt and has_pair:
@@ -274,22 +280,18 @@ _BNB_4BIT_DEFAULTS = {
 def check_quantization(model_args) -> None:
     """`load_in_4bit` / `load_in_8bit` (bitsandbytes) are honoured on CUDA with `use_peft` (QLoRA); anything else is
     refused here, when the recipe is parsed: before a weight is loaded."""
+    bnb_4bit = [k for k, default in _BNB_4BIT_DEFAULTS.items() if getattr(model_args, k) != default]
+    if bnb_4bit and not model_args.load_in_4bit:
+        raise RecipeConfigError(
+            f"{bnb_4bit} only apply with `load_in_4bit: true`, which is not set. Fix: remove them, or set "
+            "`load_in_4bit: true` (QLoRA, CUDA only)."
+        )
     keys = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(model_args, k, False)]
     if not keys:
-        bnb_4bit = [k for k, default in _BNB_4BIT_DEFAULTS.items() if getattr(model_args, k) != default]
-        if bnb_4bit:
-            raise RecipeConfigError(
-                f"{bnb_4bit} only apply with `load_in_4bit: true`, which is not set. Fix: remove them, or set "
-                "`load_in_4bit: true` (QLoRA, CUDA only)."
-            )
         return
     if len(keys) > 1:
         raise RecipeConfigError("`load_in_4bit` and `load_in_8bit` are both set. Fix: choose one.")
     key = keys[0]
-    if key == "load_in_8bit":
-        bnb_4bit = [k for k, default in _BNB_4BIT_DEFAULTS.items() if getattr(model_args, k) != default]
-        if bnb_4bit:
-            raise RecipeConfigError(f"{bnb_4bit} only apply with `load_in_4bit: true`. Fix: remove them.")
     if not is_torch_cuda_available():
         raise RecipeConfigError(
             f"`{key}: true` quantizes the model with bitsandbytes, which needs a CUDA GPU, and none is visible on this "

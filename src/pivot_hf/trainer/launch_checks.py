@@ -44,16 +44,35 @@ def check_launch(args) -> None:
         _check_cpu_flag_kept_config()
 
 
+def _deepspeed_json_disagrees(recipe: str) -> str | None:
+    """The precision a DeepSpeed JSON (`deepspeed_config_file`) fixes against the recipe's, or None where it agrees
+    or leaves it open: transformers compares only the `bf16`/`fp16` `enabled` values the JSON sets (not "auto")."""
+    import json
+
+    with open(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"], encoding="utf-8") as f:
+        config = json.load(f)
+    for key in ("bf16", "fp16"):
+        enabled = (config.get(key) or {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (recipe == key):
+            return key if enabled else "no"
+    return None
+
+
 def _check_deepspeed_precision(args) -> None:
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     recipe = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
+    ds_json = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if os.path.isfile(ds_json):
+        launcher = _deepspeed_json_disagrees(recipe) or recipe
+        fix_launch = f'set `"enabled": "auto"` in the bf16/fp16 blocks of {ds_json}'
+    else:  # accelerate writes `mixed_precision` into the DeepSpeed config it builds
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        fix_launch = f"launch with `--mixed_precision {recipe}`"
     if launcher != recipe:
         fix_recipe = f"`{launcher}: true` in the recipe" if launcher != "no" else "`bf16: false` and `fp16: false`"
         raise RecipeConfigError(
             f"The accelerate config launches DeepSpeed with `mixed_precision: {launcher}` but the recipe trains with "
             f"{'`' + recipe + ': true`' if recipe != 'no' else '`bf16: false`'}; DeepSpeed would refuse the mismatch "
-            f"after both models loaded. Fix: launch with `--mixed_precision {recipe}`, or set {fix_recipe}. "
-            + _CPU_LAUNCH
+            f"after both models loaded. Fix: {fix_launch}, or set {fix_recipe}. " + _CPU_LAUNCH
         )
 
 

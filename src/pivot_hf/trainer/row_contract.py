@@ -10,7 +10,9 @@ a row that becomes unreadable later is skipped at collate time, never fatal.
   micro-batch left empty is replaced by a *fallback* row whose loss is multiplied by 0: every rank still runs one
   forward and backward per micro-batch (DDP / ZeRO-3 collectives stay in step), and the update is that of the
   remaining rows only. (An SFT fallback carries no label token, so the Trainer's token count of the accumulation
-  window is unchanged; a DPO fallback's reward metrics enter that step's logged means.)
+  window is unchanged; a DPO fallback's reward metrics enter that step's logged means.) GRPO batches are groups of
+  generations spread over ranks, so there the row is replaced by the fallback row instead and every reward of it is
+  0 (`zero_reward_for_skipped_rows`): equal rewards in its group, zero advantage, no update from it.
 - `DataReportCallback` gathers the collate-time skips of every rank at each save and at the end of training, and
   rank 0 rewrites `data_report.json` atomically: what was written before is never lost.
 """

@@ -2,7 +2,9 @@
 
 `TunablePartsMixin` is mixed into both pivot trainers ahead of TRL's trainer:
 - at construction, `args.tunable_parts` becomes `requires_grad` (vision-tower weights that no gradient can reach from
-  the feature layer stay frozen, or DDP would wait for their gradients forever) and the trainable split is logged;
+  the feature layer stay frozen, or DDP would wait for their gradients forever); with a `peft_config` the tunable
+  parts without adapters are added to PEFT's `modules_to_save` (`adapters.complete_lora_config`), and once the parent
+  has wrapped the model what was frozen is frozen again and the trainable split of the wrapped model is logged;
 - `create_optimizer` builds one parameter group per part with its own learning rate. The optimizer is always built by
   the Trainer (never by DeepSpeed from its JSON), so the groups survive DDP, ZeRO-2/3 and FSDP2; the LR scheduler
   scales each group's own initial LR. This is where LLaVA-NeXT's separate vision LR was silently lost;
