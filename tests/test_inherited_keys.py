@@ -114,3 +114,21 @@ def test_recipe_refuses_a_refused_key_before_loading(tmp_path, monkeypatch):
     argv = ["--model_name_or_path", "x", "--dataset_name", "x", "--output_dir", str(tmp_path)]
     with pytest.raises(RecipeConfigError, match="`dataset_streaming`"):
         dpo_main(argv + ["--dataset_streaming", "true"])
+
+
+@pytest.mark.parametrize(
+    "trl_cls, pivot_cls",
+    [(trl.DPOConfig, PivotDPOConfig), (trl.SFTConfig, PivotSFTConfig), (trl.GRPOConfig, PivotGRPOConfig)],
+    ids=lambda c: c.__name__,
+)
+def test_a_built_trl_config_is_accepted_and_its_refused_keys_still_refused(trl_cls, pivot_cls, tmp_path):
+    """A TRL config passed to a Pivot trainer already ran TRL's `__post_init__`, which resolves some defaults
+    (`pad_to_multiple_of="auto"` -> None): those are still defaults, while a refused key set by the user is not."""
+    from pivot_hf.trainer.tunable import as_pivot_config
+
+    placement = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    assert isinstance(as_pivot_config(trl_cls(**placement), pivot_cls), pivot_cls)
+    refused = [f.name for f in dataclasses.fields(pivot_cls) if decision(pivot_cls, f.name).status == REFUSED]
+    name = "pad_to_multiple_of" if "pad_to_multiple_of" in refused else refused[0]
+    with pytest.raises(RecipeConfigError, match=f"`{name}`: not supported"):
+        as_pivot_config(trl_cls(**placement, **{name: decision(pivot_cls, name).example}), pivot_cls)

@@ -244,8 +244,13 @@ def check_keys(config) -> None:
 
     problems = []
     cls = type(config)
+    # Set while converting a TRL config that already ran its `__post_init__`: the values its defaults resolved to.
+    resolved = getattr(config, "_pivot_resolved_defaults", None) or {}
     for f in dataclasses.fields(cls):
-        if not f.init or _is_default(getattr(config, f.name, None), _default(f)):
+        value = getattr(config, f.name, None)
+        if not f.init or _is_default(value, _default(f)):
+            continue
+        if f.name in resolved and _is_default(value, resolved[f.name]):
             continue
         found = decision(cls, f.name)
         if found is None:

@@ -168,8 +168,27 @@ def as_pivot_config(args, pivot_cls):
         if f.init and not hasattr(converted, f.name):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             setattr(converted, f.name, default)
-    converted._pivot_post_init()
+    # `args` already ran TRL's `__post_init__`, which resolves some defaults to derived values (DPOConfig's
+    # `pad_to_multiple_of="auto"` -> None on CPU/GPU). Those are still the user's defaults: a TRL config built with
+    # only the same placement keys says what each default resolved to, and the key check accepts that value too.
+    converted._pivot_resolved_defaults = _resolved_defaults(trl_cls, args)
+    try:
+        converted._pivot_post_init()
+    finally:
+        del converted._pivot_resolved_defaults
     return converted
+
+
+def _resolved_defaults(trl_cls, args) -> dict:
+    """Field values of a `trl_cls` built with defaults (and `args`' placement keys), after its `__post_init__`."""
+    import dataclasses
+
+    placement = {k: getattr(args, k) for k in ("output_dir", "use_cpu", "bf16", "fp16") if hasattr(args, k)}
+    try:
+        reference = trl_cls(**placement)
+    except Exception:  # a default that cannot be built here: fall back to the declared defaults only
+        return {}
+    return {f.name: getattr(reference, f.name) for f in dataclasses.fields(trl_cls) if f.init}
 
 
 class TunablePartsMixin:
