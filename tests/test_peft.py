@@ -299,3 +299,20 @@ def test_full_parts_keep_their_dtype_after_a_qlora_style_cast(tiny):
 def test_peft_without_a_base_checkpoint_is_refused():
     with pytest.raises(RecipeConfigError, match="`use_peft: true` needs `model_name_or_path`"):
         PivotModelConfig(vision_model_name_or_path="v", text_model_name_or_path="t", use_peft=True)
+
+
+def test_a_part_trained_in_full_beside_adapters_is_logged_at_its_own_size(tmp_path):
+    """PEFT keeps a frozen original beside the trained copy of a `modules_to_save` part; the split counts the part
+    once, so a projector trained in full reads 100%, not 50%."""
+    from peft import get_peft_model
+
+    from pivot_hf.testing import build_tiny_pivot
+
+    model = PivotForConditionalGeneration.from_pretrained(build_tiny_pivot(tmp_path / "tiny"))
+    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    wrapped = get_peft_model(
+        model,
+        LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj", modules_to_save=["multi_modal_projector"]),
+    )
+    split = trainable_split(wrapped)
+    assert split["projector"] == {"total": projector, "trainable": projector}
