@@ -472,22 +472,6 @@ class PivotModel(PivotPreTrainedModel, LlavaModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
-        pair_forward = getattr(self, "pair_forward", None)
-        plain_inputs = cache is None and image_features is None and inputs_embeds is None
-        if pair_forward is not None and plain_inputs and mm_encoder_outputs is None:
-            # Installed at runtime by pivot_hf's DPO trainer (a plain attribute, so checkpoints never depend on it):
-            # chosen and rejected rows of a preference pair share their image and prompt, computed once.
-            return pair_forward(
-                self,
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                pixel_attention_mask=pixel_attention_mask,
-                spatial_shapes=spatial_shapes,
-                vision_feature_layer=vision_feature_layer,
-                **kwargs,
-            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 

@@ -300,20 +300,6 @@ def zero_reward_for_skipped_rows(reward_func):
     return reward
 
 
-def with_datasets(trainer_args: tuple, kwargs: dict, train_index: int, train_dataset, eval_dataset):
-    """`(trainer_args, kwargs)` with the checked datasets where the caller put them (keyword or TRL's position
-    `train_index`, the eval dataset right after it)."""
-    trainer_args, kwargs = list(trainer_args), dict(kwargs)
-    for offset, (name, value) in enumerate((("train_dataset", train_dataset), ("eval_dataset", eval_dataset))):
-        if name in kwargs:
-            kwargs[name] = value
-        elif len(trainer_args) > train_index + offset:
-            trainer_args[train_index + offset] = value
-        elif value is not None:
-            kwargs[name] = value
-    return tuple(trainer_args), kwargs
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -323,6 +309,5 @@ __all__ = [
     "DataReportCallback",
     "RowContractMixin",
     "attach_report",
-    "with_datasets",
     "zero_reward_for_skipped_rows",
 ]
