@@ -11,16 +11,19 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_pivot import PivotConfig
-from .modeling_pivot import PivotForConditionalGeneration, PivotModel, encode_images
-from .processing_pivot import PivotProcessor
 from .versions import warn_if_untested_versions
 
 
-__version__ = "0.1.0.dev0"
-
-# Newer-than-tested releases are kept (setup.py bounds stop at the next major), so say so once.
+# Newer-than-tested releases are kept (setup.py bounds stop at the next major): one warning names them all, before
+# the model files are imported (their own transformers warning, for remote code, then stays silent).
 warn_if_untested_versions()
+
+from .configuration_pivot import PivotConfig  # noqa: E402
+from .modeling_pivot import PivotForConditionalGeneration, PivotModel, encode_images  # noqa: E402
+from .processing_pivot import PivotProcessor  # noqa: E402
+
+
+__version__ = "0.1.0.dev0"
 
 AutoConfig.register("pivot", PivotConfig, exist_ok=True)
 AutoModel.register(PivotConfig, PivotModel, exist_ok=True)
