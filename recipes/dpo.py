@@ -23,7 +23,9 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-from pivot_hf.configs import PivotDPOConfig, PivotModelConfig, PivotScriptArguments, start_recipe  # noqa: E402
+from transformers import set_seed  # noqa: E402
+
+from pivot_hf.configs import PivotDPOConfig, PivotModelConfig, PivotScriptArguments, parse_recipe_args  # noqa: E402
 from pivot_hf.trainer import (  # noqa: E402
     PivotDPOTrainer,
     apply_projector_init,
@@ -32,6 +34,7 @@ from pivot_hf.trainer import (  # noqa: E402
 )
 from pivot_hf.trainer.adapters import lora_config_from_model_args  # noqa: E402
 from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
+from pivot_hf.trainer.logging_setup import setup_logging  # noqa: E402
 from pivot_hf.trainer.preflight import load_checked_processor  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
@@ -40,9 +43,11 @@ logger = logging.getLogger("pivot_hf.recipes.dpo")
 
 
 def main(argv=None):
-    script_args, model_args, training_args = start_recipe(
+    script_args, model_args, training_args = parse_recipe_args(
         [PivotScriptArguments, PivotModelConfig, PivotDPOConfig], argv
     )
+    setup_logging(training_args)
+    set_seed(training_args.seed)
 
     # Everything that can be checked without weights (configs, processor, learning rates, DeepSpeed/FSDP setup) is
     # checked before a weight or an image is loaded.
@@ -77,4 +82,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # accelerate's documented end of a script: leave the process group on every rank (a rank that exits without it
+    # can abort in its C++ teardown while another rank is still writing).
+    main(sys.argv[1:]).accelerator.end_training()

@@ -19,7 +19,9 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-from pivot_hf.configs import PivotModelConfig, start_recipe  # noqa: E402
+from transformers import set_seed  # noqa: E402
+
+from pivot_hf.configs import PivotModelConfig, parse_recipe_args  # noqa: E402
 from pivot_hf.trainer import load_model  # noqa: E402
 from pivot_hf.trainer.adapters import lora_config_from_model_args  # noqa: E402
 from pivot_hf.trainer.grpo import (  # noqa: E402
@@ -29,6 +31,7 @@ from pivot_hf.trainer.grpo import (  # noqa: E402
     build_reward_funcs,
     load_grpo_dataset,
 )
+from pivot_hf.trainer.logging_setup import setup_logging  # noqa: E402
 from pivot_hf.trainer.preflight import load_checked_processor  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
@@ -37,9 +40,11 @@ logger = logging.getLogger("pivot_hf.recipes.grpo")
 
 
 def main(argv=None):
-    script_args, model_args, training_args = start_recipe(
+    script_args, model_args, training_args = parse_recipe_args(
         [PivotGRPOScriptArguments, PivotModelConfig, PivotGRPOConfig], argv
     )
+    setup_logging(training_args)
+    set_seed(training_args.seed)
 
     # Config-only checks first, then the data (cheap), then the weights.
     processor = load_checked_processor(model_args, training_args)
@@ -79,4 +84,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # accelerate's documented end of a script: leave the process group on every rank (a rank that exits without it
+    # can abort in its C++ teardown while another rank is still writing).
+    main(sys.argv[1:]).accelerator.end_training()

@@ -18,11 +18,14 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, start_recipe  # noqa: E402
+from transformers import set_seed  # noqa: E402
+
+from pivot_hf.configs import PivotModelConfig, PivotScriptArguments, PivotSFTConfig, parse_recipe_args  # noqa: E402
 from pivot_hf.trainer import PivotSFTTrainer, apply_projector_init, load_model  # noqa: E402
 from pivot_hf.trainer.adapters import lora_config_from_model_args  # noqa: E402
 from pivot_hf.trainer.collators import AssistantTurnsVisionCollator  # noqa: E402
 from pivot_hf.trainer.data_prep import load_training_data  # noqa: E402
+from pivot_hf.trainer.logging_setup import setup_logging  # noqa: E402
 from pivot_hf.trainer.preflight import load_checked_processor  # noqa: E402
 from pivot_hf.trainer.reporting import save_run_summary  # noqa: E402
 
@@ -31,9 +34,11 @@ logger = logging.getLogger("pivot_hf.recipes.sft")
 
 
 def main(argv=None):
-    script_args, model_args, training_args = start_recipe(
+    script_args, model_args, training_args = parse_recipe_args(
         [PivotScriptArguments, PivotModelConfig, PivotSFTConfig], argv
     )
+    setup_logging(training_args)
+    set_seed(training_args.seed)
 
     # Everything that can be checked without weights (configs, processor, learning rates, DeepSpeed/FSDP setup) is
     # checked before a weight or an image is loaded.
@@ -64,4 +69,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # accelerate's documented end of a script: leave the process group on every rank (a rank that exits without it
+    # can abort in its C++ teardown while another rank is still writing).
+    main(sys.argv[1:]).accelerator.end_training()

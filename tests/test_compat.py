@@ -111,21 +111,28 @@ def test_newer_than_tested_releases_are_named_in_one_message():
     assert untested_versions_message({"trl": "1.16.3", "torch": "2.13.0+cpu"}) is None
 
 
-def test_import_warns_once_about_a_newer_release(tmp_path):
-    """A trl newer than tested (its metadata found first on sys.path): `import pivot_hf` warns once, naming it."""
+def test_import_warns_once_about_newer_releases(tmp_path):
+    """trl and transformers newer than tested (trl's metadata found first on sys.path, transformers' version as the
+    model files read it): `import pivot_hf` gives ONE warning naming both, not a second one from the model files."""
     dist = tmp_path / "trl-1.99.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: trl\nVersion: 1.99.0\n")
+    dist = tmp_path / "transformers-5.99.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 5.99.0\n")
     script = (
-        "import warnings\n"
+        "import warnings, transformers\n"
+        "transformers.__version__ = '5.99.0'\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    import pivot_hf, importlib; importlib.reload(pivot_hf)\n"
-        "print('WARNINGS', sum('not been tested with trl 1.99.0' in str(w.message) for w in caught))\n"
+        "    import pivot_hf\n"
+        "ours = [str(w.message) for w in caught if 'tested' in str(w.message)]\n"
+        "print('WARNINGS', len(ours))\n"
+        "print('BOTH', all(name in ours[0] for name in ('trl 1.99.0', 'transformers 5.99.0')))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "src")])}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
-    assert "WARNINGS 1" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "WARNINGS 1" in result.stdout and "BOTH True" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(

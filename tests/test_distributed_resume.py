@@ -70,7 +70,7 @@ def test_main_process_failure_reaches_the_broadcast_so_no_rank_waits(bad_value, 
 
     import accelerate.utils
 
-    from pivot_hf.checkpointing import AtomicCheckpointMixin
+    from pivot_hf.trainer.checkpointing import AtomicCheckpointMixin
 
     broadcasts = []
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import transformers
 from packaging.version import Version
-from transformers import AutoModel, AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
 from pivot_hf import PivotForConditionalGeneration
 from pivot_hf.configs import PivotModelConfig
@@ -168,3 +168,27 @@ def test_reference_cache_key_tells_hub_kernels_apart(tiny_pivot_factory, one_tor
     assert "hub_kernels" not in without  # caches written without Hub kernels keep their keys
     assert "hub_kernels" in with_kernels  # so a cache computed without them is not reused with them, nor back
     assert {k: v for k, v in with_kernels.items() if k != "hub_kernels"} == without
+
+
+@pytest.mark.skipif(not KERNELS_BY_DEFAULT, reason="Hub kernels need transformers >= 5.25 and the `kernels` package")
+def test_composition_with_hub_kernels_kernelizes_the_whole_model(tiny_pivot_factory, one_torch_thread):
+    """`from_vision_text_pretrained(..., use_kernels=True)` used to kernelize the two parts on their own, and the LLM's
+    flag stayed on its discarded CausalLM wrapper: the LLM never re-kernelized for training. Now the composed model is
+    kernelized as `from_pretrained(checkpoint, use_kernels=True)` is; `from_vision_text_models` decides too."""
+    parts = Path(tiny_pivot_factory("siglip") + "-parts")
+    vision, text = parts / "vision-siglip", parts / "llm-qwen2"
+    model = PivotForConditionalGeneration.from_vision_text_pretrained(vision, text, use_kernels=True)
+    assert _kernelized(model) == ["<root>"]
+    model.train()
+    assert str(model.kernels_mode).endswith("TRAINING")
+    loaded = {
+        "vision_tower": AutoModel.from_pretrained(vision),
+        "language_model": AutoModelForCausalLM.from_pretrained(text),
+    }
+    assert all(m.use_kernels for m in loaded.values())  # transformers' default
+    assert (
+        _kernelized(PivotForConditionalGeneration.from_vision_text_models(*loaded.values(), use_kernels=False)) == []
+    )
+    loaded = [AutoModel.from_pretrained(vision, use_kernels=False), AutoModelForCausalLM.from_pretrained(text)]
+    composed = PivotForConditionalGeneration.from_vision_text_models(*loaded, use_kernels=True)
+    assert _kernelized(composed) == ["<root>"]

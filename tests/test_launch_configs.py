@@ -40,8 +40,10 @@ def test_every_shipped_config_is_launched_by_a_test():
 
 
 class _Args:
-    def __init__(self, bf16=False, fp16=False, use_cpu=True):
+    def __init__(self, bf16=False, fp16=False, use_cpu=True, batch=1, accumulation=1, max_grad_norm=1.0):
         self.bf16, self.fp16, self.use_cpu = bf16, fp16, use_cpu
+        self.per_device_train_batch_size, self.gradient_accumulation_steps = batch, accumulation
+        self.max_grad_norm = max_grad_norm
 
 
 @pytest.mark.parametrize(
@@ -61,6 +63,52 @@ def test_deepspeed_precision_must_match_the_recipe(launcher, args, ok, monkeypat
         check_launch(args)
     else:
         with pytest.raises(RecipeConfigError, match=f"mixed_precision: {launcher}.*--mixed_precision"):
+            check_launch(args)
+
+
+@pytest.mark.parametrize("bf16,refused", [({"enabled": "auto"}, False), ({"enabled": True}, True), (None, False)])
+def test_deepspeed_json_precision_is_what_counts(bf16, refused, monkeypatch, tmp_path):
+    """With a DeepSpeed JSON (`deepspeed_config_file`) its own bf16/fp16 blocks decide; "auto" follows the recipe."""
+    import json
+
+    config = {"zero_optimization": {"stage": 3}, **({"bf16": bf16} if bf16 else {})}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    if refused:
+        with pytest.raises(RecipeConfigError, match='mixed_precision: bf16.*"enabled": "auto"'):
+            check_launch(_Args(bf16=False))
+    else:
+        check_launch(_Args(bf16=False))
+
+
+@pytest.mark.parametrize(
+    "values,refused",
+    [
+        ({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}, None),
+        ({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "train_batch_size": 16}, None),
+        ({"train_micro_batch_size_per_gpu": 4, "train_batch_size": "auto"}, "train_micro_batch_size_per_gpu: 4"),
+        ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps: 8"),
+        ({"train_batch_size": 256}, "train_batch_size: 256.*x 2 processes = 16"),
+        ({"gradient_clipping": 0.5}, "gradient_clipping: 0.5.*max_grad_norm = 1.0"),
+    ],
+)
+def test_deepspeed_json_batch_values_must_match_the_recipe(values, refused, monkeypatch, tmp_path):
+    """A DeepSpeed JSON's fixed batch / clipping values that disagree with the recipe are refused before any weight
+    loads (else DeepSpeed's train_batch_size assertion fires after both models loaded); "auto" follows the recipe."""
+    import json
+
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, **values}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = _Args(batch=2, accumulation=4)
+    if refused is None:
+        check_launch(args)
+    else:
+        with pytest.raises(RecipeConfigError, match=f'{refused}.*"auto"'):
             check_launch(args)
 
 

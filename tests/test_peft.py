@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForImageTextToText
 
 import pivot_hf  # noqa: F401  (registers the Auto classes)
 from pivot_hf import PivotForConditionalGeneration, PivotProcessor
-from pivot_hf.configs import TUNABLE_PARTS, PivotDPOConfig, RecipeConfigError
+from pivot_hf.configs import TUNABLE_PARTS, PivotDPOConfig, PivotModelConfig, RecipeConfigError
 from pivot_hf.data import load_pivot_dataset
 from pivot_hf.export import export_encoder, merge_adapter, merge_adapter_checkpoint
 from pivot_hf.trainer import PivotDPOTrainer, trainable_split
@@ -294,3 +294,8 @@ def test_full_parts_keep_their_dtype_after_a_qlora_style_cast(tiny):
     for name, param in peft_model.named_parameters():
         expected = torch.bfloat16 if ".lora_" in name else dtypes[base_parameter_name(name)]
         assert param.dtype == expected, name
+
+
+def test_peft_without_a_base_checkpoint_is_refused():
+    with pytest.raises(RecipeConfigError, match="`use_peft: true` needs `model_name_or_path`"):
+        PivotModelConfig(vision_model_name_or_path="v", text_model_name_or_path="t", use_peft=True)

@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from pivot_hf import checkpointing
+from pivot_hf.trainer import checkpointing
 from pivot_hf.trainer.checkpointing import (
     CHECKPOINT_MARKER,
     AtomicCheckpointMixin,

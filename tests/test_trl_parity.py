@@ -302,7 +302,7 @@ def test_a_plain_trl_config_keeps_its_values_and_gets_the_pivot_defaults(models,
     from trl import DPOConfig, GRPOConfig
 
     from pivot_hf.configs import PivotDPOConfig
-    from pivot_hf.grpo import PivotGRPOConfig
+    from pivot_hf.trainer.grpo import PivotGRPOConfig
 
     for kind, data, trl_cls, pivot_cls in (
         ("dpo", "image", DPOConfig, PivotDPOConfig),

@@ -26,7 +26,7 @@ def _minor_version(version: str) -> tuple[int, int]:
 
 def untested_transformers_message(version: str | None = None) -> str | None:
     """The warning for a transformers `version` (default: the installed one) outside `TESTED_TRANSFORMERS_RANGE`, or
-    None inside it. Pre-releases of the upper minor (`5.25.0.dev0`) are outside: nothing of them was tested."""
+    None inside it. Pre-releases of the upper minor (`5.26.0.dev0`) are outside: nothing of them was tested."""
     version = transformers.__version__ if version is None else version
     lower, upper = TESTED_TRANSFORMERS_RANGE
     if _minor_version(lower) <= _minor_version(version) < _minor_version(upper):

@@ -484,22 +484,6 @@ class PivotModel(PivotPreTrainedModel, LlavaModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
-        pair_forward = getattr(self, "pair_forward", None)
-        plain_inputs = cache is None and image_features is None and inputs_embeds is None
-        if pair_forward is not None and plain_inputs and mm_encoder_outputs is None:
-            # Installed at runtime by pivot_hf's DPO trainer (a plain attribute, so checkpoints never depend on it):
-            # chosen and rejected rows of a preference pair share their image and prompt, computed once.
-            return pair_forward(
-                self,
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                pixel_attention_mask=pixel_attention_mask,
-                spatial_shapes=spatial_shapes,
-                vision_feature_layer=vision_feature_layer,
-                **kwargs,
-            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -693,13 +677,14 @@ class PivotForConditionalGeneration(PivotPreTrainedModel, GenerationMixin):
         `image_token`, when given, must agree with that tokenizer (`ValueError` naming both otherwise); only when the
         text folder has no tokenizer is `image_token_index` used as given (default: appended after the vocabulary).
 
-        `use_kernels` is handed to both sub-models' `from_pretrained` (transformers' Hub kernels). It defaults to
-        False here, whatever transformers' own default (True from 5.25): Hub kernels change the numbers and need the
-        Hub; pass True to opt in.
+        `use_kernels` (transformers' Hub kernels) defaults to False here, whatever transformers' own default (True
+        from 5.25): Hub kernels change the numbers and need the Hub; pass True to opt in. The parts load without them
+        and the composed model is kernelized as a whole, as `from_pretrained(checkpoint, use_kernels=True)` does (the
+        LLM's own kernelized wrapper is not kept, so it could not re-kernelize on `train()`/`eval()`).
         """
         vision_kwargs = dict(vision_kwargs or {})
         text_kwargs = dict(text_kwargs or {})
-        common = {"use_kernels": use_kernels}
+        common = {"use_kernels": False}
         if torch_dtype is not None:
             common["dtype"] = torch_dtype
         if attn_implementation is not None:
@@ -727,6 +712,7 @@ class PivotForConditionalGeneration(PivotPreTrainedModel, GenerationMixin):
             image_token_index=image_token_index,
             tokenizer=tokenizer,
             image_token=image_token,
+            use_kernels=use_kernels,
             **config_kwargs,
         )
 
@@ -740,13 +726,15 @@ class PivotForConditionalGeneration(PivotPreTrainedModel, GenerationMixin):
         image_token_index: int | None = None,
         tokenizer=None,
         image_token: str | None = None,
-        use_kernels: bool = False,
+        use_kernels: bool | None = None,
         **config_kwargs,
     ) -> "PivotForConditionalGeneration":
         """Compose from already-instantiated models (weights are moved, not copied).
 
         Image token and vocabulary as in `from_vision_text_pretrained`; without `tokenizer`, the one saved with the
-        language model (`name_or_path`) is used when there is one.
+        language model (`name_or_path`) is used when there is one. `use_kernels` (Hub kernels): True kernelizes the
+        composed model as a whole, False removes them from every part that came with them, None leaves the parts as
+        they were loaded.
         """
         if vision_feature_layer is None:
             # An exported PIVOT encoder records the layer it was trained at (-1 once truncated to it); else -2.
@@ -792,6 +780,12 @@ class PivotForConditionalGeneration(PivotPreTrainedModel, GenerationMixin):
         generation_config = getattr(language_model, "generation_config", None)
         if generation_config is not None:
             model.generation_config = copy.deepcopy(generation_config)
+        if use_kernels is not None:
+            for module in list(model.modules())[1:]:
+                if getattr(module, "use_kernels", False) is True:
+                    module.use_kernels = False  # transformers' reset: the torch implementations again
+            if use_kernels:
+                model.use_kernels = True  # kernelizes every layer, and re-kernelizes on train()/eval()
         return model
 
     def _init_projector(self):

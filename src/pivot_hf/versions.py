@@ -46,33 +46,39 @@ def pip_requirement(name: str, tested_range: tuple[str, str]) -> str:
     return f"{name}>={lower},<{major + 1 if minor > 0 else major}"
 
 
-def untested_versions(installed: dict[str, str] | None = None) -> dict[str, str]:
+def untested_versions(
+    installed: dict[str, str] | None = None, ranges: dict[str, tuple[str, str]] | None = None
+) -> dict[str, str]:
     """`{package: installed version}` for every ranged package installed at a version newer than its tested range.
 
     `installed` (default: read from package metadata) maps package names to versions; missing packages are skipped.
+    `ranges` defaults to `TESTED_RANGES`.
     """
+    ranges = TESTED_RANGES if ranges is None else ranges
     if installed is None:
         installed = {}
-        for name in TESTED_RANGES:
+        for name in ranges:
             try:
                 installed[name] = version(name.replace("_", "-"))
             except PackageNotFoundError:
                 continue
     newer = {}
     for name, found in installed.items():
-        if name in TESTED_RANGES and _release(found)[:2] >= _release(TESTED_RANGES[name][1])[:2]:
+        if name in ranges and _release(found)[:2] >= _release(ranges[name][1])[:2]:
             newer[name] = found
     return newer
 
 
-def untested_versions_message(installed: dict[str, str] | None = None) -> str | None:
+def untested_versions_message(
+    installed: dict[str, str] | None = None, ranges: dict[str, tuple[str, str]] | None = None
+) -> str | None:
     """The warning for packages newer than the tested range, or None when every installed one is inside it."""
-    newer = untested_versions(installed)
+    ranges = TESTED_RANGES if ranges is None else ranges
+    newer = untested_versions(installed, ranges)
     if not newer:
         return None
     found = ", ".join(
-        f"{name} {found} (tested >={TESTED_RANGES[name][0]},<{TESTED_RANGES[name][1]})"
-        for name, found in sorted(newer.items())
+        f"{name} {found} (tested >={ranges[name][0]},<{ranges[name][1]})" for name, found in sorted(newer.items())
     )
     return (
         f"pivot-hf has not been tested with {found}. They are used as installed (pip does not downgrade them); if "
@@ -82,11 +88,26 @@ def untested_versions_message(installed: dict[str, str] | None = None) -> str | 
 
 
 def warn_if_untested_versions() -> None:
-    """Warn once per process (at `import pivot_hf`) about packages newer than the tested range."""
-    message = untested_versions_message()
-    if message is None or getattr(sys, "_pivot_untested_versions_warned", False):
+    """Warn once per process (at `import pivot_hf`) about every package newer than its tested range, transformers
+    included; the model files' own transformers warning (for checkpoints loaded as remote code) is then not repeated.
+    """
+    from .configuration_pivot import TESTED_TRANSFORMERS_RANGE
+
+    if getattr(sys, "_pivot_untested_versions_warned", False):
+        return
+    installed = {}
+    for name in ("transformers", *TESTED_RANGES):
+        try:
+            installed[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            continue
+    ranges = {"transformers": TESTED_TRANSFORMERS_RANGE, **TESTED_RANGES}
+    message = untested_versions_message(installed, ranges)
+    if message is None:
         return
     sys._pivot_untested_versions_warned = True
+    if "transformers" in untested_versions(installed, ranges):
+        sys._pivot_untested_transformers_warned = True  # the flag configuration_pivot.py reads
     warnings.warn(message, UserWarning, stacklevel=3)
 
 

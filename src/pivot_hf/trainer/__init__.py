@@ -1,5 +1,6 @@
 """Training: the Pivot SFT / DPO trainers (TRL subclasses), tunable parts, and model building from recipe args."""
 
+from .base import PivotTrainerMixin
 from .dpo import PivotDPOTrainer
 from .model_loading import (
     apply_projector_init,
@@ -18,6 +19,7 @@ from .tunable import TunablePartsMixin, apply_tunable_parts, checksums, part_of,
 __all__ = [
     "PivotDPOTrainer",
     "PivotSFTTrainer",
+    "PivotTrainerMixin",
     "TunablePartsMixin",
     "apply_projector_init",
     "apply_tunable_parts",

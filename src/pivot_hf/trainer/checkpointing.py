@@ -9,7 +9,9 @@ leaves a "latest" checkpoint that `--resume_from_checkpoint true` picks and then
 `AtomicCheckpointMixin` (mixed in ahead of the TRL trainer class) changes three things, narrowly:
 
 1. Save: the stock `_save_checkpoint` (and every mixin after us in the MRO) writes into a staging folder
-   `<output_dir>/.tmp-checkpoint-N/checkpoint-N`, redirected through `_get_output_dir`. When it returns, every file is
+   `<output_dir>/.tmp-checkpoint-N/checkpoint-N`, redirected through `_get_output_dir` for the duration of that call
+   (a private Trainer method: `compat` checks at import that `_save_checkpoint` takes its folder from it, and a save
+   that lands anywhere else is an error, never a silently unmarked checkpoint). When it returns, every file is
    fsync'd, a completion marker (`pivot_checkpoint_complete.json`, listing each file and its size) is written and
    fsync'd, and the folder is renamed into `<output_dir>/checkpoint-N` (one `rename(2)` on the same filesystem).
 2. Rotation: done by us on the real folder, counting complete checkpoints only and never deleting the newest complete
@@ -36,6 +38,8 @@ import re
 import shutil
 import time
 from typing import Any
+
+from .compat import TESTED
 
 
 logger = logging.getLogger(__name__)
@@ -381,14 +385,6 @@ class AtomicCheckpointMixin:
 
     _pivot_staging_run_dir: str | None = None
 
-    def __init__(self, *args, **kwargs):
-        from ..safety import install_secret_redaction
-
-        # Before the parent builds anything that logs (model card, args dump), and again after it added handlers.
-        install_secret_redaction()
-        super().__init__(*args, **kwargs)
-        install_secret_redaction()
-
     # -- resume --------------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: Any = None, *args, **kwargs):
@@ -506,6 +502,7 @@ class AtomicCheckpointMixin:
         staging_run_dir = os.path.join(run_dir, STAGING_PREFIX + name)  # a sibling of checkpoint-N, same filesystem
         staged = os.path.join(staging_run_dir, name)
         final = os.path.join(run_dir, name)
+        existed = os.path.isdir(final)
         if self.args.should_save:
             shutil.rmtree(staging_run_dir, ignore_errors=True)  # left by an earlier crash at this very step
             os.makedirs(staging_run_dir, exist_ok=True)
@@ -525,8 +522,16 @@ class AtomicCheckpointMixin:
             if os.path.isfile(os.path.join(staged, "trainer_state.json")):
                 self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
         if not os.path.isdir(staged):
-            # Nothing was written (e.g. a subclass decided not to save): leave no half state behind.
             shutil.rmtree(staging_run_dir, ignore_errors=True)
+            if os.path.isdir(final) and not existed:
+                # The Trainer wrote the checkpoint somewhere other than the folder `_get_output_dir` gave it: it would
+                # never be marked complete, and automatic resume would silently start fresh.
+                raise RuntimeError(
+                    f"{final} was written in place instead of in the staging folder {staging_run_dir}: this "
+                    f"transformers release no longer saves checkpoints through `Trainer._get_output_dir`, so they "
+                    f"cannot be made atomic. pivot_hf is tested with {TESTED}."
+                )
+            # Nothing was written (e.g. a subclass decided not to save): leave no half state behind.
             return
         with open(os.path.join(staged, RUN_IDENTITY_FILE), "w", encoding="utf-8") as f:
             json.dump(self._run_identity(), f, indent=2)

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 
+from .compat import used_weight_conversions_only
+
 
 def keep_tied_tensors_tied(state_dict: dict | None, model) -> dict | None:
     """`state_dict` with the entries of parameters tied in `model` (one `Parameter` under several names) sharing one
@@ -59,26 +61,13 @@ def keep_tied_tensors_tied(state_dict: dict | None, model) -> dict | None:
 
 
 @contextmanager
-def _used_only(model):
-    conversions = getattr(model, "_weight_conversions", None)
-    if not conversions or all(getattr(c, "was_used", lambda: True)() for c in conversions):
-        yield  # the ordinary load path already kept only the used ones (or nothing was recorded)
-        return
-    model._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
-    try:
-        yield
-    finally:
-        model._weight_conversions = conversions  # the model is left as it was
-
-
-@contextmanager
 def only_used_weight_conversions(*models):
     """While active, each model's recorded load-time renamings are restricted to those that matched a key at load (what
     the ordinary load path records), so `save_pretrained` writes the names a one-process save writes. A no-op for a
     model loaded outside ZeRO-3 or built from a config; the recorded list is put back on exit."""
     with ExitStack() as stack:
         for model in {id(m): m for m in models if m is not None}.values():
-            stack.enter_context(_used_only(model))
+            stack.enter_context(used_weight_conversions_only(model))
         yield
 
 

@@ -14,21 +14,17 @@ from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 
 from .adapters import preserved_requires_grad
-from .callbacks import TrainingMonitorMixin
-from .checkpointing import AtomicCheckpointMixin
+from .base import PivotTrainerMixin
+from .compat import trl_reference_loads_like
 from .fast_dpo import FastDPOMixin
-from .model_loading import check_reference_model, trl_reference_loads_like
-from .preflight import check_model_processor
-from .row_contract import RowContractMixin, with_datasets
-from .tunable import TunablePartsMixin, as_pivot_config
+from .model_loading import check_reference_model
+from .tunable import as_pivot_config
 
 
 logger = logging.getLogger(__name__)
 
 
-class PivotDPOTrainer(
-    RowContractMixin, AtomicCheckpointMixin, FastDPOMixin, TunablePartsMixin, TrainingMonitorMixin, DPOTrainer
-):
+class PivotDPOTrainer(PivotTrainerMixin, FastDPOMixin, DPOTrainer):
     """`PivotDPOTrainer(model, ref_model, args=PivotDPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     `ref_model=None` does what TRL does: the reference is a frozen copy of the policy as passed (vision tower
@@ -41,39 +37,54 @@ class PivotDPOTrainer(
     _tag_names = ["trl", "dpo", "pivot"]
     _row_contract_kind = "preference"
 
-    def __init__(self, model, ref_model=None, args=None, *trainer_args, after_tunable_parts=None, **kwargs):
-        if args is None:
-            from ..configs import PivotDPOConfig
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        *,
+        after_tunable_parts=None,
+    ):
+        from ..configs import PivotDPOConfig
 
-            args = PivotDPOConfig(output_dir="pivot-dpo")
-        else:
-            from ..configs import PivotDPOConfig
-
-            args = as_pivot_config(args, PivotDPOConfig)
-        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
-        train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
-        eval_dataset = kwargs.get("eval_dataset", trainer_args[2] if len(trainer_args) > 2 else None)
-        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
+        args = PivotDPOConfig(output_dir="pivot-dpo") if args is None else as_pivot_config(args, PivotDPOConfig)
         if ref_model is not None and ref_model is not model:
             check_reference_model(model, ref_model, "ref_model")
             ref_model.requires_grad_(False)
             ref_model.eval()
-        check_model_processor(getattr(model, "config", None), processing_class)
-        # The row contract, before anything else looks at a row (and before any compute).
-        train_dataset, eval_dataset = self._contract_datasets(args, processing_class, train_dataset, eval_dataset)
-        trainer_args, kwargs = with_datasets(trainer_args, kwargs, 1, train_dataset, eval_dataset)
-        kwargs["peft_config"] = self._setup_tunable_parts(
-            model, args, after_tunable_parts, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
+        train_dataset, eval_dataset, peft_config = self._pivot_prepare(
+            model, args, processing_class, train_dataset, eval_dataset, peft_config, after_tunable_parts
         )
-        if ref_model is None and _needs_reference_copy(model, args, kwargs):
+        if ref_model is None and _needs_reference_copy(model, args, peft_config):
             # TRL reloads `model.config.name_or_path`, which a freshly composed or modified model does not match; a
             # copy of the model as passed is the reference TRL means. (Precompute and PEFT need no separate model.)
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         # Where TRL still reloads the reference itself (ZeRO-3; FSDP with precompute), it gets the policy's Hub kernels.
         with trl_reference_loads_like(model, args, DPOTrainer):
-            super().__init__(model, ref_model, args, *trainer_args, **kwargs)
-        self._finish_tunable_parts()
-        self._guard_collator()
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self._pivot_finish()
         if is_peft_model(self.model) and self.ref_model is None and self.is_world_process_zero():
             from .adapters import describe_reference
 
@@ -90,13 +101,15 @@ class PivotDPOTrainer(
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with preserved_requires_grad(self.model):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
 
-def _needs_reference_copy(model, args, kwargs) -> bool:
+def _needs_reference_copy(model, args, peft_config) -> bool:
     if isinstance(model, str) or args.precompute_ref_log_probs:
         return False
-    if kwargs.get("peft_config") is not None or is_peft_model(model):
+    if peft_config is not None or is_peft_model(model):
         return False
     # Under DeepSpeed ZeRO-3 parameters are partitioned and cannot be deep-copied: TRL's reload from the checkpoint
     # path is the way there.

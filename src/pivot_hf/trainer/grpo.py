@@ -25,9 +25,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..configs import PivotScriptArguments, PivotTrainingFields, RecipeConfigError
 from .adapters import preserved_requires_grad
-from .callbacks import TrainingMonitorMixin
-from .checkpointing import AtomicCheckpointMixin
-from .model_loading import trl_reference_loads_like
+from .base import PivotTrainerMixin
+from .compat import trl_reference_loads_like
 from .rewards import (
     DEFAULT_FORMAT_PROMPT,
     REWARD_NAMES,
@@ -41,8 +40,8 @@ from .rewards import (
     make_length_reward,
     normalize_answer,
 )
-from .row_contract import RowContractMixin, with_datasets, zero_reward_for_skipped_rows
-from .tunable import TunablePartsMixin, as_pivot_config
+from .row_contract import zero_reward_for_skipped_rows
+from .tunable import as_pivot_config
 
 
 logger = logging.getLogger(__name__)
@@ -283,7 +282,7 @@ class PivotGRPOConfig(PivotTrainingFields, GRPOConfig):
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
-class PivotGRPOTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, GRPOTrainer):
+class PivotGRPOTrainer(PivotTrainerMixin, GRPOTrainer):
     """`PivotGRPOTrainer(model, reward_funcs, args=PivotGRPOConfig(...), train_dataset=..., processing_class=processor)`.
 
     The tunable parts, per-part learning-rate groups and the end-of-run check that the vision tower changed are the
@@ -296,28 +295,51 @@ class PivotGRPOTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixi
     _tag_names = ["trl", "grpo", "pivot"]
     _row_contract_kind = "grpo"
 
-    def __init__(self, model, reward_funcs=None, args: PivotGRPOConfig | None = None, *trainer_args, **kwargs):
-        if args is None:
-            args = PivotGRPOConfig(output_dir="pivot-grpo")
-        args = as_pivot_config(args, PivotGRPOConfig)
-        # TRL's positional order after `args`: train_dataset, eval_dataset, processing_class, ...
-        train_dataset = kwargs.get("train_dataset", trainer_args[0] if trainer_args else None)
-        eval_dataset = kwargs.get("eval_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
-        processing_class = kwargs.get("processing_class", trainer_args[2] if len(trainer_args) > 2 else None)
-        # The row contract, before anything else looks at a row (and before any compute).
-        train_dataset, eval_dataset = self._contract_datasets(args, processing_class, train_dataset, eval_dataset)
-        trainer_args, kwargs = with_datasets(trainer_args, kwargs, 0, train_dataset, eval_dataset)
-        kwargs["peft_config"] = self._setup_tunable_parts(
-            model, args, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: PivotGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+        *,
+        after_tunable_parts=None,
+    ):
+        args = PivotGRPOConfig(output_dir="pivot-grpo") if args is None else as_pivot_config(args, PivotGRPOConfig)
+        train_dataset, eval_dataset, peft_config = self._pivot_prepare(
+            model, args, processing_class, train_dataset, eval_dataset, peft_config, after_tunable_parts
         )
         if reward_funcs is not None:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
             reward_funcs = [zero_reward_for_skipped_rows(f) for f in funcs]
         # With `beta > 0` TRL reloads the KL reference itself: it gets the policy's Hub kernels, not transformers' default.
         with trl_reference_loads_like(model, args, GRPOTrainer):
-            super().__init__(model, reward_funcs, args, *trainer_args, **kwargs)
-        self._finish_tunable_parts()
-        self._guard_collator()
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+                rollout_func=rollout_func,
+                environment_factory=environment_factory,
+            )
+        self._pivot_finish()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Under PEFT the KL reference is the adapter-disabled policy; PEFT's re-enable would un-freeze what the

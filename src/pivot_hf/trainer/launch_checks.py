@@ -1,10 +1,11 @@
 """The launcher and the recipe must agree before any weight loads: DeepSpeed / `--cpu` pitfalls named with their fix.
 
-A shipped accelerate config (accelerate_configs/*.yaml) is written for GPUs: `mixed_precision: bf16`,
-`use_cpu: false`. Launched as it is against a recipe with `bf16: false`, or on a machine without CUDA, the run loads
-the data and both models and then dies inside DeepSpeed (transformers' "DeepSpeed config values that mismatch
-TrainingArguments", DeepSpeed's `train_batch_size` assertion). `accelerate launch --cpu` with a DeepSpeed, FSDP or
-multi-GPU config silently runs one plain process instead. Each case is refused here, from the environment
+A shipped accelerate config (accelerate_configs/*.yaml) is written for GPUs: `mixed_precision: bf16`, `use_cpu: false`.
+Launched as it is against a recipe with `bf16: false`, or on a machine without CUDA, the run loads the data and both
+models and then dies inside DeepSpeed (transformers' "DeepSpeed config values that mismatch TrainingArguments",
+DeepSpeed's `train_batch_size` assertion). `accelerate launch --cpu` with a DeepSpeed, FSDP or multi-GPU config
+silently runs one plain process instead. A DeepSpeed JSON (`deepspeed_config_file`) whose own batch / clipping values
+are neither "auto" nor the recipe's fails the same late way. Each case is refused here, from the environment
 `accelerate launch` sets (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_MIXED_PRECISION`, `ACCELERATE_USE_CPU`) and, for
 `--cpu`, the launcher's own command line (the only place the dropped config is still visible).
 """
@@ -39,21 +40,77 @@ def check_launch(args) -> None:
     """
     if _true(os.environ.get("ACCELERATE_USE_DEEPSPEED")):
         _check_deepspeed_precision(args)
+        _check_deepspeed_batch(args)
         _check_deepspeed_device(args)
     elif _true(os.environ.get("ACCELERATE_USE_CPU")) and not _true(os.environ.get("ACCELERATE_USE_FSDP")):
         _check_cpu_flag_kept_config()
 
 
+def _deepspeed_json_disagrees(recipe: str) -> str | None:
+    """The precision a DeepSpeed JSON (`deepspeed_config_file`) fixes against the recipe's, or None where it agrees
+    or leaves it open: transformers compares only the `bf16`/`fp16` `enabled` values the JSON sets (not "auto")."""
+    import json
+
+    with open(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"], encoding="utf-8") as f:
+        config = json.load(f)
+    for key in ("bf16", "fp16"):
+        enabled = (config.get(key) or {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (recipe == key):
+            return key if enabled else "no"
+    return None
+
+
 def _check_deepspeed_precision(args) -> None:
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     recipe = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
+    ds_json = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if os.path.isfile(ds_json):
+        launcher = _deepspeed_json_disagrees(recipe) or recipe
+        fix_launch = f'set `"enabled": "auto"` in the bf16/fp16 blocks of {ds_json}'
+    else:  # accelerate writes `mixed_precision` into the DeepSpeed config it builds
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        fix_launch = f"launch with `--mixed_precision {recipe}`"
     if launcher != recipe:
         fix_recipe = f"`{launcher}: true` in the recipe" if launcher != "no" else "`bf16: false` and `fp16: false`"
         raise RecipeConfigError(
             f"The accelerate config launches DeepSpeed with `mixed_precision: {launcher}` but the recipe trains with "
             f"{'`' + recipe + ': true`' if recipe != 'no' else '`bf16: false`'}; DeepSpeed would refuse the mismatch "
-            f"after both models loaded. Fix: launch with `--mixed_precision {recipe}`, or set {fix_recipe}. "
-            + _CPU_LAUNCH
+            f"after both models loaded. Fix: {fix_launch}, or set {fix_recipe}. " + _CPU_LAUNCH
+        )
+
+
+def _check_deepspeed_batch(args) -> None:
+    """A DeepSpeed JSON's own batch / clipping values must be "auto" or the recipe's: transformers fills "auto" from
+    the recipe, but a fixed value that disagrees ends in DeepSpeed's `train_batch_size` assertion (or transformers'
+    mismatch error) after both models loaded."""
+    import json
+
+    ds_json = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not os.path.isfile(ds_json):
+        return  # accelerate builds the config itself from the recipe's values
+    with open(ds_json, encoding="utf-8") as f:
+        config = json.load(f)
+    micro = getattr(args, "per_device_train_batch_size", None)
+    accumulation = getattr(args, "gradient_accumulation_steps", None)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    expected = {
+        "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", micro),
+        "gradient_accumulation_steps": ("gradient_accumulation_steps", accumulation),
+        "train_batch_size": (
+            f"per_device_train_batch_size x gradient_accumulation_steps x {world} processes",
+            None if micro is None or accumulation is None else micro * accumulation * world,
+        ),
+        "gradient_clipping": ("max_grad_norm", getattr(args, "max_grad_norm", None)),
+    }
+    problems = [
+        f"`{key}: {config[key]}` (recipe: {source} = {value})"
+        for key, (source, value) in expected.items()
+        if value is not None and key in config and config[key] != "auto" and config[key] != value
+    ]
+    if problems:
+        raise RecipeConfigError(
+            f"The DeepSpeed config {ds_json} fixes values the recipe sets otherwise: {'; '.join(problems)}; DeepSpeed "
+            'would refuse the mismatch after both models loaded. Fix: set these keys to "auto" in the JSON (the '
+            "recipe's values are then used), or set the recipe's keys to the JSON's values."
         )
 
 

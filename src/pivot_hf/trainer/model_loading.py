@@ -7,10 +7,8 @@ compute is spent.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import sys
 
 import torch
 from transformers import AutoConfig
@@ -19,6 +17,7 @@ from ..configs import PivotModelConfig, RecipeConfigError, check_model_source
 from ..configuration_pivot import vision_config_from_any
 from ..modeling_pivot import PivotForConditionalGeneration, resolve_feature_layer
 from ..processing_pivot import PivotProcessor
+from .compat import trl_reference_loads_like
 
 
 logger = logging.getLogger(__name__)
@@ -252,34 +251,6 @@ def uses_hub_kernels(model) -> bool:
     """Whether transformers' Hub kernels are on anywhere in `model`: a Pivot model composed with
     `from_vision_text_pretrained(..., use_kernels=True)` carries them in its sub-models, not on itself."""
     return any(getattr(module, "use_kernels", False) is True for module in model.modules())
-
-
-@contextlib.contextmanager
-def trl_reference_loads_like(policy, args, trainer_class):
-    """Inside it, a reference model that TRL's `trainer_class` loads itself gets the policy's Hub-kernels choice.
-
-    TRL builds the reference by reloading the policy's checkpoint (`create_model_from_path` with
-    `args.model_init_kwargs`) for GRPO with `beta > 0`, and for DPO without a `ref_model` under ZeRO-3 (or FSDP with
-    `precompute_ref_log_probs`). transformers 5.25+ loads it with Hub kernels on by default, whatever the policy has,
-    which makes the reference compute other numbers than the policy at step 0 (and the lower end of the range loads
-    it with them off when the policy has them on). A `use_kernels` in `model_init_kwargs` is kept as given.
-    """
-    module = sys.modules.get(trainer_class.__module__)
-    load = getattr(module, "create_model_from_path", None)
-    if load is None or "use_kernels" in (getattr(args, "model_init_kwargs", None) or {}):
-        yield
-        return
-    use_kernels = uses_hub_kernels(policy)
-
-    def create_model_from_path(*load_args, **load_kwargs):
-        load_kwargs.setdefault("use_kernels", use_kernels)
-        return load(*load_args, **load_kwargs)
-
-    module.create_model_from_path = create_model_from_path
-    try:
-        yield
-    finally:
-        module.create_model_from_path = load
 
 
 __all__ = [

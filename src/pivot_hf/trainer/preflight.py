@@ -6,7 +6,7 @@ given. Each refusal is a `RecipeConfigError` naming the values that disagree and
 
 - model <-> processor: the image token id, every tokenizer id fits the embedding matrix, the chat template's control
   tokens are single tokens of the vocabulary, a fixed-resolution tower gets images of the size it was built for;
-- every tunable part has a learning rate > 0 (`tunable.check_part_lrs`);
+- every tunable part has a learning rate > 0 (`configs.check_part_lrs`);
 - a DeepSpeed config builds neither the optimizer nor the LR scheduler (`tunable.check_distributed_config`), which
   would drop the per-part learning rates.
 
@@ -21,10 +21,10 @@ import re
 
 from transformers import AutoConfig
 
-from ..configs import RecipeConfigError
+from ..configs import RecipeConfigError, check_part_lrs
 from ..configuration_pivot import vision_config_from_any
 from .model_loading import load_processor, preflight_model
-from .tunable import check_distributed_config, check_part_lrs
+from .tunable import check_distributed_config
 
 
 logger = logging.getLogger(__name__)

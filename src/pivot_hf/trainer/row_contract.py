@@ -10,7 +10,9 @@ a row that becomes unreadable later is skipped at collate time, never fatal.
   micro-batch left empty is replaced by a *fallback* row whose loss is multiplied by 0: every rank still runs one
   forward and backward per micro-batch (DDP / ZeRO-3 collectives stay in step), and the update is that of the
   remaining rows only. (An SFT fallback carries no label token, so the Trainer's token count of the accumulation
-  window is unchanged; a DPO fallback's reward metrics enter that step's logged means.)
+  window is unchanged; a DPO fallback's reward metrics enter that step's logged means.) GRPO batches are groups of
+  generations spread over ranks, so there the row is replaced by the fallback row instead and every reward of it is
+  0 (`zero_reward_for_skipped_rows`): equal rewards in its group, zero advantage, no update from it.
 - `DataReportCallback` gathers the collate-time skips of every rank at each save and at the end of training, and
   rank 0 rewrites `data_report.json` atomically: what was written before is never lost.
 """
@@ -298,20 +300,6 @@ def zero_reward_for_skipped_rows(reward_func):
     return reward
 
 
-def with_datasets(trainer_args: tuple, kwargs: dict, train_index: int, train_dataset, eval_dataset):
-    """`(trainer_args, kwargs)` with the checked datasets where the caller put them (keyword or TRL's position
-    `train_index`, the eval dataset right after it)."""
-    trainer_args, kwargs = list(trainer_args), dict(kwargs)
-    for offset, (name, value) in enumerate((("train_dataset", train_dataset), ("eval_dataset", eval_dataset))):
-        if name in kwargs:
-            kwargs[name] = value
-        elif len(trainer_args) > train_index + offset:
-            trainer_args[train_index + offset] = value
-        elif value is not None:
-            kwargs[name] = value
-    return tuple(trainer_args), kwargs
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -321,6 +309,5 @@ __all__ = [
     "DataReportCallback",
     "RowContractMixin",
     "attach_report",
-    "with_datasets",
     "zero_reward_for_skipped_rows",
 ]

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from trl import SFTTrainer
 
-from .callbacks import TrainingMonitorMixin
-from .checkpointing import AtomicCheckpointMixin
-from .preflight import check_model_processor
-from .row_contract import RowContractMixin, with_datasets
-from .tunable import TunablePartsMixin, as_pivot_config
+from .base import PivotTrainerMixin
+from .tunable import as_pivot_config
 
 
-class PivotSFTTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin, SFTTrainer):
+class PivotSFTTrainer(PivotTrainerMixin, SFTTrainer):
     """`PivotSFTTrainer(model, args=PivotSFTConfig(...), train_dataset=..., processing_class=processor)`.
 
     With `peft_config` (e.g. a `LoraConfig`, or `pivot_hf.trainer.adapters.lora_config_from_model_args`), the parts
@@ -25,29 +22,50 @@ class PivotSFTTrainer(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixin
     _tag_names = ["trl", "sft", "pivot"]
     _row_contract_kind = "sft"
 
-    def __init__(self, model, args=None, *trainer_args, after_tunable_parts=None, **kwargs):
-        if args is None:
-            from ..configs import PivotSFTConfig
+    def __init__(
+        self,
+        model,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+        *,
+        after_tunable_parts=None,
+    ):
+        from ..configs import PivotSFTConfig
 
-            args = PivotSFTConfig(output_dir="pivot-sft")
-        else:
-            from ..configs import PivotSFTConfig
-
-            args = as_pivot_config(args, PivotSFTConfig)
-        # TRL's positional order after `args`: data_collator, train_dataset, eval_dataset, processing_class, ...
-        processing_class = kwargs.get("processing_class", trainer_args[3] if len(trainer_args) > 3 else None)
-        check_model_processor(getattr(model, "config", None), processing_class)
-        train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
-        eval_dataset = kwargs.get("eval_dataset", trainer_args[2] if len(trainer_args) > 2 else None)
-        # The row contract, before anything else looks at a row (and before any compute).
-        train_dataset, eval_dataset = self._contract_datasets(args, processing_class, train_dataset, eval_dataset)
-        trainer_args, kwargs = with_datasets(trainer_args, kwargs, 1, train_dataset, eval_dataset)
-        kwargs["peft_config"] = self._setup_tunable_parts(
-            model, args, after_tunable_parts, train_dataset=train_dataset, peft_config=kwargs.get("peft_config")
+        args = PivotSFTConfig(output_dir="pivot-sft") if args is None else as_pivot_config(args, PivotSFTConfig)
+        train_dataset, eval_dataset, peft_config = self._pivot_prepare(
+            model, args, processing_class, train_dataset, eval_dataset, peft_config, after_tunable_parts
         )
-        super().__init__(model, args, *trainer_args, **kwargs)
-        self._finish_tunable_parts()
-        self._guard_collator()
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        self._pivot_finish()
 
 
 __all__ = ["PivotSFTTrainer"]

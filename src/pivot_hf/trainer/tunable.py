@@ -2,7 +2,9 @@
 
 `TunablePartsMixin` is mixed into both pivot trainers ahead of TRL's trainer:
 - at construction, `args.tunable_parts` becomes `requires_grad` (vision-tower weights that no gradient can reach from
-  the feature layer stay frozen, or DDP would wait for their gradients forever) and the trainable split is logged;
+  the feature layer stay frozen, or DDP would wait for their gradients forever); with a `peft_config` the tunable
+  parts without adapters are added to PEFT's `modules_to_save` (`adapters.complete_lora_config`), and once the parent
+  has wrapped the model what was frozen is frozen again and the trainable split of the wrapped model is logged;
 - `create_optimizer` builds one parameter group per part with its own learning rate. The optimizer is always built by
   the Trainer (never by DeepSpeed from its JSON), so the groups survive DDP, ZeRO-2/3 and FSDP2; the LR scheduler
   scales each group's own initial LR. This is where LLaVA-NeXT's separate vision LR was silently lost;
@@ -18,7 +20,7 @@ import re
 
 import torch
 
-from ..configs import TUNABLE_PARTS, RecipeConfigError
+from ..configs import TUNABLE_PARTS, RecipeConfigError, check_part_lrs, part_learning_rates
 from .data_checks import check_vision_data_needs_vlm, dataset_has_images
 
 
@@ -95,27 +97,6 @@ def checksums(named_params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.T
         for n, row in zip(sharded, packed):
             stats[n] = row
     return {n: s.cpu() for n, s in stats.items()}
-
-
-def check_part_lrs(args) -> None:
-    """Refuse a tunable part whose learning rate is 0 (or negative) before any compute: it would train nothing, and the
-    end-of-run check would only find out after the whole schedule."""
-    lrs = _part_lrs(args)
-    part_keys = {"vision_tower": "vision_tower_lr", "projector": "projector_lr"}
-    problems = []
-    for part in getattr(args, "tunable_parts", None) or []:
-        lr = lrs.get(part)
-        if lr is not None and lr <= 0:
-            key = part_keys.get(part, "learning_rate")
-            # The part's own key when it is set, else the shared `learning_rate` it falls back to.
-            source = key if key == "learning_rate" or getattr(args, key) is not None else "learning_rate"
-            problems.append(f"{part!r} has learning rate {lr:g} (from `{source}`)")
-    if problems:
-        raise RecipeConfigError(
-            f"Tunable part(s) cannot train: {'; '.join(problems)}. Fix: set each named key to a positive value (the "
-            "paper's Stage 2 uses 1e-6 for every part, Stage 1b 2e-6 for the vision tower), or remove the part from "
-            f"`tunable_parts` (now {list(args.tunable_parts)}) to freeze it."
-        )
 
 
 def check_distributed_config(args) -> None:
@@ -282,7 +263,7 @@ class TunablePartsMixin:
 
     @staticmethod
     def _log_split(split, args):
-        lrs = _part_lrs(args)
+        lrs = part_learning_rates(args)
         lines = ["Trainable parameters per part (after wrapping):"]
         for part, counts in split.items():
             frac = counts["trainable"] / counts["total"] if counts["total"] else 0.0
@@ -302,7 +283,7 @@ class TunablePartsMixin:
         opt_model = self.model if model is None else model
         if self.optimizer is not None:
             return self.optimizer
-        lrs = _part_lrs(self.args)
+        lrs = part_learning_rates(self.args)
         decay = set(self.get_decay_parameter_names(opt_model))
         groups: dict[tuple[str, bool], dict] = {}
         for name, param in opt_model.named_parameters():
@@ -395,14 +376,6 @@ class TunablePartsMixin:
                     entry["unchanged"][:3],
                 )
         return report
-
-
-def _part_lrs(args) -> dict[str, float]:
-    return {
-        "vision_tower": args.learning_rate if args.vision_tower_lr is None else args.vision_tower_lr,
-        "projector": args.learning_rate if args.projector_lr is None else args.projector_lr,
-        "language_model": args.learning_rate,
-    }
 
 
 def _apply_liger_to_language_model(model) -> None:

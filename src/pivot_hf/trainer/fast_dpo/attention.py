@@ -13,9 +13,13 @@ the whole row would make attention quadratic in the batch, so it is computed per
 This is the varlen ("cu_seqlens") layout of flash-attention-2 with the chosen/rejected fork added, on any device that
 runs sdpa. The layout reaches the attention functions through the 4-D `attention_mask` argument, which transformers'
 mask builders pass through unchanged: an empty `(1, 1, 0, 0)` tensor carrying a `PairBlocks` (`PairBlocks.marker`).
-`install_pair_attention` wraps the registered `sdpa` attention function once; the wrapper computes pair blocks when it
-receives such a marker and calls the original function, unchanged, for every other mask. Any other attention function
-receiving the marker fails loudly on its empty shape instead of attending across pairs.
+The function is registered under its own name, `PAIR_ATTENTION`, through transformers' public
+`AttentionInterface.register` (and `AttentionMaskInterface.register`, so that masks for other calls are built as for
+sdpa); the trainer selects it for the LLM with `set_attn_implementation` while a training or evaluation run lasts
+(`forward.pair_attention_selected`) and puts the user's choice back afterwards. It computes pair blocks when it
+receives a `PairBlocks.marker` and calls transformers' `sdpa` function, unchanged, for every other mask; transformers'
+`sdpa` entry itself is never touched. Any other attention function receiving the marker fails loudly on its empty
+shape instead of attending across pairs.
 """
 
 from __future__ import annotations
@@ -23,8 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
+# The name the LLM's `attn_implementation` takes while pair-block attention is selected.
+PAIR_ATTENTION = "pivot_pair_sdpa"
 MARKER_ATTRIBUTE = "pivot_pair_blocks"
 
 
@@ -140,12 +149,12 @@ class PairBlocks:
 
     def check_used(self, model_name: str) -> None:
         """Raise if no attention layer computed pair blocks during the forward: the LLM's attention does not go
-        through transformers' `sdpa` function (custom remote code, say) and may have ignored the mask, attending
+        through the registered pair-block function (custom remote code, say) and may have ignored the mask, attending
         across pairs."""
         if self.calls == 0:
             raise RuntimeError(
-                f"padding_free: the attention layers of {model_name} did not go through transformers' registered "
-                "`sdpa` attention function, so the pairs packed into one row may have attended to each other. Set "
+                f"padding_free: the attention layers of {model_name} did not go through the registered attention "
+                f"function `{PAIR_ATTENTION}`, so the pairs packed into one row may have attended to each other. Set "
                 "`padding_free: false` (or attn_implementation: eager) for this model."
             )
 
@@ -154,25 +163,23 @@ def pair_blocks_of(attention_mask) -> PairBlocks | None:
     return getattr(attention_mask, MARKER_ATTRIBUTE, None) if attention_mask is not None else None
 
 
-def _wrap(original):
-    def pair_block_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
-        blocks = pair_blocks_of(attention_mask)
-        if blocks is None:
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-        return blocks.attend(module, query, key, value, *args, **kwargs)
-
-    pair_block_sdpa.pivot_wrapped = original
-    return pair_block_sdpa
+def pair_block_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+    """The attention function registered as `PAIR_ATTENTION`: pair blocks for a `PairBlocks.marker` mask,
+    transformers' own `sdpa` function for any other mask."""
+    blocks = pair_blocks_of(attention_mask)
+    if blocks is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
+    return blocks.attend(module, query, key, value, *args, **kwargs)
 
 
-def install_pair_attention() -> None:
-    """Wrap transformers' registered `sdpa` attention function (once per process) so that it understands
-    `PairBlocks.marker` masks. Every other call goes to the original function unchanged."""
-    from transformers import AttentionInterface
-
-    current = AttentionInterface._global_mapping["sdpa"]
-    if getattr(current, "pivot_wrapped", None) is None:
-        AttentionInterface.register("sdpa", _wrap(current))
+def register_pair_attention() -> None:
+    """Register `pair_block_sdpa` under `PAIR_ATTENTION` (idempotent). Done on import of this module; nothing else
+    in transformers' registries changes."""
+    AttentionInterface.register(PAIR_ATTENTION, pair_block_sdpa)
+    AttentionMaskInterface.register(PAIR_ATTENTION, sdpa_mask)
 
 
-__all__ = ["PairBlocks", "install_pair_attention", "pair_blocks_of", "tail_mask"]
+register_pair_attention()
+
+
+__all__ = ["PAIR_ATTENTION", "PairBlocks", "pair_block_sdpa", "pair_blocks_of", "register_pair_attention", "tail_mask"]

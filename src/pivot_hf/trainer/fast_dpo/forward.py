@@ -3,6 +3,11 @@
 It encodes the images of the first half only, runs each pair's shared prefix once (`packing.pack_pairs`, with
 pair-block attention or a dense block mask) or packs the rows padding-free (`packing.pack_rows`), and scatters the
 hidden states back into the collator's layout. Rows that are not pairs take the plain path.
+
+`paired_forward(model, ...)` is the only way it runs: a context manager that, while it is active, routes the forwards of
+the `PivotModel` inside `model` (through any DDP / DeepSpeed / FSDP / PEFT wrapper, which still run their own forward)
+to `pair_forward`, and leaves the model exactly as it was on exit, exception or not. `pair_attention_selected` selects
+pair-block attention (`attention.PAIR_ATTENTION`) for the LLM while a run lasts and restores the user's choice.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import torch
 
 from ...modeling_pivot import model_output, output_image_features
-from .attention import install_pair_attention
+from .attention import PAIR_ATTENTION
 from .packing import _additive_mask, _features_in_order, _row_spans, pack_pairs, pack_rows, plan_pairs
 
 
@@ -56,6 +61,8 @@ def _layer_kinds(text_config) -> set[str]:
 # per layer kind. The dense block mask is one 4-D tensor for every layer, so it can express full attention only.
 _PAIR_BLOCK_KINDS = {"full_attention", "sliding_attention"}
 _DENSE_MASK_KINDS = {"full_attention"}
+# Attention implementations that honour a 4-D additive mask (the dense block mask); flash attention reads positions.
+_BLOCK_MASK_ATTENTION = ("eager", "sdpa", PAIR_ATTENTION)
 _fallback_logged: set[tuple] = set()
 
 
@@ -128,12 +135,14 @@ def pair_forward(
     plan = None
     text_config = model.config.get_text_config()
     attn_impl = getattr(text_config, "_attn_implementation", None) or "sdpa"
-    pair_blocks = padding_free and attn_impl == "sdpa"
+    # Pair-block attention needs the LLM to run the function registered as PAIR_ATTENTION (selected by
+    # `pair_attention_selected`); with plain sdpa the pairs get rows of their own under a dense block mask instead.
+    pair_blocks = padding_free and attn_impl == PAIR_ATTENTION
     # A sliding window (per layer, e.g. Qwen2's `max_window_layers`) or a layer that is not attention (linear
     # attention, Mamba, ...) would see a layout that ignores it and mix tokens across the pair's blocks.
     kinds = _layer_kinds(text_config)
     layout_ok = kinds <= (_PAIR_BLOCK_KINDS if pair_blocks else _DENSE_MASK_KINDS)
-    if share_prefix and position_ids is None and attn_impl in ("eager", "sdpa"):
+    if share_prefix and position_ids is None and attn_impl in _BLOCK_MASK_ATTENTION:
         if layout_ok:
             plan = plan_pairs(input_ids, attention_mask, image_token_id)
         else:
@@ -146,7 +155,7 @@ def pair_forward(
         if padding_free and varlen_ok and position_ids is None and input_ids is not None and input_ids.dim() == 2:
             spans = _row_spans(attention_mask, input_ids.shape[0], input_ids.shape[1], input_ids.device)
         if spans is not None:
-            varlen_rows = None if attn_impl not in ("eager", "sdpa") else (max_row_tokens or int(spans[1].max()))
+            varlen_rows = None if attn_impl not in _BLOCK_MASK_ATTENTION else (max_row_tokens or int(spans[1].max()))
             packed = pack_rows(*spans, input_ids, max_row_tokens=varlen_rows)
             call = {**kwargs, "attention_mask": None, "position_ids": packed["position_ids"]}
             image_rows = (input_ids == image_token_id).sum(1) if image_token_id is not None else None
@@ -160,7 +169,6 @@ def pair_forward(
     dtype = model.get_input_embeddings().weight.dtype
     if pair_blocks:
         # One row without padding, attention computed pair by pair (attention.PairBlocks).
-        install_pair_attention()
         packed = pack_pairs(plan, input_ids, single_row=True)
         mask = packed["blocks"].marker(dtype)
     else:
@@ -202,39 +210,83 @@ def find_pivot_model(model) -> torch.nn.Module | None:
     return None
 
 
-def install_pair_forward(
+# Inputs that already carry what the pair path computes (a cache, image features, embeddings) go to the plain forward.
+_PLAIN_ONLY = ("cache", "past_key_values", "image_features", "inputs_embeds", "mm_encoder_outputs")
+
+
+def _wants_per_row_outputs(inner, kwargs) -> bool:
+    """Hidden states and attention maps are per collator row; the packed path has neither, so they take the plain
+    forward (the only outputs the pair path returns are the last hidden states, scattered back)."""
+    for name in ("output_hidden_states", "output_attentions"):
+        value = kwargs.get(name)
+        if value is None:
+            value = getattr(inner.config, name, False)
+        if value:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def paired_forward(
     model,
     share_image: bool = True,
     share_prefix: bool = True,
     padding_free: bool = False,
     max_row_tokens: int | None = None,
-) -> bool:
-    """Install (or remove, when all flags are off) the pair path on a Pivot model. Returns whether it applied."""
-    inner = find_pivot_model(model)
-    if inner is None:
-        return False
-    if not (share_image or share_prefix or padding_free):
-        inner.pair_forward = None
-        return True
+):
+    """While active, the `PivotModel` inside `model` runs `pair_forward` on `[chosen..., rejected...]` batches.
 
-    def _hook(module, **kwargs):
+    Calls through `model` (or any wrapper around it) reach the `PivotModel`'s own `__call__`, so module hooks (DDP,
+    DeepSpeed, FSDP, accelerate's device map) run as always; only its `forward` is routed, for this scope. Calls with
+    positional arguments, a cache, precomputed features/embeddings or `output_hidden_states`/`output_attentions` take
+    the plain forward. With `padding_free`, pair-block attention is selected for the scope too
+    (`pair_attention_selected`; enter that around the backward as well when layers are recomputed, as the trainer
+    does). On exit, exception or not, the model is as it was. Yields whether a Pivot model was found (and the flags
+    ask for anything).
+    """
+    inner = find_pivot_model(model)
+    if inner is None or not (share_image or share_prefix or padding_free):
+        yield False
+        return
+    own = inner.__dict__.get("forward")  # an instance forward installed by someone else (accelerate's hooks)
+    plain = inner.forward
+
+    def forward(*args, **kwargs):
+        if args or any(kwargs.get(name) is not None for name in _PLAIN_ONLY) or _wants_per_row_outputs(inner, kwargs):
+            return plain(*args, **kwargs)
+        inputs = {name: value for name, value in kwargs.items() if name not in _PLAIN_ONLY}  # all None here
         return pair_forward(
-            module, share_prefix=share_prefix, padding_free=padding_free, max_row_tokens=max_row_tokens, **kwargs
+            inner, share_prefix=share_prefix, padding_free=padding_free, max_row_tokens=max_row_tokens, **inputs
         )
 
-    inner.pair_forward = _hook
-    return True
+    inner.forward = forward
+    try:
+        with pair_attention_selected(inner) if padding_free else contextlib.nullcontext():
+            yield True
+    finally:
+        if own is not None:
+            inner.forward = own
+        else:
+            del inner.forward
 
 
 @contextlib.contextmanager
-def _pair_forward_disabled(model):
-    inner = find_pivot_model(model)
-    hook = getattr(inner, "pair_forward", None) if inner is not None else None
-    if hook is None:
-        yield
-        return
-    inner.pair_forward = None
+def pair_attention_selected(*models):
+    """Select pair-block attention (`attention.PAIR_ATTENTION`) for the LLM of each Pivot model whose LLM runs
+    transformers' `sdpa`, through the public `set_attn_implementation`; put `sdpa` back on exit, exception or not.
+
+    Models with another implementation (eager, flash attention) are left alone: the pair forward uses its other
+    layouts for them. Nested scopes are no-ops."""
+    selected = []
     try:
+        for model in models:
+            inner = find_pivot_model(model)
+            if inner is None or any(inner is done for done in selected):
+                continue
+            if getattr(inner.config.get_text_config(), "_attn_implementation", None) == "sdpa":
+                inner.set_attn_implementation({"text_config": PAIR_ATTENTION})
+                selected.append(inner)
         yield
     finally:
-        inner.pair_forward = hook
+        for inner in selected:
+            inner.set_attn_implementation({"text_config": "sdpa"})

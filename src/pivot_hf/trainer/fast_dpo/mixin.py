@@ -1,5 +1,5 @@
-"""`FastDPOMixin`: the trainer side of fast PIVOT DPO (installs the paired forward, compact LM-head scoring, the
-reference log-prob cache for vision datasets)."""
+"""`FastDPOMixin`: the trainer side of fast PIVOT DPO: the paired forward around the trainer's own forwards, pair-block
+attention selected while a run lasts, compact LM-head scoring, the reference log-prob cache for vision datasets."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 
 from ...data.images import dataset_images_digest
+from ..compat import compact_lm_head_scoring
 from .collator import _RefLogpsCollator
-from .forward import _pair_forward_disabled, install_pair_forward
+from .forward import pair_attention_selected, paired_forward
 from .reference_cache import (
     REF_CACHE_VERSION,
     REF_COLUMNS,
@@ -32,51 +33,71 @@ from .reference_cache import (
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def compact_lm_head_scoring(enabled: bool = True):
-    """Make TRL's fused LM head score only positions with a label (what it does on CUDA) on every device.
+def _refuse_iterable(dataset) -> None:
+    if isinstance(dataset, IterableDataset):
+        # TRL's own words for text data, before any compute.
+        raise ValueError(
+            "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style Dataset or "
+            "set `precompute_ref_log_probs=False`."
+        )
 
-    TRL scores every position off CUDA so that Neuron graphs keep static shapes; on CPU that projects hundreds of image
-    and prompt tokens through the vocabulary for nothing. The math is TRL's own, only the gather of positions changes.
-    """
-    import trl.trainer.utils as trl_utils
 
-    original = getattr(trl_utils, "_use_triton", None)
-    if not enabled or original is None:
-        yield
-        return
-    trl_utils._use_triton = lambda device: True
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
+def _is_vision_dataset(dataset) -> bool:
+    """TRL's rule: the first row has an `image` or `images` key."""
+    if dataset is None:
+        return False
+    sample = next(iter(dataset))
+    return "image" in sample or "images" in sample
 
 
 class FastDPOMixin:
-    """Mixed into `PivotDPOTrainer` ahead of `trl.DPOTrainer`: shared images, shared prefixes, cached references."""
+    """Mixed into `PivotDPOTrainer` ahead of `trl.DPOTrainer`: shared images, shared prefixes, cached references.
 
-    def __init__(self, *args, **kwargs):
-        dpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
-        train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
-        want_cache = bool(getattr(dpo_args, "precompute_ref_log_probs", False))
-        is_vision = False
-        if want_cache and train_dataset is not None:
-            sample = next(iter(train_dataset))
-            is_vision = "image" in sample or "images" in sample
-        self._vision_precompute = want_cache and is_vision
+    Takes `trl.DPOTrainer`'s arguments by keyword. TRL's `padding_free` (which TRL's DPO turns off with a warning) and,
+    for vision datasets, `precompute_ref_log_probs` (which TRL refuses for them) are implemented here: TRL's constructor
+    gets a copy of `args` with those two off, and the trainer's `args` carries the caller's values again afterwards
+    (the caller's object is never modified). TRL's guards for precompute that the copy hides (sync_ref_model,
+    IterableDataset) are run here, with TRL's words.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        ref_model=None,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        **kwargs,
+    ):
+        want_cache = bool(getattr(args, "precompute_ref_log_probs", False))
+        vision_cache = want_cache and _is_vision_dataset(train_dataset)
+        self._vision_precompute = vision_cache
         self._ref_logps_cached = False
         self._reference_is_policy = False
-        # TRL refuses `precompute_ref_log_probs` for vision data. The flag is hidden from that one check only:
-        # `create_accelerator_and_postprocess` (the first thing `Trainer.__init__` does, after TRL's vision check) puts
-        # it back, so every other validation of TRL's (sync_ref_model, IterableDataset, ...) still sees it.
-        if want_cache and is_vision:
-            dpo_args.precompute_ref_log_probs = False
-            self._hidden_precompute_args = dpo_args
-            args = list(args)
-            ref_model = (
-                kwargs.pop("ref_model", None) if "ref_model" in kwargs else (args[1] if len(args) > 1 else None)
-            )
-            model = kwargs.get("model", args[0] if args else None)
+        padding_free = bool(getattr(args, "padding_free", False))
+        # Set before TRL's constructor, which runs reference forwards itself for text data with precompute.
+        self._pair_options = {
+            "share_image": bool(getattr(args, "share_image_features", True)),
+            "share_prefix": bool(getattr(args, "share_prompt_prefix", True)),
+            "padding_free": padding_free,
+            "max_row_tokens": getattr(args, "padding_free_row_tokens", None),
+        }
+        trl_args = args
+        if vision_cache or padding_free:
+            trl_args = copy.copy(args)
+            trl_args.padding_free = False
+        if vision_cache:
+            trl_args.precompute_ref_log_probs = False
+            _refuse_iterable(train_dataset)
+            if getattr(args, "sync_ref_model", False):
+                raise ValueError(
+                    "You cannot use `sync_ref_model=True` together with `precompute_ref_log_probs=True`. "
+                    "`precompute_ref_log_probs=True` assumes a fixed reference model, but with `sync_ref_model=True` "
+                    "the reference model is periodically updated during training, making any precomputed reference "
+                    "log-probs stale. Set `precompute_ref_log_probs=False` or disable `sync_ref_model`."
+                )
             uses_peft = kwargs.get("peft_config") is not None or is_peft_model(model)
             if ref_model is None and isinstance(model, torch.nn.Module) and not uses_peft:
                 # No reference given: the policy before its first step is the reference. A private copy (instead of
@@ -92,33 +113,41 @@ class FastDPOMixin:
                 and isinstance(ref_model, torch.nn.Module)
                 and _same_weights(model, ref_model)
             )
-            if len(args) > 1:
-                args[1] = ref_model
-            else:
-                kwargs["ref_model"] = ref_model
             # The reference's identity is taken now, before DeepSpeed / FSDP prepare (shard) it.
-            processor = kwargs.get("processing_class", args[6] if len(args) > 6 else None)
-            self._ref_identity = reference_identity(ref_model if ref_model is not None else model, processor)
-        # TRL's DPOTrainer switches its own (currently disabled) `padding_free` off with a warning; the pair forward
-        # implements it, so TRL's constructor does not see the flag either.
-        padding_free = bool(getattr(dpo_args, "padding_free", False))
-        if padding_free:
-            dpo_args.padding_free = False
-        try:
-            super().__init__(*args, **kwargs)
-        finally:
-            if want_cache and is_vision:
-                dpo_args.precompute_ref_log_probs = True
-                self._hidden_precompute_args = None
-            if padding_free:
-                dpo_args.padding_free = True
-        share_image = bool(getattr(self.args, "share_image_features", True))
-        share_prefix = bool(getattr(self.args, "share_prompt_prefix", True))
-        row_tokens = getattr(self.args, "padding_free_row_tokens", None)
-        self._fast_pairs = install_pair_forward(self.model, share_image, share_prefix, padding_free, row_tokens)
-        install_pair_forward(self.ref_model, share_image, share_prefix, padding_free, row_tokens)
-        if want_cache and is_vision:
-            self._cache_reference_log_probs()
+            self._ref_identity = reference_identity(ref_model if ref_model is not None else model, processing_class)
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=trl_args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if trl_args is not args:
+            # TRL's own adjustments to its copy (DDP unused parameters, ...) stay; the two hidden keys come back.
+            self.args.padding_free = args.padding_free
+            self.args.precompute_ref_log_probs = args.precompute_ref_log_probs
+        if vision_cache:
+            with self._pair_attention():
+                self._cache_reference_log_probs()
+
+    # ------------------------------------------------------------------------------------------ paired forwards
+    @contextlib.contextmanager
+    def _paired_forwards(self):
+        """The pair forward on the policy and the live reference (if any) for the scope of one of our forwards."""
+        with contextlib.ExitStack() as stack:
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    stack.enter_context(paired_forward(model, **self._pair_options))
+            yield
+
+    def _pair_attention(self):
+        """Pair-block attention selected for the policy and the reference while a run lasts (see `forward`)."""
+        if not self._pair_options["padding_free"]:
+            return contextlib.nullcontext()
+        return pair_attention_selected(*(m for m in (self.model, self.ref_model) if m is not None))
 
     # ------------------------------------------------------------------------------------------ loss / head
     def _compact_head(self):
@@ -127,38 +156,38 @@ class FastDPOMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # With `return_outputs` (logits for `compute_metrics`), TRL runs an extra plain forward whose logits include
         # padding positions; the pair path leaves those at 0, so it stands aside for that call.
-        plain = _pair_forward_disabled(self.model) if return_outputs else contextlib.nullcontext()
-        with self._compact_head(), plain:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        paired = self._paired_forwards() if not return_outputs else contextlib.nullcontext()
+        with self._compact_head(), paired:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
-    # ------------------------------------------------------------------------------------------ parent validation
-    def create_accelerator_and_postprocess(self):
-        # Called by `Trainer.__init__` right after TRL's vision check: from here on TRL sees the real flag, so its own
-        # guards (sync_ref_model, IterableDataset, FSDP, ...) apply to vision precompute exactly as to text data.
-        hidden = getattr(self, "_hidden_precompute_args", None)
-        if hidden is not None:
-            hidden.precompute_ref_log_probs = True
-            self._hidden_precompute_args = None
-        return super().create_accelerator_and_postprocess()
-
-    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        if not getattr(self, "_vision_precompute", False):
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-        if isinstance(dataset, IterableDataset):
-            return super()._precompute_ref_logps(dataset, name, batch_size)  # TRL's own refusal, before any compute
-        # Vision rows: computed by `_cache_reference_log_probs` once the pair forward is installed.
-        return dataset
+    def compute_ref_log_probs(self, model, inputs):
+        with self._compact_head(), self._paired_forwards():
+            return super().compute_ref_log_probs(model, inputs)
 
     # ------------------------------------------------------------------------------------------ evaluate / predict
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # Selected for the whole run, not per forward: checkpointed layers recompute attention in the backward.
+        with self._pair_attention():
+            return super().train(
+                resume_from_checkpoint=resume_from_checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         eval_dataset = self._with_reference_columns(eval_dataset, "eval")
-        return super().evaluate(
-            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-        )
+        with self._pair_attention():
+            return super().evaluate(
+                eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            )
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         test_dataset = self._with_reference_columns(test_dataset, "test")
-        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        with self._pair_attention():
+            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _with_reference_columns(self, dataset, name: str):
         """A dataset handed to `evaluate`/`predict` after vision precompute, with its reference log-probs.
@@ -171,8 +200,7 @@ class FastDPOMixin:
             return dataset
         if isinstance(dataset, dict):
             return {key: self._with_reference_columns(ds, key) for key, ds in dataset.items()}
-        if isinstance(dataset, IterableDataset):
-            return super()._precompute_ref_logps(dataset, name, 1)  # TRL's own refusal
+        _refuse_iterable(dataset)
         if all(column in (dataset.column_names or []) for column in REF_COLUMNS):
             return dataset
         step = self.state.global_step
@@ -220,7 +248,7 @@ class FastDPOMixin:
             else:
                 self.eval_dataset = self._cached_ref_logps(self.eval_dataset, "eval", eval_bs, identity)
         self._ref_logps_cached = True
-        self.precompute_ref_logps = True
+        self.precompute_ref_logps = True  # TRL's own switch: `_compute_loss` reads the cached columns
         if not isinstance(self.data_collator, _RefLogpsCollator):
             self.data_collator = _RefLogpsCollator(self.data_collator)
         # The reference is never needed again: free it before the optimizer and activations take the memory. TRL
@@ -331,8 +359,7 @@ class FastDPOMixin:
             for batch in tqdm(
                 loader, desc=f"Reference log-probs ({name})", disable=bool(os.environ.get("TQDM_DISABLE", ""))
             ):
-                with self._compact_head():
-                    c, r = self.compute_ref_log_probs(model, batch)
+                c, r = self.compute_ref_log_probs(model, batch)
                 c, r = self.accelerator.gather_for_metrics((c, r))
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())

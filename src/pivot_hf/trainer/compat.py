@@ -1,0 +1,138 @@
+"""The private names of transformers and TRL that pivot_hf's trainers still rely on, in one place.
+
+Each is looked up once, when this module is imported; a release that removes or reshapes one makes the import fail
+loudly, naming the name and the tested version range, instead of a feature silently turning off. Nothing else in
+pivot_hf assigns into another library's module or private attribute (`tests/test_seams.py` greps for it), and
+docs/architecture.md lists every remaining touch with its guard.
+
+- `trl.trainer.utils._use_triton`: TRL's fused LM head scores only the positions with a label when it returns True
+  (on CUDA/XPU); elsewhere it scores every position. `compact_lm_head_scoring` makes it True for the scope of our
+  forwards, on every device (the math is TRL's own).
+- `PreTrainedModel._weight_conversions` (the load-time key renamings `save_pretrained` reverses): restricted to the
+  ones that matched a key for the scope of a ZeRO-3 save (`used_weight_conversions_only`), put back on exit; a model
+  without it is left alone (the ZeRO-3 save-name tests check the names written).
+- `create_model_from_path` in TRL's trainer modules (public, module-level): while a TRL trainer builds a reference it
+  reloads itself, it gets the policy's Hub-kernels choice (`trl_reference_loads_like`), put back on exit; a module
+  without it is left alone.
+- `transformers.Trainer._get_output_dir`, called by `Trainer._save_checkpoint` for the run folder: the atomic
+  checkpoints stage a save by overriding it for the duration of that call (`checkpointing.AtomicCheckpointMixin`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as metadata
+import inspect
+import sys
+
+import transformers
+import trl.trainer.utils as trl_utils
+
+
+TESTED = "transformers >=5.18,<5.26 and trl >=1.16,<1.17"
+
+
+def _installed() -> str:
+    return f"transformers {transformers.__version__}, trl {metadata.version('trl')}"
+
+
+def _missing(what: str, why: str) -> ImportError:
+    return ImportError(
+        f"pivot_hf's trainers need {what}, which the installed {_installed()} does not provide ({why}). They are "
+        f"tested with {TESTED}: install a tested version."
+    )
+
+
+_USE_TRITON = getattr(trl_utils, "_use_triton", None)
+if not callable(_USE_TRITON):
+    raise _missing("`trl.trainer.utils._use_triton`", "the switch of the fused LM head's compact scoring")
+
+
+def _check_checkpoint_output_dir() -> None:
+    """`Trainer._save_checkpoint` must take its run folder from `self._get_output_dir`: otherwise a staged save would
+    be written in place, never marked complete, and automatic resume would silently start fresh."""
+    from transformers import Trainer
+
+    try:
+        source = inspect.getsource(Trainer._save_checkpoint)
+    except (OSError, TypeError) as error:  # no source (a frozen install): the save-time check still guards it
+        if not hasattr(Trainer, "_get_output_dir"):
+            raise _missing("`Trainer._get_output_dir`", "the run folder of a checkpoint") from error
+        return
+    if not hasattr(Trainer, "_get_output_dir") or "self._get_output_dir(" not in source:
+        raise _missing(
+            "`Trainer._save_checkpoint` to take its run folder from `Trainer._get_output_dir`",
+            "the atomic checkpoints stage each save there",
+        )
+
+
+_check_checkpoint_output_dir()
+
+
+@contextlib.contextmanager
+def compact_lm_head_scoring(enabled: bool = True):
+    """Make TRL's fused LM head score only positions with a label (what it does on CUDA) on every device.
+
+    TRL scores every position off CUDA so that Neuron graphs keep static shapes; on CPU that projects hundreds of image
+    and prompt tokens through the vocabulary for nothing. The math is TRL's own, only the gather of positions changes.
+    The switch is TRL's module-level function, so it holds for the process while the scope lasts and is restored on
+    exit, exception or not.
+    """
+    if not enabled:
+        yield
+        return
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+@contextlib.contextmanager
+def used_weight_conversions_only(model):
+    """While active, `model`'s recorded load-time renamings are only those that matched a key at load (what the
+    ordinary load path records), so `save_pretrained` writes the names a one-process save writes. A no-op for a model
+    that recorded none; the recorded list is put back on exit."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions or all(getattr(c, "was_used", lambda: True)() for c in conversions):
+        yield  # the ordinary load path already kept only the used ones (or nothing was recorded)
+        return
+    model._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
+    try:
+        yield
+    finally:
+        model._weight_conversions = conversions  # the model is left as it was
+
+
+@contextlib.contextmanager
+def trl_reference_loads_like(policy, args, trainer_class):
+    """Inside it, a reference model that TRL's `trainer_class` loads itself gets the policy's Hub-kernels choice.
+
+    TRL builds the reference by reloading the policy's checkpoint (`create_model_from_path` with
+    `args.model_init_kwargs`) for GRPO with `beta > 0`, and for DPO without a `ref_model` under ZeRO-3 (or FSDP with
+    `precompute_ref_log_probs`). transformers 5.25+ loads it with Hub kernels on by default, whatever the policy has,
+    which makes the reference compute other numbers than the policy at step 0 (and the lower end of the range loads
+    it with them off when the policy has them on). A `use_kernels` in `model_init_kwargs` is kept as given.
+    """
+    module = sys.modules.get(trainer_class.__module__)
+    load = getattr(module, "create_model_from_path", None)
+    if load is None or "use_kernels" in (getattr(args, "model_init_kwargs", None) or {}):
+        yield
+        return
+    from .model_loading import uses_hub_kernels
+
+    use_kernels = uses_hub_kernels(policy)
+
+    def create_model_from_path(*load_args, **load_kwargs):
+        load_kwargs.setdefault("use_kernels", use_kernels)
+        return load(*load_args, **load_kwargs)
+
+    module.create_model_from_path = create_model_from_path
+    try:
+        yield
+    finally:
+        module.create_model_from_path = load
+
+
+__all__ = ["TESTED", "compact_lm_head_scoring", "trl_reference_loads_like", "used_weight_conversions_only"]

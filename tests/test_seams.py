@@ -1,0 +1,321 @@
+"""pivot_hf extends transformers and TRL through their public doors and leaves nothing on objects the user owns.
+
+- importing pivot_hf (and its trainers) changes no registered transformers function and installs no import finder;
+- a fast-DPO `train()` / `evaluate()` (or one that raises) leaves the model with the attributes, attention
+  implementation and outputs of a freshly loaded one;
+- no code outside `pivot_hf/trainer/compat.py` assigns into a transformers / TRL / accelerate module or a private
+  attribute of another object; `configs.py` imports neither torch nor the trainer package.
+"""
+
+import ast
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+from transformers import TrainerCallback
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+from pivot_hf import PivotForConditionalGeneration, PivotProcessor
+
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src" / "pivot_hf"
+COMPAT = SRC / "trainer" / "compat.py"
+WATCHED = ("transformers", "trl", "accelerate", "peft", "deepspeed")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+# ------------------------------------------------------------------------------------------------ import side effects
+def test_importing_pivot_hf_changes_no_registered_attention_function():
+    code = (
+        "import sys\n"
+        "from transformers.integrations.sdpa_attention import sdpa_attention_forward\n"
+        "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n"
+        "before = dict(ALL_ATTENTION_FUNCTIONS.items())\n"
+        "import pivot_hf, pivot_hf.trainer\n"
+        "from pivot_hf.trainer.fast_dpo import PAIR_ATTENTION\n"
+        "assert ALL_ATTENTION_FUNCTIONS['sdpa'] is sdpa_attention_forward\n"
+        "after = dict(ALL_ATTENTION_FUNCTIONS.items())\n"
+        "assert {k: v for k, v in after.items() if k != PAIR_ATTENTION} == before, 'a registered function changed'\n"
+        "assert not any(type(f).__module__.startswith('pivot_hf') for f in sys.meta_path), 'an import finder'\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_configs_import_neither_torch_nor_the_trainer_package():
+    tree = ast.parse((SRC / "configs.py").read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    assert not {name for name in imported if name.split(".")[0] == "torch"}, imported
+    assert not {name for name in imported if "trainer" in name.split(".")}, imported
+    # And in a fresh process: building a training config pulls in no trainer module (no hidden cycle).
+    code = (
+        "import sys, tempfile\n"
+        "from pivot_hf.configs import PivotDPOConfig, PivotSFTConfig\n"
+        "PivotDPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to='none', vision_tower_lr=1e-6)\n"
+        "PivotSFTConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to='none')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('pivot_hf.trainer'))\n"
+        "assert not loaded, loaded\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------- assignments into other libraries
+def _imported_roots(tree: ast.Module) -> tuple[set[str], set[str]]:
+    """Names bound by imports: those from the watched libraries, and those of other modules."""
+    watched, other = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                name = alias.asname or alias.name.split(".")[0]
+                (watched if alias.name.split(".")[0] in WATCHED else other).add(name)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                name = alias.asname or alias.name
+                (watched if node.module.split(".")[0] in WATCHED else other).add(name)
+        elif isinstance(node, ast.Assign) and _is_dynamic_module(node.value):
+            # A module reached at run time (`sys.modules.get(...)`, `importlib.import_module(...)`) counts as theirs.
+            watched |= {target.id for target in node.targets if isinstance(target, ast.Name)}
+    return watched, other
+
+
+def _is_dynamic_module(value: ast.AST) -> bool:
+    text = ast.unparse(value)
+    return text.startswith(("sys.modules.get(", "sys.modules[", "importlib.import_module("))
+
+
+def _root(node: ast.AST) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def seam_violations(path: Path, root: Path = REPO) -> list[str]:
+    """Assignments (`=`, `+=`, `del`, `setattr`) into a watched library's module/object, or into a private attribute
+    of anything but `self` / `cls` (and of other than stdlib modules)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    watched, other = _imported_roots(tree)
+    found = []
+
+    def check(target: ast.AST, lineno: int, attribute: str | None = None):
+        if not isinstance(target, (ast.Attribute, ast.Subscript)) and attribute is None:
+            return
+        base = _root(target)
+        chain_private = attribute is not None and _private(attribute)
+        node = target
+        while isinstance(node, (ast.Attribute, ast.Subscript)):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                chain_private = True
+            node = node.value
+        if base in watched or (chain_private and base not in ("self", "cls") and base not in other):
+            found.append(f"{path.relative_to(root)}:{lineno}: {ast.unparse(target)}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.Delete)):
+            for target in node.targets:
+                for element in target.elts if isinstance(target, ast.Tuple) else [target]:
+                    check(element, node.lineno)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            check(node.target, node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
+            if len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+                check(node.args[0], node.lineno, attribute=str(node.args[1].value))
+    return found
+
+
+def test_the_seam_scan_finds_what_it_looks_for(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import trl.trainer.utils as trl_utils\n"
+        "from transformers import AttentionInterface\n"
+        "import sys\n"
+        "trl_utils._use_triton = None\n"
+        "AttentionInterface._global_mapping['sdpa'] = None\n"
+        "setattr(model, '_hook', 1)\n"
+        "model.config._attn_implementation = 'x'\n"
+        "self._mine = 1\n"
+        "sys._flag = 1\n"
+        "model.pair_forward = None\n"
+        "module = sys.modules.get(cls.__module__)\n"
+        "module.create_model_from_path = None\n",
+        encoding="utf-8",
+    )
+    found = [line.split(": ", 1)[1] for line in seam_violations(sample, root=tmp_path)]
+    assert sorted(found) == sorted(
+        [
+            "trl_utils._use_triton",
+            "AttentionInterface._global_mapping['sdpa']",
+            "model",  # setattr(model, '_hook', ...)
+            "model.config._attn_implementation",
+            "module.create_model_from_path",
+        ]
+    )
+
+
+def test_no_assignment_into_other_libraries_outside_the_compat_module():
+    files = [p for folder in ("src", "recipes", "scripts") for p in sorted((REPO / folder).rglob("*.py"))]
+    assert COMPAT in files
+    violations = [v for path in files if path != COMPAT for v in seam_violations(path)]
+    assert not violations, "assignments into other libraries' objects:\n" + "\n".join(violations)
+
+
+# ------------------------------------------------------------------------------------------ a full fast-DPO run
+def _rows(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        rows.append(
+            {
+                "images": [image],
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Q{i}?"}]}],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "A cat sitting."}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "A dog running fast."}]}],
+            }
+        )
+    return rows
+
+
+def _module_attributes(model) -> dict[str, set[str]]:
+    return {name: set(vars(module)) for name, module in model.named_modules()}
+
+
+def _fresh(path, like=None):
+    model = PivotForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    if like is not None:
+        model.load_state_dict(like.state_dict())
+    return model
+
+
+def _pair_inputs(path) -> dict:
+    """Two rows sharing image and prompt: the shape the paired forward takes."""
+    processor = PivotProcessor.from_pretrained(path)
+    batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_rows(1)))
+    return {k: v for k, v in batch.items() if k != "completion_mask"}
+
+
+def _assert_untouched(model, path, stock):
+    """No attribute we added (the same per-module attributes as `stock`, the same model after a run of stock TRL, which
+    adds its fused LM head, model tags, accelerate's mark and checkpointing), transformers' sdpa for every attention,
+    and per-row outputs as a fresh model's."""
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    inputs = _pair_inputs(path)
+    model.eval()
+    with torch.no_grad():
+        ours = model(**inputs, output_hidden_states=True, use_cache=False)
+        theirs = _fresh(path, like=model).eval()(**inputs, output_hidden_states=True, use_cache=False)
+        stock.eval()(**inputs, output_hidden_states=True, use_cache=False)  # transformers' own output-capture hooks
+    assert ours.hidden_states is not None and len(ours.hidden_states) == len(theirs.hidden_states)
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=0)
+    mine, stocks = _module_attributes(model), _module_attributes(stock)
+    differ = {name: (mine[name] ^ stocks.get(name, set())) for name in mine if mine[name] != stocks.get(name)}
+    assert mine.keys() == stocks.keys() and not differ, differ
+
+
+_SHARED_KEYS = (
+    "per_device_train_batch_size",
+    "max_steps",
+    "learning_rate",
+    "use_cpu",
+    "report_to",
+    "save_strategy",
+    "disable_tqdm",
+    "gradient_checkpointing",
+    "bf16",
+)
+
+
+class _FailOnStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        raise RuntimeError("stop here")
+
+
+def test_fast_dpo_train_evaluate_and_failure_leave_the_model_untouched(tiny_pivot_factory, tmp_path):
+    from pivot_hf.configs import PivotDPOConfig
+    from pivot_hf.trainer import PivotDPOTrainer
+
+    path = tiny_pivot_factory("siglip", "qwen2")
+    processor = PivotProcessor.from_pretrained(path)
+    config = PivotDPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_steps=1,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        check_tunable_parts_changed=False,
+    )
+    assert config.padding_free and config.share_prompt_prefix  # the fast path with pair-block attention
+    model = _fresh(path)
+    ref = _fresh(path)
+    trainer = PivotDPOTrainer(
+        model,
+        ref,
+        args=config,
+        train_dataset=Dataset.from_list(_rows(2)),
+        eval_dataset=Dataset.from_list(_rows(2, seed=1)),
+        processing_class=processor,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())  # it really trained
+
+    stock_config = DPOConfig(**{k: getattr(config, k) for k in _SHARED_KEYS}, output_dir=str(tmp_path / "stock"))
+    stock_model, stock_ref = _fresh(path), _fresh(path)
+    stock = DPOTrainer(
+        stock_model,
+        stock_ref,
+        args=stock_config,
+        train_dataset=Dataset.from_list(_rows(2)),
+        processing_class=processor,
+    )
+    stock.train()
+    _assert_untouched(model, path, stock_model)
+    _assert_untouched(trainer.ref_model, path, stock.ref_model)
+    # The case as a user meets it: the trained model and the checkpoint it saved give the same per-row outputs.
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = PivotForConditionalGeneration.from_pretrained(str(tmp_path / "saved"), dtype=torch.float32).eval()
+    inputs = _pair_inputs(path)
+    with torch.no_grad():
+        ours = model.eval()(**inputs, output_hidden_states=True, use_cache=False)
+        theirs = reloaded(**inputs, output_hidden_states=True, use_cache=False)
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    trainer.evaluate()
+    _assert_untouched(model, path, stock_model)
+
+    trainer.add_callback(_FailOnStep())
+    trainer.args.max_steps = 2
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer.train()
+    _assert_untouched(model, path, stock_model)
