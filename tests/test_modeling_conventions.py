@@ -325,3 +325,10 @@ def test_the_first_save_of_a_composed_model_maps_automodel(tiny_checkpoints):
     config = json.loads((tiny_checkpoints["siglip"] / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_pivot.PivotModel"
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_pivot.PivotForConditionalGeneration"
+
+
+@pytest.mark.parametrize("layer", [0, 1, -1])
+def test_to_llava_gives_the_logits_at_every_feature_layer(layer):
+    model, inputs, _ = _load("siglip", vision_feature_layer=layer)
+    with torch.no_grad():
+        assert torch.equal(model.to_llava().eval()(**inputs).logits, model(**inputs).logits)

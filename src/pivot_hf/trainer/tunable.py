@@ -62,6 +62,8 @@ def apply_tunable_parts(model, tunable_parts: list[str]) -> dict[str, dict[str, 
 def trainable_split(model) -> dict[str, dict[str, int]]:
     split = {part: {"total": 0, "trainable": 0} for part in TUNABLE_PARTS}
     for name, param in model.named_parameters():
+        if ".original_module." in name:
+            continue  # PEFT's frozen copy of a part trained in full (modules_to_save): not counted twice
         part = part_of(name) or "language_model"
         split[part]["total"] += _numel(param)
         if param.requires_grad:
