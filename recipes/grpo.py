@@ -84,4 +84,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # accelerate's documented end of a script: leave the process group on every rank (a rank that exits without it
+    # can abort in its C++ teardown while another rank is still writing).
+    main(sys.argv[1:]).accelerator.end_training()

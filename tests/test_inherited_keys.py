@@ -132,3 +132,21 @@ def test_a_built_trl_config_is_accepted_and_its_refused_keys_still_refused(trl_c
     name = "pad_to_multiple_of" if "pad_to_multiple_of" in refused else refused[0]
     with pytest.raises(RecipeConfigError, match=f"`{name}`: not supported"):
         as_pivot_config(trl_cls(**placement, **{name: decision(pivot_cls, name).example}), pivot_cls)
+
+
+@pytest.mark.parametrize("name", ["SFTConfig", "DPOConfig", "GRPOConfig"])
+def test_a_trl_config_left_at_its_defaults_converts_to_the_pivot_config(tmp_path, name):
+    """TRL resolves its "auto" defaults (pad_to_multiple_of) in `__post_init__`; a TRL config handed to a Pivot trainer
+    is converted after that and must not be refused for a key the caller never set."""
+    import trl
+
+    from pivot_hf.trainer.tunable import as_pivot_config
+
+    kwargs = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    if name == "GRPOConfig":
+        kwargs.update(per_device_train_batch_size=2, num_generations=2)
+    args = getattr(trl, name)(**kwargs)
+    pivot_cls = {"SFTConfig": PivotSFTConfig, "DPOConfig": PivotDPOConfig, "GRPOConfig": PivotGRPOConfig}[name]
+    converted = as_pivot_config(args, pivot_cls)
+    assert isinstance(converted, pivot_cls)
+    assert converted.pad_to_multiple_of is None

@@ -304,3 +304,31 @@ def test_tower_is_cut_once_at_construction_and_wrappers_on_it_run():
     finally:
         del tower.forward
     assert calls == [1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_whole_model_pickles_and_deep_copies_with_its_cut_tower(family, tmp_path):
+    import copy
+    import io
+
+    model, inputs, expected = _load(family)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        with torch.no_grad():
+            assert torch.equal(clone(**inputs).logits, expected)
+        assert clone.model.feature_cut == model.model.feature_cut
+
+
+def test_the_first_save_of_a_composed_model_maps_automodel(tiny_checkpoints):
+    config = json.loads((tiny_checkpoints["siglip"] / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_pivot.PivotModel"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_pivot.PivotForConditionalGeneration"
+
+
+@pytest.mark.parametrize("layer", [0, 1, -1])
+def test_to_llava_gives_the_logits_at_every_feature_layer(layer):
+    model, inputs, _ = _load("siglip", vision_feature_layer=layer)
+    with torch.no_grad():
+        assert torch.equal(model.to_llava().eval()(**inputs).logits, model(**inputs).logits)

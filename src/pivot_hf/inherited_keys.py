@@ -228,6 +228,10 @@ def _default(f: dataclasses.Field):
 
 
 def _is_default(value, default) -> bool:
+    # TRL resolves an "auto" default in its `__post_init__` (pad_to_multiple_of: None off Neuron), so a TRL config
+    # handed to a Pivot trainer (converted after that) holds the resolved value, which is still the default.
+    if isinstance(default, str) and default == "auto" and value is None:
+        return True
     try:
         return bool(value == default) or (value in (None, [], {}) and default in (None, [], {}))
     except Exception:  # e.g. tensors or objects without a boolean equality

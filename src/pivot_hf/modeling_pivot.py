@@ -137,14 +137,26 @@ class FeatureLayerBlocks(nn.ModuleList):
 class _Unapplied:
     """Mixed into the class of a final norm or pooling head of a cut tower: the module returns its input."""
 
+    _unapplied_base: type
+
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at runtime, so pickle (`torch.save(model)`, multiprocessing) cannot find it by name:
+        # rebuild it from the original class, then restore the state as usual.
+        return (_rebuild_unapplied, (self._unapplied_base,), *super().__reduce_ex__(protocol)[2:])
 
 
 @functools.cache
 def _unapplied_class(cls: type) -> type:
     # A subclass, as FSDP2's `fully_shard` makes one: `isinstance` checks (weight init, wrap policies) still hold.
-    return type(f"Unapplied{cls.__name__}", (_Unapplied, cls), {"__module__": __name__})
+    return type(f"Unapplied{cls.__name__}", (_Unapplied, cls), {"__module__": __name__, "_unapplied_base": cls})
+
+
+def _rebuild_unapplied(cls: type) -> nn.Module:
+    unapplied = _unapplied_class(cls)
+    return unapplied.__new__(unapplied)
 
 
 def _post_encoder_modules(vision_tower: nn.Module, parent: nn.Module, attr: str) -> list[tuple[nn.Module, str]]:
@@ -603,8 +615,11 @@ class PivotForConditionalGeneration(PivotPreTrainedModel, GenerationMixin):
         # `register_for_auto_class` only maps the class being saved; the base model (`AutoModel`) is in the same
         # remote-code file, so map it too: `AutoModel.from_pretrained(ckpt, trust_remote_code=True)` then works.
         auto_map = getattr(self.config, "auto_map", None)
-        if isinstance(auto_map, dict) and "AutoModelForImageTextToText" in auto_map:
-            auto_map.setdefault("AutoModel", "modeling_pivot.PivotModel")
+        if getattr(self, "_auto_class", None) == "AutoModelForImageTextToText" and not isinstance(auto_map, dict):
+            # The first save of a composed model: transformers writes the auto_map during the save.
+            self.config.auto_map = auto_map = {}
+        if isinstance(auto_map, dict) and (self._auto_class or "AutoModelForImageTextToText" in auto_map):
+            auto_map.setdefault("AutoModel", f"{type(self.model).__module__.rsplit('.', 1)[-1]}.PivotModel")
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def unreached_vision_parameter_names(self) -> list[str]:

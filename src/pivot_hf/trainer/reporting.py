@@ -47,4 +47,7 @@ def save_run_summary(trainer, train_output, processor, script_args, model_args) 
         }
         with open(os.path.join(output_dir, "pivot_run.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, default=str)
+    # No rank leaves while the main process is still writing: a launcher stops every rank when one exits with an
+    # error, which would cut the final files short.
+    trainer.accelerator.wait_for_everyone()
     return summary

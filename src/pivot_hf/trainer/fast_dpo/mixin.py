@@ -77,6 +77,13 @@ class FastDPOMixin:
         self._ref_logps_cached = False
         self._reference_is_policy = False
         padding_free = bool(getattr(args, "padding_free", False))
+        # Set before TRL's constructor, which runs reference forwards itself for text data with precompute.
+        self._pair_options = {
+            "share_image": bool(getattr(args, "share_image_features", True)),
+            "share_prefix": bool(getattr(args, "share_prompt_prefix", True)),
+            "padding_free": padding_free,
+            "max_row_tokens": getattr(args, "padding_free_row_tokens", None),
+        }
         trl_args = args
         if vision_cache or padding_free:
             trl_args = copy.copy(args)
@@ -122,12 +129,6 @@ class FastDPOMixin:
             # TRL's own adjustments to its copy (DDP unused parameters, ...) stay; the two hidden keys come back.
             self.args.padding_free = args.padding_free
             self.args.precompute_ref_log_probs = args.precompute_ref_log_probs
-        self._pair_options = {
-            "share_image": bool(getattr(self.args, "share_image_features", True)),
-            "share_prefix": bool(getattr(self.args, "share_prompt_prefix", True)),
-            "padding_free": padding_free,
-            "max_row_tokens": getattr(self.args, "padding_free_row_tokens", None),
-        }
         if vision_cache:
             with self._pair_attention():
                 self._cache_reference_log_probs()
