@@ -87,7 +87,9 @@ def _audit(path: Path) -> list[str]:
                 problems.append(f"{where} np.load(allow_pickle=True)")
             elif name.endswith(("read_pickle", "pickle.loads", "pickle.load")):
                 problems.append(f"{where} {name}")
-            if _is_true(_kw(node, "trust_remote_code")):
+            # `_refused(..., trust_remote_code=True)` in pivot_hf/inherited_keys.py is the decision that REFUSES the
+            # key, naming the value a user would set; it loads nothing.
+            if _is_true(_kw(node, "trust_remote_code")) and name != "_refused":
                 problems.append(f"{where} {name}(trust_remote_code=True)")
     return problems
 

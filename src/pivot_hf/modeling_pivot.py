@@ -229,14 +229,26 @@ def _run_tower(
     """One call of the tower: `(its output, patch features at hidden_states indices)`, see `encode_images`.
 
     `cut`: the block the tower stops at (`cut_at_feature_layer`), whose output is `last_hidden_state`; other indices are
-    read from `hidden_states`. The tower's `hidden_states` are returned only when `output_hidden_states` asks for them.
+    read from `hidden_states`. A layer deeper than the cut (an evaluation reading another layer) runs the tower that far
+    for this call only. The tower's `hidden_states` are returned only when `output_hidden_states` asks for them.
     """
     if cut is not None and max(indices) > cut:
-        raise ValueError(
-            f"Feature layer index {max(indices)} is above block {cut}, where this model's vision tower was cut when it "
-            "was built (config.vision_feature_layer). Fix: build the model with that vision_feature_layer "
-            "(from_pretrained(..., vision_feature_layer=...)), or read a layer at or below the cut."
-        )
+        _, _, layers = find_encoder_layers(vision_tower)
+        layers.num_used = max(indices)
+        try:
+            return _run_tower(
+                vision_tower,
+                config,
+                pixel_values,
+                indices,
+                max(indices),
+                num_prefix_tokens,
+                pixel_attention_mask,
+                spatial_shapes,
+                **vision_kwargs,
+            )
+        finally:
+            layers.num_used = cut
     inputs = _tower_inputs(config, pixel_values, pixel_attention_mask, spatial_shapes, **vision_kwargs)
     wanted = inputs.pop("output_hidden_states", None)
     needed = any(index != cut for index in indices)
@@ -268,8 +280,8 @@ def encode_images(
     Works on a standalone encoder (`SiglipVisionModel`, `CLIPVisionModel`, `Dinov2Model`, `ViTModel`, an exported
     PIVOT encoder, ...) exactly as inside the MLLM, which is what makes vision-only probes of an exported encoder
     comparable with the MLLM's own features: the feature is `hidden_states[index]` (the output of block `index`, before
-    any final norm), read from one run of the tower. A tower cut by `cut_at_feature_layer` runs only up to its cut and
-    cannot give a deeper layer (`ValueError`). Several feature layers are concatenated along channels (LLaVA's
+    any final norm), read from one run of the tower. A tower cut by `cut_at_feature_layer` runs up to its cut, or for a
+    deeper `feature_layer` that far for this call only. Several feature layers are concatenated along channels (LLaVA's
     multi-layer option).
 
     Returns a `(batch, num_patches, hidden)` tensor, or for SigLIP2 NaFlex inputs a list with one
@@ -381,6 +393,11 @@ class PivotModel(PivotPreTrainedModel, LlavaModel):
         **vision_kwargs,
     ):
         _refuse_data_parallel_replica(self)
+        _, _, layers = find_encoder_layers(self.vision_tower)
+        if getattr(layers, "num_used", None) != self.feature_cut:
+            # `config.vision_feature_layer` was changed after the model was built: the cut follows it (else the tower's
+            # last block would silently be read as the configured layer).
+            cut_at_feature_layer(self.vision_tower, self.config.vision_feature_layer)
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         return _run_tower(
             self.vision_tower,
