@@ -124,7 +124,9 @@ KEY_DECISIONS: dict[str, Decision] = {
     **_refused("the chat template is the checkpoint's processor's", chat_template_path="x"),
     **_refused("pivot_hf.data builds image rows; there is no text field", dataset_text_field="x"),
     **_refused("pivot_hf.data prepares the rows itself", dataset_kwargs={"a": 1}),
-    **_refused("packing of image rows is not supported by TRL's vision path", packing=True, eval_packing=True),
+    **_refused(
+        "packing is not supported for vision data (TRL refuses it for image rows too)", packing=True, eval_packing=True
+    ),
     **_refused("only meaningful with `packing`", packing_strategy="wrapped"),
     **_refused("use `sft_loss_on: assistant_turns` (works for any chat template)", assistant_only_loss=True),
     "padding_free": Decision(HONOURED, "DPO: pivot-hf's pair forward (packed pairs)"),
