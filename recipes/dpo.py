@@ -82,6 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # accelerate's documented end of a script: leave the process group on every rank (a rank that exits without it
-    # can abort in its C++ teardown while another rank is still writing).
-    main(sys.argv[1:]).accelerator.end_training()
+    main(sys.argv[1:])

@@ -829,7 +829,12 @@ class PivotForConditionalGeneration(PivotPreTrainedModel, GenerationMixin):
             )
         if config.vision_config.model_type in ("vit_mae", "siglip2_vision_model"):
             raise ValueError(f"LLaVA cannot run a {config.vision_config.model_type} tower like Pivot does.")
-        return _transplant(self, LlavaForConditionalGeneration, LlavaConfig(**_llava_config_kwargs(config)))
+        kwargs = _llava_config_kwargs(config)
+        if kwargs.get("vision_feature_layer") == 0:
+            # LLaVA asks its tower for `output_hidden_states=vision_feature_layer`, and 0 reads as "no": the same layer
+            # (the embeddings) counted from the end.
+            kwargs["vision_feature_layer"] = -(config.vision_config.num_hidden_layers + 1)
+        return _transplant(self, LlavaForConditionalGeneration, LlavaConfig(**kwargs))
 
     @classmethod
     def from_llava(cls, llava: LlavaForConditionalGeneration, **config_kwargs) -> "PivotForConditionalGeneration":

@@ -49,6 +49,9 @@ def image_outputs_from_features(image_features) -> BaseModelOutputWithPooling | 
     `image_outputs` a model output carries: one `(tokens_i, hidden)` tensor per image in `pooler_output`."""
     if image_features is None:
         return None
+    if torch.is_tensor(image_features) and image_features.dim() < 3:
+        # transformers < 5.24 carries the tokens of all images as one concatenated tensor: keep it whole.
+        image_features = [image_features]
     return BaseModelOutputWithPooling(pooler_output=list(image_features))
 
 
