@@ -15,6 +15,8 @@ value of it by name, and `tests/test_inherited_keys.py` fails until the field is
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -240,6 +242,22 @@ def _is_default(value, default) -> bool:
         return False
 
 
+_RESOLVED_DEFAULTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "pivot_resolved_defaults", default=None
+)
+
+
+@contextlib.contextmanager
+def resolved_defaults(values: dict):
+    """Within the block, `check_keys` also accepts each field at the value its TRL default resolved to (`values`):
+    a TRL config converted after its own `__post_init__` ran still holds only the user's defaults."""
+    token = _RESOLVED_DEFAULTS.set(dict(values))
+    try:
+        yield
+    finally:
+        _RESOLVED_DEFAULTS.reset(token)
+
+
 def check_keys(config) -> None:
     """Refuse, by name, every refused or undecided field of `config` whose value is not the field's default.
 
@@ -251,7 +269,7 @@ def check_keys(config) -> None:
     problems = []
     cls = type(config)
     # Set while converting a TRL config that already ran its `__post_init__`: the values its defaults resolved to.
-    resolved = getattr(config, "_pivot_resolved_defaults", None) or {}
+    resolved = _RESOLVED_DEFAULTS.get() or {}
     for f in dataclasses.fields(cls):
         value = getattr(config, f.name, None)
         if not f.init or _is_default(value, _default(f)):

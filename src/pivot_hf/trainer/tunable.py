@@ -21,6 +21,7 @@ import re
 import torch
 
 from ..configs import TUNABLE_PARTS, RecipeConfigError, check_part_lrs, part_learning_rates
+from ..inherited_keys import resolved_defaults
 from .data_checks import check_vision_data_needs_vlm, dataset_has_images
 
 
@@ -173,11 +174,8 @@ def as_pivot_config(args, pivot_cls):
     # `args` already ran TRL's `__post_init__`, which resolves some defaults to derived values (DPOConfig's
     # `pad_to_multiple_of="auto"` -> None on CPU/GPU). Those are still the user's defaults: a TRL config built with
     # only the same placement keys says what each default resolved to, and the key check accepts that value too.
-    converted._pivot_resolved_defaults = _resolved_defaults(trl_cls, args)
-    try:
+    with resolved_defaults(_resolved_defaults(trl_cls, args)):
         converted._pivot_post_init()
-    finally:
-        del converted._pivot_resolved_defaults
     return converted
 
 
