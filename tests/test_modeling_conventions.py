@@ -255,8 +255,8 @@ def test_processor_round_trip_and_multimodal_token_counts(family, tiny_checkpoin
         encoded = processor(images=[image], text=[f"{processor.image_token}\nWhat?"], return_tensors="pt")
         assert int((encoded["input_ids"] == processor.image_token_id).sum()) == count
     assert counts.num_image_patches == [1, 1]
-    with pytest.raises(ValueError, match="max_num_patches"):
-        processor._get_num_multimodal_tokens(image_sizes=[(32, 32)], max_num_patches=4)
+    with pytest.raises(ValueError, match="not_an_option"):  # options it has are applied (test below)
+        processor._get_num_multimodal_tokens(image_sizes=[(32, 32)], not_an_option=4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -332,3 +332,20 @@ def test_to_llava_gives_the_logits_at_every_feature_layer(layer):
     model, inputs, _ = _load("siglip", vision_feature_layer=layer)
     with torch.no_grad():
         assert torch.equal(model.to_llava().eval()(**inputs).logits, model(**inputs).logits)
+
+
+def test_multimodal_token_counts_take_processing_options_as_the_call_does(tiny_pivot_factory):
+    """What vLLM passes as `mm_processor_kwargs` (e.g. `max_num_patches` for NaFlex) changes the count exactly as it
+    changes the processor call; an option the image processor lacks is refused by name."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_pivot_factory("siglip2_naflex"))
+    image = Image.new("RGB", (300, 100))
+    for options in ({}, {"max_num_patches": 64}):
+        written = processor(images=[image], text=["<image>hi"], return_tensors="pt", **options)["input_ids"]
+        counted = processor._get_num_multimodal_tokens(image_sizes=[(100, 300)], **options).num_image_tokens
+        assert counted == [int((written == processor.image_token_id).sum())]
+    assert processor.image_processor.max_num_patches != 64  # the processor itself is left as it was
+    with pytest.raises(ValueError, match="bogus"):
+        processor._get_num_multimodal_tokens(image_sizes=[(100, 300)], bogus=1)

@@ -152,13 +152,23 @@ class PivotProcessor(ProcessorMixin):
 
         `image_sizes`: one `(height, width)` per image. Each image is one patch (no tiling). The counts are those the
         processor writes (`num_image_tokens`), so they depend on each size only for SigLIP2 NaFlex. Processing options
-        in `kwargs` are refused by name: the counts follow this processor's saved settings.
+        in `kwargs` (e.g. `max_num_patches`) are applied as the processor call applies them; an option the image
+        processor does not have is refused by name.
         """
         if kwargs:
-            raise ValueError(
-                f"PivotProcessor counts image tokens with its saved settings; got options {sorted(kwargs)}. Fix: set "
-                "them on the processor (e.g. processor.image_processor.max_num_patches) before asking."
-            )
+            import copy
+
+            unknown = sorted(k for k in kwargs if not hasattr(self.image_processor, k))
+            if unknown:
+                raise ValueError(
+                    f"{type(self.image_processor).__name__} has no processing option(s) {unknown}; image-token counts "
+                    "depend only on its own settings."
+                )
+            counter = copy.copy(self)
+            counter.image_processor = copy.copy(self.image_processor)
+            for key, value in kwargs.items():
+                setattr(counter.image_processor, key, value)
+            return counter._get_num_multimodal_tokens(image_sizes)
         if image_sizes is None:
             return MultiModalData()
         if self.variable_resolution:
