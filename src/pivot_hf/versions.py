@@ -95,18 +95,13 @@ def warn_if_untested_versions() -> None:
 
     if getattr(sys, "_pivot_untested_versions_warned", False):
         return
-    installed = {}
-    for name in ("transformers", *TESTED_RANGES):
-        try:
-            installed[name] = version(name.replace("_", "-"))
-        except PackageNotFoundError:
-            continue
     ranges = {"transformers": TESTED_TRANSFORMERS_RANGE, **TESTED_RANGES}
-    message = untested_versions_message(installed, ranges)
+    newer = untested_versions(ranges=ranges)  # package metadata read once
+    message = untested_versions_message(newer, ranges)
     if message is None:
         return
     sys._pivot_untested_versions_warned = True
-    if "transformers" in untested_versions(installed, ranges):
+    if "transformers" in newer:
         sys._pivot_untested_transformers_warned = True  # the flag configuration_pivot.py reads
     warnings.warn(message, UserWarning, stacklevel=3)
 
