@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -301,7 +302,11 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--work", default=None, help="scratch folder (checkpoints); default: a temp folder")
+    parser.add_argument(
+        "--work",
+        default=None,
+        help="scratch folder (checkpoints); default: a fresh temp folder (--tiny), else /tmp/pivot-gpu-check-real",
+    )
     parser.add_argument("--tiny", action="store_true", help="the tiny config of the same code path (CPU is fine)")
     parser.add_argument(
         "--budget-s", type=float, default=None, help="wall-clock budget for all stages (540; tiny 2400)"
@@ -314,11 +319,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work or f"/tmp/pivot-gpu-check-{'tiny' if args.tiny else 'real'}")
+    if args.work:
+        work = Path(args.work)
+    elif args.tiny:
+        # Fresh per run: concurrent tiny runs must not share checkpoints, nor reuse what a killed run left behind.
+        work = Path(tempfile.mkdtemp(prefix="pivot-gpu-check-tiny."))
+    else:
+        # The real shape keeps one folder, so that a rerun on the same (bare, per-session) device machine reuses the
+        # 240 s build; pass --work for any other folder.
+        work = Path("/tmp/pivot-gpu-check-real")
     work.mkdir(parents=True, exist_ok=True)
     budget = args.budget_s if args.budget_s is not None else (2400 if args.tiny else 540)
     check = Check(out, work, args.tiny, budget)
-    check.say(f"device: {check.device}; tiny: {args.tiny}; versions: {_versions()}")
+    check.say(f"device: {check.device}; tiny: {args.tiny}; scratch folder: {work}; versions: {_versions()}")
     model = check.build()
     if model is None:
         return check.finish()

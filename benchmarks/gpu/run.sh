@@ -5,6 +5,9 @@
 #     bash benchmarks/gpu/run.sh            # real shape: SigLIP2-So400m/16 + Qwen2.5-1.5B, bf16, <= 9 minutes
 #     bash benchmarks/gpu/run.sh --tiny     # the same code path on a tiny config; runs on CPU (CI)
 #
+# Checkpoints go to a scratch folder: `--work DIR` (a rerun with the same DIR reuses its build); without it a fresh
+# `mktemp -d` folder per --tiny run (printed), /tmp/pivot-gpu-check-real at the real shape.
+#
 # Every Python step runs on $PYTHON (default: `python3` from PATH); callers that run inside a venv or another
 # interpreter pass theirs (`PYTHON="$(command -v python)" bash benchmarks/gpu/run.sh`, the tests pass sys.executable).
 #
@@ -24,7 +27,18 @@ export OUT
 
 ARGS=("$@")
 TINY=0
-for arg in "$@"; do [[ "$arg" == "--tiny" ]] && TINY=1; done
+HAS_WORK=0
+for arg in "$@"; do
+    [[ "$arg" == "--tiny" ]] && TINY=1
+    [[ "$arg" == "--work" || "$arg" == --work=* ]] && HAS_WORK=1
+done
+if (( TINY == 1 && HAS_WORK == 0 )); then
+    # A fresh scratch folder per tiny run: two runs at once (CI, a developer) must not share checkpoints, and a folder
+    # left by an earlier (possibly killed) run must not be reused. `--work DIR` keeps its meaning (a rerun reuses DIR).
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/pivot-gpu-check-tiny.XXXXXX")" || { echo "mktemp failed" >&2; exit 1; }
+    echo "scratch folder (--work): $WORK"
+    ARGS+=(--work "$WORK")
+fi
 
 shopt -s nullglob
 # PIVOT_WHEELS=.whl-qlora: the QLoRA stage's own wheels (`prepare.sh --qlora`), carried in a call of their own.
