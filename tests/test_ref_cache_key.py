@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from pivot_hf import PivotForConditionalGeneration, PivotProcessor
 from pivot_hf.configs import PivotDPOConfig
+from pivot_hf.data import sequence_lengths
 from pivot_hf.processing_pivot import multimodal_chat_template
 from pivot_hf.trainer.dpo import PivotDPOTrainer
 
@@ -103,7 +104,8 @@ CHANGES = {
     "feature_layer": {"edit_model": _set_feature_layer},
     "image_mean_std": {"edit_processor": _set_mean},
     "chat_template": {"edit_processor": _set_template},
-    "max_length": {"max_length": 40},  # cuts the answers: the reference log-probs really change
+    # One below the longest row: that row is dropped (`exceeds_max_length`), so the cached rows really change.
+    "max_length": {"max_length": "longest - 1"},
     "attn_implementation": {"attn": "eager"},
 }
 
@@ -115,13 +117,20 @@ def test_rerun_after_a_change_recomputes_the_reference(tiny, tmp_path, caplog, c
     assert first == pytest.approx(LN2, abs=1e-5)
     [old] = _caches(tmp_path)
     caplog.set_level(logging.INFO, logger="pivot_hf.trainer.fast_dpo")
-    loss = _run(tiny, tmp_path, dataset, **CHANGES[change])
+    kwargs = dict(CHANGES[change])
+    if kwargs.get("max_length") == "longest - 1":
+        processor = PivotProcessor.from_pretrained(tiny)
+        kwargs["max_length"] = max(sequence_lengths(dataset[:], processor, processor.num_image_tokens())) - 1
+    loss = _run(tiny, tmp_path, dataset, **kwargs)
     assert loss == pytest.approx(LN2, abs=1e-5)
     assert "computing them" in caplog.text and "is stale" in caplog.text
     new = [p for p in _caches(tmp_path) if p != old]
     assert len(new) == 1
-    if change != "attn_implementation":  # eager vs sdpa agree to ~1e-6: only the key must differ there
-        assert not torch.allclose(load_file(str(old))["ref_chosen_logps"], load_file(str(new[0]))["ref_chosen_logps"])
+    before, after = load_file(str(old))["ref_chosen_logps"], load_file(str(new[0]))["ref_chosen_logps"]
+    if change == "max_length":
+        assert len(after) == len(before) - 1
+    elif change != "attn_implementation":  # eager vs sdpa agree to ~1e-6: only the key must differ there
+        assert not torch.allclose(before, after)
 
 
 def test_rerun_without_change_reuses_the_cache(tiny, tmp_path, caplog):

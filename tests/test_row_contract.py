@@ -417,6 +417,133 @@ def test_sft_row_deleted_mid_run_is_skipped_at_collate_time(tiny, files, tmp_pat
     assert report["kept"] == 3
 
 
+def _overlong_records(files):
+    """Three rows; the second is too long for `max_length=128` once its image is 16 tokens (the tiny tower)."""
+    records = [_qa(files, "ok", i) for i in range(3)]
+    records[1]["chosen"] = "word " * 200
+    return records
+
+
+def test_overlong_rows_are_dropped_alike_on_the_recipe_and_trainer_routes(tiny, files, tmp_path, caplog):
+    """The recipe route (the loader, then the trainer it hands the rows to) and a `Dataset` handed to the trainer
+    directly keep and skip the same rows: a row too long for `max_length` with its image tokens is dropped before any
+    compute on both (not left to TRL's truncation), counted and named alike in `data_report.json` and the log."""
+    from pivot_hf.configs import PivotDPOConfig, PivotScriptArguments
+    from pivot_hf.trainer.data_prep import load_training_data
+
+    records = _overlong_records(files)
+    rows = [_trl_preference(r) for r in records]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    reports, logs = {}, {}
+    for route in ("recipe", "trainer"):
+        model, processor = _load(tiny)
+        kwargs = {**_common(tmp_path / route, precompute_ref_log_probs=False), "max_length": 128}
+        args = PivotDPOConfig(**kwargs)
+        if route == "recipe":
+            script_args = PivotScriptArguments(dataset_name=str(tmp_path / "saved"))
+            train_dataset, _, _ = load_training_data(script_args, args, processor, "preference")
+        else:
+            train_dataset = datasets.Dataset.from_list(rows)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pivot_hf.trainer.row_contract"):
+            trainer = PivotDPOTrainer(model, None, args=args, train_dataset=train_dataset, processing_class=processor)
+        # The message up to the report's path (each route writes its own output_dir).
+        logs[route] = [r.getMessage().split(";")[0] for r in caplog.records if "Row contract:" in r.getMessage()]
+        assert trainer.train_dataset.with_format(None)["id"] == ["ok0", "ok2"]
+        reports[route] = json.loads((tmp_path / route / "out" / "data_report.json").read_text())
+    for key in ("total", "kept", "skipped", "examples", "invariant_ok"):
+        assert reports["recipe"][key] == reports["trainer"][key], key
+    assert reports["trainer"]["skipped"] == {"exceeds_max_length": 1} and reports["trainer"]["invariant_ok"]
+    assert reports["trainer"]["examples"]["skipped:exceeds_max_length"] == ["ok1"]
+    assert logs["recipe"] == logs["trainer"] and "1 of 3 training rows skipped" in logs["trainer"][0]
+
+
+def test_overlong_sft_rows_are_dropped_alike_by_the_loader_and_the_trainer_also_when_streamed(tiny, files, tmp_path):
+    from pivot_hf import PivotProcessor
+    from pivot_hf.data.loader import image_token_measure
+
+    processor = PivotProcessor.from_pretrained(tiny)
+    rows = [_trl_sft(r) for r in _overlong_records(files)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    _, loaded = load_pivot_dataset(str(tmp_path / "saved"), "sft", tokenizer=processor, max_length=128,
+                                   num_image_tokens=image_token_measure(processor))  # fmt: skip
+    args = SimpleNamespace(max_length=128, max_image_pixels=89_478_485, output_dir=str(tmp_path / "out"))
+    for streamed in (False, True):
+        dataset = datasets.Dataset.from_list(rows)
+        trainer = PivotSFTTrainer.__new__(PivotSFTTrainer)
+        checked, _ = trainer._contract_datasets(args, processor, dataset.to_iterable_dataset() if streamed else dataset,
+                                                None)  # fmt: skip
+        assert [row["id"] for row in checked] == ["ok0", "ok2"]
+        report = trainer._data_reports["train"]
+        assert (report.kept, dict(report.skipped), report.examples) == (loaded.kept, dict(loaded.skipped),
+                                                                        loaded.examples)  # fmt: skip
+    assert dict(loaded.skipped) == {"exceeds_max_length": 1}
+
+
+def test_rows_sharing_an_id_deleted_mid_run_count_once_each_over_two_epochs(tiny, files, tmp_path, one_torch_thread):
+    """Two distinct rows with the same record id, both images deleted after the check: two skips (one per row, named
+    by the shared id), however often the rows come back (2 epochs here)."""
+    from pivot_hf.configs import PivotSFTConfig
+
+    records = [_qa(files, "ok", i) for i in range(3)]
+    for i, r in enumerate(records):
+        r["image"] = str(shutil.copy(CAT, tmp_path / f"img{i}.jpg"))
+    records[1]["id"] = records[2]["id"] = "dup"  # the same id, used twice in the dataset
+    model, processor = _load(tiny)
+    args = PivotSFTConfig(**_common(tmp_path, max_steps=6, learning_rate=1e-3))  # 2 epochs of 3 rows
+    args.per_device_train_batch_size = 1
+    dataset = datasets.Dataset.from_list([_trl_sft(r) for r in records])
+    trainer = PivotSFTTrainer(model, args=args, train_dataset=dataset, processing_class=processor)
+    os.remove(records[1]["image"])
+    os.remove(records[2]["image"])
+    trainer.train()
+    assert trainer.state.global_step == 6
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["skipped"] == {"image_unreadable_at_collate": 2} and report["kept"] == 1 and report["invariant_ok"]
+    assert report["examples"]["skipped:image_unreadable_at_collate"] == ["dup", "dup"]
+
+
+def test_a_skipped_row_counts_once_in_its_own_datasets_report():
+    """The flush keys a skip by the row's number: the same row from another rank, epoch or GRPO generation counts
+    once; rows sharing an id count apart; an eval row goes to the eval report (named by its position without an id);
+    a second flush of the same skips changes nothing."""
+    from pivot_hf.data.report import ConversionReport
+    from pivot_hf.trainer.row_contract import RowContractMixin
+
+    mixin = RowContractMixin.__new__(RowContractMixin)
+    mixin._data_reports = {"train": ConversionReport(total=4, kept=4), "eval": ConversionReport(total=2, kept=2)}
+    mixin._row_ranges = [(0, 4, "train"), (4, 6, "eval")]
+    mixin._reported_skips, mixin._data_report_dir, mixin.data_collator = set(), None, None
+    mixin.accelerator = SimpleNamespace(is_main_process=True)
+    skips = [(1, "dup", "gone"), (2, "dup", "gone"), (1, "dup", "gone"), (5, None, "gone")]
+    for _ in range(2):
+        mixin._collate_skips = list(skips)
+        mixin._flush_data_report()
+        train, evaluation = mixin._data_reports["train"], mixin._data_reports["eval"]
+        assert (train.kept, dict(train.skipped), train.examples) == (
+            2, {"image_unreadable_at_collate": 2}, {"skipped:image_unreadable_at_collate": ["dup", "dup"]})  # fmt: skip
+        assert evaluation.kept == 1 and evaluation.examples == {"skipped:image_unreadable_at_collate": ["1"]}
+
+
+def test_row_numbers_follow_a_view_without_copying_its_rows(tmp_path):
+    from pivot_hf.data.images import LazyImages
+    from pivot_hf.trainer.compat import with_row_numbers
+    from pivot_hf.trainer.row_contract import ROW_KEY
+
+    rows = [{"id": "a", "images": [CAT]}, {"id": "b", "images": []}, {"id": "c"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    stored = datasets.load_from_disk(str(tmp_path / "saved"))  # memory-mapped, as a saved or Hub dataset is
+    view = stored.select([2, 0]).with_transform(LazyImages())
+    numbered, stop = with_row_numbers(view, ROW_KEY, start=10)
+    assert stop == 13 and [row[ROW_KEY] for row in numbered] == [12, 10]  # the stored rows' numbers
+    assert isinstance(numbered[1]["images"][0], Image.Image)  # the view's transform kept
+    assert numbered.cache_files == view.cache_files == stored.cache_files  # nothing written (no flattened copy)
+    again, _ = with_row_numbers(stored.select([2, 0]).with_transform(LazyImages()), ROW_KEY, start=10)
+    assert again._fingerprint == numbered._fingerprint  # deterministic: caches keyed by it stay valid
+    renumbered, _ = with_row_numbers(numbered, ROW_KEY, start=0)  # a dataset numbered before gets new numbers
+    assert [row[ROW_KEY] for row in renumbered] == [2, 0] and renumbered.column_names == numbered.column_names
+
+
 def test_collate_guard_drops_marked_rows_and_counts_them():
     from pivot_hf.data.images import UNREADABLE_KEY
     from pivot_hf.trainer.row_contract import SKIPPED_KEY, ZERO_WEIGHT_KEY, CollateGuard
@@ -424,7 +551,7 @@ def test_collate_guard_drops_marked_rows_and_counts_them():
     seen = []
     guard = CollateGuard(lambda rows: seen.append(rows) or {"n": len(rows)}, [{"id": "fallback", "x": 1}], False)
     batch = guard([{"id": "a", "x": 1, UNREADABLE_KEY: None}, {"id": "b", "x": 2, UNREADABLE_KEY: "gone"}])
-    assert batch == {"n": 1, SKIPPED_KEY: [("b", "gone")]} and seen[-1] == [{"id": "a", "x": 1}]
+    assert batch == {"n": 1, SKIPPED_KEY: [(None, "b", "gone")]} and seen[-1] == [{"id": "a", "x": 1}]
     batch = guard([{"id": "b", "x": 2, UNREADABLE_KEY: "gone"}])
     assert batch[ZERO_WEIGHT_KEY] is True and seen[-1] == [{"id": "fallback", "x": 1}]
 
@@ -484,7 +611,7 @@ def test_grpo_guard_keeps_the_batch_size_and_zeroes_the_rewards_of_a_skipped_row
     guard = CollateGuard(lambda rows: rows, [{"id": "fb", "prompt": "p0", "solution": "cat"}], False, substitute=True)
     rows = guard([{"id": "a", "prompt": "p1", "solution": "cat"}, {"id": "b", "prompt": "p2", UNREADABLE_KEY: "gone"}])
     assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["prompt"] == "p0"  # the fallback's content, b's id
-    assert [r[UNREADABLE_KEY] for r in rows] == [None, "gone"] and guard.skipped == [("b", "gone")]
+    assert [r[UNREADABLE_KEY] for r in rows] == [None, "gone"] and guard.skipped == [(None, "b", "gone")]
     reward = zero_reward_for_skipped_rows(accuracy_reward)
     kwargs = {key: [r[key] for r in rows] for key in ("solution", UNREADABLE_KEY)}
     assert reward(["<answer>cat</answer>"] * 2, **kwargs) == [1.0, 0.0] and reward.__name__ == "accuracy_reward"

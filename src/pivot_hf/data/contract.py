@@ -21,11 +21,13 @@ What a row must satisfy (each failure is a counted skip naming the record id and
   SFT rows: no non-empty assistant answer (`invalid_text`);
 - GRPO rows: a `solution` that is missing, null, empty or the string of a missing value (`"None"`, `"null"`,
   `"nan"`) is `missing_answer`: such a row cannot be rewarded (and the rewards give 0 to it anyway);
-- lengths: with `max_length` and a processor, text + image tokens measured per image (variable-resolution towers)
-  must fit (`exceeds_max_length`).
+- lengths: with `max_length` and a processor (the loaders and the Pivot SFT/DPO trainers pass theirs), text + image
+  tokens measured per image (variable-resolution towers) must fit (`exceeds_max_length`): such a row is dropped on
+  every route, never left to TRL's truncation, which can cut inside the image tokens.
 
 A row whose image becomes unreadable after the check (a file deleted mid-run) is caught at collate time by
-`LazyImages` + `pivot_hf.trainer.collate_guard`: skipped and counted (`image_unreadable_at_collate`), never fatal.
+`LazyImages` + `pivot_hf.trainer.row_contract.CollateGuard`: skipped and counted once per row
+(`image_unreadable_at_collate`), never fatal.
 """
 
 from __future__ import annotations
@@ -316,10 +318,14 @@ def apply_row_contract(
     from .images import LazyImages
 
     contract = RowContract(kind, processor, max_image_pixels)
+    measure = (
+        image_token_counter(processor, num_image_tokens) if max_length is not None and processor is not None else None
+    )
     if isinstance(dataset, datasets.IterableDataset):
         if report is None:
             report = ConversionReport(source="streamed dataset")
-        return _stream(dataset, contract, report, max_image_pixels), report
+        length = (processor, max_length, measure) if measure is not None else None
+        return _stream(dataset, contract, report, max_image_pixels, length), report
     transform = (
         dataset.format.get("format_kwargs", {}).get("transform") if dataset.format["type"] == "custom" else None
     )
@@ -348,12 +354,10 @@ def apply_row_contract(
         raw = raw.map(_escape, with_indices=True, desc="escape special tokens")
     if skipped:
         raw = raw.select(keep)
-    if max_length is not None and processor is not None and len(raw):
+    if measure is not None and len(raw):
         from .loader import drop_overlong
 
-        measure = image_token_counter(processor, num_image_tokens)
-        if measure is not None:
-            raw = drop_overlong(raw, processor, max_length, measure, report)
+        raw = drop_overlong(raw, processor, max_length, measure, report)
     if foreign:
         raw = raw.with_transform(transform)  # the caller's own decoding; our images were checked underneath it
     elif lazy_images and ("images" in raw.column_names or "image" in raw.column_names):
@@ -361,11 +365,12 @@ def apply_row_contract(
     return raw, report
 
 
-def _stream(dataset, contract: RowContract, report: ConversionReport, max_image_pixels: int):
+def _stream(dataset, contract: RowContract, report: ConversionReport, max_image_pixels: int, length=None):
     """An `IterableDataset` whose rows pass `contract` as they stream (every row read is counted in `report`), with
-    images checked from their stored form and only then decoded."""
+    images checked from their stored form and only then decoded. `length`: `(processor, max_length, measure)`, the
+    same length check as a map-style dataset's (`drop_overlong`), row by row."""
     from .images import load_image
-    from .loader import _has_decoded_images, _without_decoding
+    from .loader import LENGTH_COLUMNS, _has_decoded_images, _without_decoding, sequence_lengths
 
     features = dataset.features or {}
     for column in ("images", "image"):
@@ -375,6 +380,11 @@ def _stream(dataset, contract: RowContract, report: ConversionReport, max_image_
 
     def _checked(row, index):
         new, reason, escaped = contract.check(row, index)
+        if reason is None and length is not None:
+            processor, max_length, measure = length
+            columns = {c: [new[c]] for c in LENGTH_COLUMNS if c in new}
+            if sequence_lengths(columns, processor, measure)[0] > max_length:
+                reason = "exceeds_max_length"
         if reason is None:
             new = dict(new)
             try:

@@ -41,6 +41,10 @@ def _render(renderer, messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
+# What `sequence_lengths` reads from a row.
+LENGTH_COLUMNS = ("images", "image", "messages", "prompt", "chosen", "rejected", "completion")
+
+
 def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens) -> list[int]:
     """Upper bound of the training sequence length of each row: text tokens + image tokens (+1 per image for its
     placeholder/separator, to stay conservative). For preference rows it is the longer of prompt+chosen and
@@ -49,7 +53,7 @@ def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens) -> lis
     # Render with the processor's own chat template when given one: it is what training uses (it may add a system
     # prompt the bare tokenizer's template does not, and a base LLM's tokenizer may have no template at all).
     renderer = tokenizer if getattr(tokenizer, "chat_template", None) else tok
-    n = len(batch["images"]) if "images" in batch else len(next(iter(batch.values())))
+    n = len(next(iter(batch.values())))
     texts: list[list[str]] = []
     for i in range(n):
         if "messages" in batch:
@@ -67,7 +71,7 @@ def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens) -> lis
     ids = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
     lengths, k = [], 0
     for i, group in enumerate(texts):
-        images = (batch["images"][i] or []) if "images" in batch else []
+        images = _images_of(batch, i)
         if callable(num_image_tokens):
             image_tokens = sum(num_image_tokens(image) + 1 for image in images)
         else:
@@ -75,6 +79,15 @@ def sequence_lengths(batch: dict[str, list], tokenizer, num_image_tokens) -> lis
         lengths.append(max(len(ids[k + j]) for j in range(len(group))) + image_tokens)
         k += len(group)
     return lengths
+
+
+def _images_of(batch: dict[str, list], i: int) -> list:
+    """Row `i`'s images, from an `images` list or TRL's single `image` column (counted alike)."""
+    if "images" in batch:
+        return list(batch["images"][i] or [])
+    if "image" in batch and batch["image"][i] is not None:
+        return [batch["image"][i]]
+    return []
 
 
 def image_size(image) -> tuple[int, int]:
@@ -131,13 +144,12 @@ def drop_overlong(
     dataset's transform (lazy images) is kept: the lengths are computed on the raw columns, no image is opened.
     """
     raw = dataset.with_format(None)
-    images_feature = raw.features.get("images") if raw.features else None
-    if images_feature is not None and _has_decoded_images(images_feature):
-        # Only the number of images per row matters here: never decode pixels to count them.
-        raw = raw.cast_column("images", _without_decoding(images_feature))
-    columns = [
-        c for c in ("id", "images", "messages", "prompt", "chosen", "rejected", "completion") if c in raw.column_names
-    ]
+    for column in ("images", "image"):
+        feature = raw.features.get(column) if raw.features else None
+        if feature is not None and _has_decoded_images(feature):
+            # Only the number of images per row (and their sizes, from headers) matters: never decode pixels here.
+            raw = raw.cast_column(column, _without_decoding(feature))
+    columns = [c for c in ("id", *LENGTH_COLUMNS) if c in raw.column_names]
     keep, dropped = [], []
     start = 0
     for batch in raw.select_columns(columns).iter(batch_size=batch_size):

@@ -16,11 +16,16 @@ docs/architecture.md lists every remaining touch with its guard.
   without it is left alone.
 - `transformers.Trainer._get_output_dir`, called by `Trainer._save_checkpoint` for the run folder: the atomic
   checkpoints stage a save by overriding it for the duration of that call (`checkpointing.AtomicCheckpointMixin`).
+- `datasets.Dataset._data` / `._indices` (read only): `with_row_numbers` adds a column of row numbers to the Arrow
+  table under a `select` / `shuffle` view and keeps the view's indices mapping, where the public `add_column` would
+  first copy every selected row (image bytes included) to a new cache file. A `datasets` without them gets
+  `add_column` (the view's positions as numbers, after that copy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata as metadata
 import inspect
 import sys
@@ -135,4 +140,46 @@ def trl_reference_loads_like(policy, args, trainer_class):
         module.create_model_from_path = load
 
 
-__all__ = ["TESTED", "compact_lm_head_scoring", "trl_reference_loads_like", "used_weight_conversions_only"]
+def with_row_numbers(dataset, column: str, start: int = 0):
+    """`(dataset with an int64 `column`, stop)`: the rows of the Arrow table under `dataset` numbered `start`,
+    `start + 1`, ... (`stop` is one past the last number). A view made by `select` / `shuffle` shows the numbers of
+    the stored rows it maps to: two positions of a view number alike only if they are the same stored row."""
+    import pyarrow as pa
+    from datasets import Dataset, Value
+
+    if column in dataset.column_names:
+        dataset = dataset.remove_columns(column)
+    table, indices = getattr(dataset, "_data", None), getattr(dataset, "_indices", False)
+    try:
+        from datasets.arrow_dataset import update_metadata_with_features
+        from datasets.table import InMemoryTable, concat_tables
+    except ImportError:
+        table = None
+    if table is None or indices is False:
+        numbers = list(range(start, start + len(dataset)))
+        return dataset.add_column(column, numbers, feature=Value("int64")), start + len(dataset)
+    stop = start + table.num_rows
+    numbered = InMemoryTable.from_arrays([pa.array(range(start, stop), type=pa.int64())], names=[column])
+    info = dataset.info.copy()
+    info.features[column] = Value("int64")
+    table = update_metadata_with_features(concat_tables([table, numbered], axis=1), info.features)
+    # Deterministic (every rank and every run derive the same one), so caches keyed by it stay valid.
+    fingerprint = hashlib.sha256(f"{getattr(dataset, '_fingerprint', None)}:{column}:{start}".encode()).hexdigest()[
+        :16
+    ]
+    out = Dataset(table, info=info, split=dataset.split, indices_table=indices, fingerprint=fingerprint)
+    fmt = dataset.format
+    columns = fmt["columns"]
+    if columns is not None and set(columns) == set(dataset.column_names):
+        columns = [*columns, column]  # a format over every column keeps covering every column (as `add_column`)
+    out.set_format(fmt["type"], columns=columns, output_all_columns=fmt["output_all_columns"], **fmt["format_kwargs"])
+    return out, stop
+
+
+__all__ = [
+    "TESTED",
+    "compact_lm_head_scoring",
+    "trl_reference_loads_like",
+    "used_weight_conversions_only",
+    "with_row_numbers",
+]

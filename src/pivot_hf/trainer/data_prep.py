@@ -69,7 +69,7 @@ def load_training_data(script_args: PivotScriptArguments, training_args, process
             eval_dataset = eval_dataset.with_transform(LazyImages(max_pixels=training_args.max_image_pixels))
     # The trainer checks these rows again (the contract runs on whatever a trainer is handed) and continues this
     # report, so `data_report.json` counts every row of the source once.
-    attach_report(raw, report)
+    attach_report(raw, report, checked_max_length=training_args.max_length)
     logger.info(
         "Training rows: %d (report: kept %d of %d, skipped %s)",
         len(raw),
