@@ -40,6 +40,7 @@ barrier for a preempted thread. `--check` exits 1 unless every path's loss agree
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -531,9 +532,11 @@ def worker(args) -> None:
         "max_length": None,
         "use_cpu": not on_gpu,
         "bf16": on_gpu and dtype == torch.bfloat16,
-        "gradient_checkpointing": setting["gradient_checkpointing"],
         "use_liger_kernel": bool(args.liger and on_gpu),
     }
+    # transformers 5.23 renamed the key (the old one warns); the lower end of the tested range has only the old one.
+    renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(trl.DPOConfig)}
+    common["activation_checkpointing" if renamed else "gradient_checkpointing"] = setting["gradient_checkpointing"]
     ref_seconds = {"value": 0.0}
     ref_batches, ref_cpu = [], []
     # A previous run's cached reference log-probs would be reused (that is the resume path): start clean so the

@@ -13,9 +13,9 @@ no checkpoint saving, no tracker, no dataloader workers. Extra
 
 While it runs, a thread samples the process RSS every 10 ms and attributes it to the phase the run is in (loading,
 reference pass, forward+backward, optimizer step, ...); the tensors each component holds are counted exactly: weights,
-gradients, optimizer state, the update-norm monitor's copy, the reference model while it lives. Activations are the
-RSS peak of the forward+backward phase above the RSS at the start of the step. Prints one table and writes it as
-JSON with `--json`.
+gradients, optimizer state, the update-norm monitor's copy, the reference model while it lives, and the activations
+(every tensor autograd saves for the backward pass, once per storage, parameters left out). Prints one table and
+writes it as JSON with `--json`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import sys
 import threading
 import time
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
 
         def on_step_begin(self, args, state, control, **kwargs):
             sampler.mark(f"step {state.global_step + 1} begin")
-            sampler.phase = "forward + backward"
+            sampler.phase = f"forward + backward (step {state.global_step + 1})"
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             model = self.trainer.model
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
             sampler.phase = "between steps"
 
         def on_train_end(self, args, state, control, **kwargs):
-            sampler.phase = "after training (saving, curves)"
+            sampler.phase = "end of training (tunable-part check, curves)"
 
     base = recipe.PivotDPOTrainer
 
@@ -159,8 +160,36 @@ def main(argv=None) -> None:
             sampler.mark("before training")
             return super().train(*a, **k)
 
+        def training_step(self, model, *a, **k):
+            # Activations counted exactly: every tensor autograd saves for the backward pass of this step, once per
+            # storage, parameters (saved by linear layers for the input gradient) left out. RSS cannot say this:
+            # the allocator reuses the pages the previous step's gradients freed.
+            params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+            saved: dict[int, int] = {}
+
+            def pack(tensor):
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in params and storage.device.type == "cpu":
+                    saved[storage.data_ptr()] = storage.nbytes()
+                return tensor
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = super().training_step(model, *a, **k)
+            counts["activations"] = max(counts.get("activations", 0), sum(saved.values()))
+            return loss
+
+        def save_model(self, *a, **k):
+            sampler.phase = "saving the model"
+            try:
+                return super().save_model(*a, **k)
+            finally:
+                sampler.phase = "run summary"
+
     recipe.PivotDPOTrainer = Measured  # this harness's own copy of the recipe module
     out = workdir / "recipe-memory-run"
+    # A run folder left by an earlier run holds its reference log-probs cache: reusing it would skip the reference
+    # pass this harness measures.
+    shutil.rmtree(out, ignore_errors=True)
     recipe_args = [
         "--config",
         str(REPO / "recipes" / "so400m.yaml"),
@@ -200,15 +229,19 @@ def main(argv=None) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     monitor_budget = getattr(trainer.args, "update_norm_memory_mib", None)
     baseline = sampler.marks["before the recipe"]
-    step_begin = min(v for k, v in sampler.marks.items() if k.startswith("step ") and k.endswith(" begin"))
-    activations = max(0.0, sampler.peaks.get("forward + backward", 0) - step_begin)
+    # RSS growth over each step's start: step 1 also allocates the gradients; from step 2 on the allocator reuses
+    # freed pages, so this is a lower bound on what the step's transient tensors take.
+    growth = {
+        step: sampler.peaks.get(f"forward + backward (step {step})", 0) - value
+        for step, value in ((k.split()[1], v) for k, v in sampler.marks.items() if k.startswith("step "))
+    }
     table = {
         "weights (policy)": counts.get("weights", 0),
         "gradients": counts.get("grads", 0),
         "optimizer state (AdamW)": counts.get("optimizer", 0),
         "reference model (until its log-probs are cached)": counts.get("reference model", 0),
         "update-norm monitor copy": counts.get("monitor", 0),
-        "activations (forward + backward peak over the step's start)": activations,
+        "activations (tensors saved for backward, largest step)": counts.get("activations", 0),
         "process before the recipe (Python, torch, libraries)": baseline,
     }
     report = {
@@ -216,6 +249,7 @@ def main(argv=None) -> None:
         "components_gib": {k: v / GIB for k, v in table.items()},
         "phase_peaks_gib": {k: v / GIB for k, v in sampler.peaks.items()},
         "marks_gib": {k: v / GIB for k, v in sampler.marks.items()},
+        "rss_growth_during_step_gib": {k: v / GIB for k, v in growth.items()},
         "update_norm_memory_mib": monitor_budget,
         "seconds": seconds,
         "load_average": [load_before, os.getloadavg()[0]],
@@ -231,6 +265,9 @@ def main(argv=None) -> None:
     print("RSS peak per phase:")
     for name, value in sampler.peaks.items():
         print(f"  {name:60} {value / GIB:6.2f}")
+    print("RSS growth during forward + backward, over the step's start:")
+    for step, value in growth.items():
+        print(f"  {'step ' + step:60} {value / GIB:6.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
