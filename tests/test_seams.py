@@ -112,25 +112,81 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def _foreign_private(target: ast.AST) -> bool:
+    """A private attribute in the chain that is not directly on `self` / `cls` (`self._x` is ours; `self.accelerator._x`,
+    `model._x` are another object's)."""
+    node = target
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        parent = node.func if isinstance(node, ast.Call) else node.value
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            if not (isinstance(parent, ast.Name) and parent.id in ("self", "cls")):
+                return True
+        node = parent
+    return False
+
+
+def _private_getattr(value: ast.AST) -> bool:
+    """`getattr(obj, "_name", ...)` on anything but `self` / `cls`."""
+    return (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id == "getattr"
+        and len(value.args) >= 2
+        and isinstance(value.args[1], ast.Constant)
+        and _private(str(value.args[1].value))
+        and not (isinstance(value.args[0], ast.Name) and value.args[0].id in ("self", "cls"))
+    )
+
+
+def _namespace_of(node: ast.AST) -> ast.AST | None:
+    """`x` of `vars(x)` / `x.__dict__`, the objects whose namespace is written through a subscript."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "vars" and node.args:
+        return node.args[0]
+    if isinstance(node, ast.Attribute) and node.attr == "__dict__":
+        return node.value
+    return None
+
+
 def seam_violations(path: Path, root: Path = REPO) -> list[str]:
-    """Assignments (`=`, `+=`, `del`, `setattr`) into a watched library's module/object, or into a private attribute
-    of anything but `self` / `cls` (and of other than stdlib modules)."""
+    """Writes into another library's objects: assignments (`=`, `+=`, `del`, `setattr`, `object.__setattr__`,
+    `vars(x)[...]`, `x.__dict__[...]`) into a watched library's module/object, into a private attribute of anything but
+    `self` / `cls` (stdlib modules aside), or into a local name bound to such a private attribute (an alias:
+    `models = accelerator._models; models[:] = ...`)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     watched, other = _imported_roots(tree)
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and (_foreign_private(node.value) or _private_getattr(node.value)):
+            if _root(node.value) not in other:
+                aliases |= {target.id for target in node.targets if isinstance(target, ast.Name)}
     found = []
+
+    def report(target: ast.AST, lineno: int):
+        found.append(f"{path.relative_to(root)}:{lineno}: {ast.unparse(target)}")
 
     def check(target: ast.AST, lineno: int, attribute: str | None = None):
         if not isinstance(target, (ast.Attribute, ast.Subscript)) and attribute is None:
             return
         base = _root(target)
-        chain_private = attribute is not None and _private(attribute)
-        node = target
-        while isinstance(node, (ast.Attribute, ast.Subscript)):
-            if isinstance(node, ast.Attribute) and _private(node.attr):
-                chain_private = True
-            node = node.value
-        if base in watched or (chain_private and base not in ("self", "cls") and base not in other):
-            found.append(f"{path.relative_to(root)}:{lineno}: {ast.unparse(target)}")
+        if isinstance(target, ast.Subscript) and _namespace_of(target.value) is not None:
+            owner = _namespace_of(target.value)
+            if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
+                report(target, lineno)
+            return
+        if base in watched or (base in aliases and target is not None):
+            report(target, lineno)
+            return
+        if base in other or base is None:
+            return
+        foreign = _foreign_private(target) if isinstance(target, (ast.Attribute, ast.Subscript)) else False
+        if (
+            attribute is not None
+            and _private(attribute)
+            and not (isinstance(target, ast.Name) and base in ("self", "cls"))
+        ):
+            foreign = True
+        if foreign:
+            report(target, lineno)
 
     for node in ast.walk(tree):
         if isinstance(node, (ast.Assign, ast.Delete)):
@@ -139,10 +195,17 @@ def seam_violations(path: Path, root: Path = REPO) -> list[str]:
                     check(element, node.lineno)
         elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
             check(node.target, node.lineno)
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
-            if len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
-                check(node.args[0], node.lineno, attribute=str(node.args[1].value))
-    return found
+        elif isinstance(node, ast.Call) and len(node.args) >= 2:
+            func = ast.unparse(node.func)
+            if func in ("setattr", "delattr", "object.__setattr__", "object.__delattr__"):
+                obj, name = node.args[0], node.args[1]
+                if isinstance(name, ast.Constant):
+                    check(obj, node.lineno, attribute=str(name.value))
+                elif _root(obj) in watched:  # a computed name on a watched module/object
+                    report(obj, node.lineno)
+                if func.startswith("object.") and not (isinstance(obj, ast.Name) and obj.id in ("self", "cls")):
+                    report(obj, node.lineno)
+    return list(dict.fromkeys(found))
 
 
 def test_the_seam_scan_finds_what_it_looks_for(tmp_path):
@@ -159,7 +222,18 @@ def test_the_seam_scan_finds_what_it_looks_for(tmp_path):
         "sys._flag = 1\n"
         "model.pair_forward = None\n"
         "module = sys.modules.get(cls.__module__)\n"
-        "module.create_model_from_path = None\n",
+        "module.create_model_from_path = None\n"
+        "self.accelerator._models[:] = []\n"
+        "prepared = getattr(self.accelerator, '_models', None)\n"
+        "prepared[:] = []\n"
+        "listed = accelerator._models\n"
+        "listed.append(1)\n"
+        "vars(model)['_x'] = 1\n"
+        "model.__dict__['_y'] = 1\n"
+        "vars(self)['_z'] = 1\n"
+        "object.__setattr__(model, 'anything', 1)\n"
+        "setattr(trl_utils, name, 1)\n"
+        "self._own.value = 1\n",
         encoding="utf-8",
     )
     found = [line.split(": ", 1)[1] for line in seam_violations(sample, root=tmp_path)]
@@ -170,6 +244,12 @@ def test_the_seam_scan_finds_what_it_looks_for(tmp_path):
             "model",  # setattr(model, '_hook', ...)
             "model.config._attn_implementation",
             "module.create_model_from_path",
+            "self.accelerator._models[:]",
+            "prepared[:]",
+            "vars(model)['_x']",
+            "model.__dict__['_y']",
+            "model",  # object.__setattr__(model, ...)
+            "trl_utils",  # setattr(trl_utils, name, ...)
         ]
     )
 
@@ -319,3 +399,52 @@ def test_fast_dpo_train_evaluate_and_failure_leave_the_model_untouched(tiny_pivo
     with pytest.raises(RuntimeError, match="stop here"):
         trainer.train()
     _assert_untouched(model, path, stock_model)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "dpo-padded", "sft"])
+def test_the_callers_config_is_left_as_given(kind, tiny_pivot_factory, tmp_path, monkeypatch):
+    """What a trainer or TRL resolve on their config (TRL's `ddp_find_unused_parameters` for vision models, a
+    tracker that is not installed dropped from `report_to`) stays on the trainer's copy, not the caller's object."""
+    from pivot_hf.configs import PivotDPOConfig, PivotSFTConfig
+    from pivot_hf.trainer import PivotDPOTrainer, PivotSFTTrainer
+    from pivot_hf.trainer import callbacks as monitor
+
+    monkeypatch.setattr(monitor, "is_trackio_available", lambda: False)
+    path = tiny_pivot_factory("siglip", "qwen2")
+    processor = PivotProcessor.from_pretrained(path)
+    common = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=["trackio"], save_strategy="no")
+    if kind == "sft":
+        config = PivotSFTConfig(**common)
+        rows = [{"images": r["images"], "messages": r["prompt"] + r["chosen"]} for r in _rows(2)]
+        trainer_cls, extra = PivotSFTTrainer, {}
+    else:
+        config = PivotDPOConfig(**common, padding_free=kind == "dpo")
+        rows, trainer_cls, extra = _rows(2), PivotDPOTrainer, {"ref_model": _fresh(path)}
+    before = dict(vars(config))
+    trainer = trainer_cls(
+        model=_fresh(path), args=config, train_dataset=Dataset.from_list(rows), processing_class=processor, **extra
+    )
+    assert trainer.args is not config and trainer.args.report_to == []
+    after = dict(vars(config))
+    assert after == before, {
+        k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)
+    }
+
+
+def test_every_private_method_a_trainer_overrides_is_guarded_at_import():
+    """A private Trainer/TRL method we override is listed in `compat.OVERRIDDEN_TRAINER_METHODS`, which the compat
+    module checks at import: a release that drops one fails loudly instead of never calling our override."""
+    from pivot_hf.trainer import PivotDPOTrainer, PivotSFTTrainer
+    from pivot_hf.trainer.compat import OVERRIDDEN_TRAINER_METHODS
+    from pivot_hf.trainer.grpo import PivotGRPOTrainer
+
+    overridden = set()
+    for cls in (PivotDPOTrainer, PivotSFTTrainer, PivotGRPOTrainer):
+        ours = [k for k in cls.__mro__ if k.__module__.startswith("pivot_hf")]
+        theirs = [k for k in cls.__mro__ if not k.__module__.startswith("pivot_hf") and k is not object]
+        for klass in ours:
+            for name, value in vars(klass).items():
+                if name.startswith("_") and not name.startswith("__") and callable(value):
+                    if any(name in vars(parent) for parent in theirs):
+                        overridden.add(name)
+    assert overridden and overridden <= set(OVERRIDDEN_TRAINER_METHODS), overridden - set(OVERRIDDEN_TRAINER_METHODS)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import subprocess
@@ -459,6 +460,35 @@ def test_update_norm_memory_budget_samples_pieces(step_index):
         weight = sum(float(b.square().sum()) for b, _ in kept)
         assert metrics[f"update_norm/{part}"] == pytest.approx((update / weight) ** 0.5, rel=1e-5), part
     assert metrics["update_norm/projector"] == 0.0
+
+
+def test_a_moved_part_whose_measured_weights_were_zero_is_not_logged_as_frozen(caplog):
+    """Zero weights before a step that moves them (a zero-initialised bias, the one piece sampled under a budget):
+    the ratio is undefined, so the part logs NaN with a warning, never 0 (which means "did not move")."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import IntervalStrategy
+
+    model = _Parts(torch.float32, False)
+    with torch.no_grad():
+        for p in model.vision_tower.values():
+            p.zero_()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=1e-3)
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, is_world_process_zero=lambda: True)
+    callback = monitor.UpdateNormCallback(trainer)
+    args = SimpleNamespace(logging_strategy=IntervalStrategy.STEPS, logging_first_step=True)
+    state = SimpleNamespace(global_step=0, logging_steps=1)
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    callback.on_pre_optimizer_step(args, state, None)
+    optimizer.step()
+    with caplog.at_level(logging.WARNING, logger=monitor.__name__):
+        callback.on_step_end(args, state, None)
+    metrics = callback.pop_metrics()
+    assert math.isnan(metrics["update_norm/vision_tower"])
+    assert "all zero" in caplog.text
+    assert metrics["update_norm/language_model"] > 0 and metrics["update_norm/projector"] == 0.0
 
 
 def test_update_norm_memory_budget_is_validated():

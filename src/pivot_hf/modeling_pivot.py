@@ -27,8 +27,8 @@ import os
 import torch
 from torch import nn
 from transformers import (
+    MODEL_MAPPING,
     AutoConfig,
-    AutoModel,
     AutoModelForCausalLM,
     GenerationMixin,
     LlavaConfig,
@@ -190,7 +190,7 @@ def cut_at_feature_layer(vision_tower: nn.Module, feature_layer: int | list[int]
     else:
         setattr(parent, attr, FeatureLayerBlocks(list(layers), num_used=index))
     for owner, name in _post_encoder_modules(vision_tower, parent, attr):
-        module = owner._modules[name]
+        module = getattr(owner, name)
         if not isinstance(module, _Unapplied):
             module.__class__ = _unapplied_class(type(module))
     return vision_tower
@@ -708,7 +708,7 @@ class PivotForConditionalGeneration(PivotPreTrainedModel, GenerationMixin):
             common["attn_implementation"] = attn_implementation
 
         vision_config = vision_config_from_any(AutoConfig.from_pretrained(vision_model_name_or_path, **vision_kwargs))
-        vision_class = AutoModel._model_mapping[type(vision_config)]
+        vision_class = MODEL_MAPPING[type(vision_config)]
         vision_tower = vision_class.from_pretrained(
             vision_model_name_or_path, config=vision_config, **vision_kwargs, **common
         )

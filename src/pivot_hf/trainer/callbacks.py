@@ -284,8 +284,20 @@ class UpdateNormCallback(TrainerCallback):
             frozen_changed = not torch.equal(packed[i, 2:4], packed[i, 4:6])
             if part not in snapshot["trainable"]:
                 value = 0.0
+            elif weight_sq > 0:
+                value = math.sqrt(update_sq) / math.sqrt(weight_sq)
+            elif update_sq > 0:
+                # The measured weights are all zero (a zero-initialised bias or LoRA B sampled alone) but moved: the
+                # ratio is undefined, and 0 would read as a frozen part.
+                value = float("nan")
+                self._warn_once(
+                    f"{part}:zero",
+                    f"The {part}'s measured weights were all zero before a step that changed them (with "
+                    "update_norm_memory_mib, the sampled pieces can be a zero-initialised bias): its update_norm is "
+                    "logged as NaN for such steps, not 0 (0 means the part did not move).",
+                )
             else:
-                value = math.sqrt(update_sq) / math.sqrt(weight_sq) if weight_sq > 0 else 0.0
+                value = 0.0
             if frozen_changed:
                 value = float("nan")
                 self._warn_once(

@@ -16,6 +16,11 @@ docs/architecture.md lists every remaining touch with its guard.
   without it is left alone.
 - `transformers.Trainer._get_output_dir`, called by `Trainer._save_checkpoint` for the run folder: the atomic
   checkpoints stage a save by overriding it for the duration of that call (`checkpointing.AtomicCheckpointMixin`).
+- The private `Trainer` methods a Pivot trainer overrides (`OVERRIDDEN_TRAINER_METHODS`): if a release dropped one,
+  our override would never be called and its guarantee (atomic checkpoints, the saved model's names, the columns the
+  collator keeps) would silently lapse. `tests/test_seams.py` checks that the list names every private override.
+- `accelerate.Accelerator._models`, the list of every model `prepare` saw: a cached DPO reference is removed from it
+  (`release_prepared_model`), or the list would keep the freed reference alive through training.
 - `datasets.Dataset._data` / `._indices` (read only): `with_row_numbers` adds a column of row numbers to the Arrow
   table under a `select` / `shuffle` view and keeps the view's indices mapping, where the public `add_column` would
   first copy every selected row (image bytes included) to a new cache file. A `datasets` without them gets
@@ -34,11 +39,14 @@ import transformers
 import trl.trainer.utils as trl_utils
 
 
-TESTED = "transformers >=5.18,<5.26 and trl >=1.16,<1.17"
+TESTED = "transformers >=5.18,<5.26, trl >=1.16,<1.17 and accelerate >=1.15,<1.17"
 
 
 def _installed() -> str:
-    return f"transformers {transformers.__version__}, trl {metadata.version('trl')}"
+    return (
+        f"transformers {transformers.__version__}, trl {metadata.version('trl')}, "
+        f"accelerate {metadata.version('accelerate')}"
+    )
 
 
 def _missing(what: str, why: str) -> ImportError:
@@ -51,6 +59,22 @@ def _missing(what: str, why: str) -> ImportError:
 _USE_TRITON = getattr(trl_utils, "_use_triton", None)
 if not callable(_USE_TRITON):
     raise _missing("`trl.trainer.utils._use_triton`", "the switch of the fused LM head's compact scoring")
+
+
+OVERRIDDEN_TRAINER_METHODS = ("_save", "_save_checkpoint", "_get_output_dir", "_set_signature_columns_if_needed")
+
+
+def _check_overridden_methods() -> None:
+    from transformers import Trainer
+
+    for name in OVERRIDDEN_TRAINER_METHODS:
+        if not callable(getattr(Trainer, name, None)):
+            raise _missing(
+                f"`transformers.Trainer.{name}`", "a Pivot trainer overrides it, so it must still be called"
+            )
+
+
+_check_overridden_methods()
 
 
 def _check_checkpoint_output_dir() -> None:
@@ -72,6 +96,48 @@ def _check_checkpoint_output_dir() -> None:
 
 
 _check_checkpoint_output_dir()
+
+
+def _check_trl_reference_loaders() -> None:
+    import trl.trainer.dpo_trainer
+    import trl.trainer.grpo_trainer
+
+    for module in (trl.trainer.dpo_trainer, trl.trainer.grpo_trainer):
+        if not callable(getattr(module, "create_model_from_path", None)):
+            raise _missing(
+                f"`{module.__name__}.create_model_from_path`",
+                "the reference TRL reloads itself must get the policy's Hub-kernels choice",
+            )
+
+
+_check_trl_reference_loaders()
+
+
+def _check_accelerator_models() -> None:
+    from accelerate import Accelerator
+
+    try:
+        source = inspect.getsource(Accelerator.__init__)
+    except (OSError, TypeError):  # no source (a frozen install): release_prepared_model checks the type at call time
+        return
+    if "self._models" not in source:
+        raise _missing("`accelerate.Accelerator._models`", "a cached DPO reference is released from it")
+
+
+_check_accelerator_models()
+
+
+def release_prepared_model(accelerator, model) -> None:
+    """Remove `model` from the accelerator's list of prepared models (and nothing else), so that it can be freed.
+
+    `Accelerator.prepare_model` keeps every model it prepared in that list, for `free_memory` and saving; TRL prepares
+    the DPO reference there, so after the reference log-probs are cached the list is what keeps the frozen copy alive
+    (3.4 GiB at the paper's shape). Raises `ImportError` (naming the installed and tested versions) if the accelerator
+    no longer keeps such a list."""
+    prepared = getattr(accelerator, "_models", None)
+    if not isinstance(prepared, list):
+        raise _missing("`accelerate.Accelerator._models` (a list)", "a cached DPO reference is released from it")
+    prepared[:] = [m for m in prepared if m is not model]
 
 
 @contextlib.contextmanager
@@ -177,8 +243,10 @@ def with_row_numbers(dataset, column: str, start: int = 0):
 
 
 __all__ = [
+    "OVERRIDDEN_TRAINER_METHODS",
     "TESTED",
     "compact_lm_head_scoring",
+    "release_prepared_model",
     "trl_reference_loads_like",
     "used_weight_conversions_only",
     "with_row_numbers",

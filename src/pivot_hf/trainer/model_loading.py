@@ -11,7 +11,7 @@ import copy
 import logging
 
 import torch
-from transformers import AutoConfig
+from transformers import MODEL_MAPPING, AutoConfig
 
 from ..configs import PivotModelConfig, RecipeConfigError, check_model_source
 from ..configuration_pivot import vision_config_from_any
@@ -113,7 +113,6 @@ def import_model_classes(*configs) -> None:
     first imported inside one `zero.Init` (the policy) thus yields modules without `_kernel_funcs` in the next (the
     reference model): AttributeError in the first forward. Imported before, the classes are never redefined there.
     """
-    from transformers import AutoModel
 
     pending = list(configs)
     while pending:
@@ -121,7 +120,7 @@ def import_model_classes(*configs) -> None:
         if config is None:
             continue
         try:
-            AutoModel._model_mapping[type(config)]  # the lazy mapping imports the modeling module
+            MODEL_MAPPING[type(config)]  # the lazy mapping imports the modeling module
         except KeyError:
             pass  # a composite config (Pivot) without a base-model entry: its sub-configs are what is built
         pending.extend(getattr(config, key) for key in getattr(config, "sub_configs", {}) if hasattr(config, key))

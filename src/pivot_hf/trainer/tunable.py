@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -155,13 +156,17 @@ def as_pivot_config(args, pivot_cls):
     resolved stays as it is (re-running TRL's `__post_init__` is not idempotent, e.g. GRPO's generation batch), and
     the caller's object is left untouched. The Pivot fields are then validated as a Pivot config would be.
     """
-    import copy
     import dataclasses
 
     from transformers import TrainingArguments
 
-    if args is None or isinstance(args, pivot_cls):
+    if args is None:
         return args
+    if isinstance(args, pivot_cls):
+        # A shallow copy: what the trainer or TRL resolve in place on their config (a tracker that is not installed
+        # dropped from `report_to`, TRL's `ddp_find_unused_parameters` for vision models) stays off the caller's
+        # object, as it does for a plain TRL config below.
+        return copy.copy(args)
     trl_cls = next(
         c for c in pivot_cls.__mro__[1:] if issubclass(c, TrainingArguments) and c.__module__.startswith("trl")
     )

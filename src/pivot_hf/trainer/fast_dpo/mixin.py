@@ -17,7 +17,7 @@ from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 
 from ...data.images import dataset_images_digest
-from ..compat import compact_lm_head_scoring
+from ..compat import compact_lm_head_scoring, release_prepared_model
 from .collator import _RefLogpsCollator
 from .forward import pair_attention_selected, paired_forward
 from .reference_cache import (
@@ -256,9 +256,8 @@ class FastDPOMixin:
         # of models (for `free_memory` and saving): that reference is dropped too, or the model would stay alive
         # through training (3.4 GiB at the paper's shape on CPU). Only the reference leaves the list.
         reference, self.ref_model = self.ref_model, None
-        prepared = getattr(self.accelerator, "_models", None)
-        if reference is not None and isinstance(prepared, list):
-            prepared[:] = [m for m in prepared if m is not reference]
+        if reference is not None:
+            release_prepared_model(self.accelerator, reference)
         del reference
         gc.collect()
         if torch.cuda.is_available():
