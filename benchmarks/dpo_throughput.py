@@ -25,7 +25,7 @@ the same data, batch, seed and optimizer:
 `--lengths short` (default): 10-30-word answers. `--lengths mmpr`: heavy-tailed prompt and answer lengths like
 MMPR-v1.2's (see `MMPR_MIX`).
 
-Protocol, made for machines shared with other jobs: `--repeats` A/B pairs of runs (stock, ours, stock, ours, ...;
+Protocol, made for machines shared with other jobs: `--repeats` A/B pairs of runs (stock, ours, then ours, stock, ...;
 default 3), each run's throughput the median step time after the warm-up step, the ratio ours/stock taken per A/B
 pair, and the median [min-max] of those ratios printed, never the best run. Each worker also records its process
 CPU-seconds per step (all threads): the CPU-time ratio measures the work each path does whatever share of the cores
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -322,8 +323,10 @@ class BlocksRun:
         self.ran: set[int] = set()
 
     def __enter__(self):
+        # By index, not by iteration: a cut tower's block list iterates only the blocks below the cut, and a block
+        # above it that ran anyway must be counted.
         self.handles = [
-            block.register_forward_hook(lambda *_, i=i: self.ran.add(i)) for i, block in enumerate(self.layers)
+            self.layers[i].register_forward_hook(lambda *_, i=i: self.ran.add(i)) for i in range(len(self.layers))
         ]
         return self
 
@@ -487,6 +490,17 @@ def _time_monitor(trainer) -> dict:
 
         setattr(callback, name, timed)
     return spent
+
+
+def loss_disagreement(reference: list[float], other: list[float]) -> float:
+    """Largest relative difference of `other`'s per-step losses to `reference`'s; infinite when a loss is missing
+    (different step counts, no steps) or not finite in either (a NaN compares False against any tolerance, so it
+    would otherwise pass `--check`)."""
+    if not reference or len(reference) != len(other):
+        return float("inf")
+    if not all(math.isfinite(x) for x in (*reference, *other)):
+        return float("inf")
+    return max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(reference, other))
 
 
 def _median(values: list[float]) -> float:
@@ -744,9 +758,7 @@ def summarize(results: dict, config, epochs: int, compact_stock: bool, compact_o
             for b in batches
         )
         fl, ex = useful["total"] / n, executed / n
-        loss_diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(stock["losses"], res["losses"]))
-        if len(stock["losses"]) != len(res["losses"]):
-            loss_diff = float("inf")
+        loss_diff = loss_disagreement(stock["losses"], res["losses"])
         rows[name] = {
             "pairs_per_s": pps,
             "train_only_pairs_per_s": train_pps,
@@ -847,7 +859,7 @@ def main(argv=None) -> None:
         "--repeats",
         type=int,
         default=None,
-        help="A/B pairs of runs (stock, ours, stock, ours, ...); default 3, 1 real",
+        help="A/B pairs of runs (stock, ours, then ours, stock, ...); default 3, 1 at the real shape",
     )
     parser.add_argument(
         "--threads",
@@ -921,7 +933,9 @@ def main(argv=None) -> None:
     runs, failed = [], {}
     for repeat in range(repeats):
         results = {}
-        for name in names:
+        # A B, then B A, ...: a path that always ran first would carry any order effect (caches, the machine's
+        # drift within a pair) into every ratio.
+        for name in names if repeat % 2 == 0 else names[::-1]:
             res = _run_worker(
                 name, key, paths, data, workdir, args.liger, force_cpu, args.plain_lm_head, tuple(overrides)
             )
@@ -938,7 +952,7 @@ def main(argv=None) -> None:
             )
         if failed:
             break
-        runs.append(results)
+        runs.append({name: results[name] for name in names})  # summaries read stock first, whatever ran first
     if failed:
         for name, reason in failed.items():
             print(f"{name} could not run on this machine: {reason}")

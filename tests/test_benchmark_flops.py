@@ -75,3 +75,44 @@ def test_padded_step_counts_row_slots():
     assert stock["total"] == 4 * forward
     ours = flops.padded_step_flops(CONFIG, batch, "ours", image_tokens=4, compact_head=True, epochs=1)
     assert ours["total"] == 4 * OURS_FORWARD
+
+
+# A second config with every width distinct (T=9 patches != d_v=6 != d=5, d_q=6 != d through an explicit head_dim,
+# 2 LLM layers), so a formula that swaps one width for another (T for d_v in attention, d_v for d in the projector,
+# d for d_q in q/o, head_dim ignored) changes the count.
+WIDE = SimpleNamespace(
+    vision_config=SimpleNamespace(hidden_size=6, intermediate_size=10, num_hidden_layers=3, patch_size=3),
+    vision_feature_layer=-2,
+    text_config=SimpleNamespace(
+        hidden_size=5,
+        intermediate_size=7,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=3,
+        vocab_size=11,
+    ),
+)
+# vision block: q,k,v,o 4 x 9 x 6 x 6 x 2 = 2592; MLP 2 x 9 x 6 x 10 x 2 = 2160; scores + values 2 x 9 x 9 x 6 x 2 =
+#   1944 -> 6696, 2 blocks = 13392; patch embedding 9 x (3 x 3 x 3 -> 6) x 2 = 2916; projector 9 x (6x5 + 5x5) x 2 = 990
+WIDE_VISION = 13392 + 2916 + 990  # 17298
+# LLM per token, 2 layers: q, o 2 x 5 x 6 x 2 = 120; k, v 2 x 5 x 3 x 2 = 60; MLP 3 x 5 x 7 x 2 = 210 -> 390 x 2 = 780;
+#   per attended key 2 layers x (scores + values, d_q 6) 2 x 6 x 2 = 48; LM head 5 answer positions x 5 x 11 x 2 = 550
+# pair: prefix 4, chosen 3, rejected 2. ours: 9 tokens; keys 10 + (3 x 4 + 6) + (2 x 4 + 3) = 39.
+WIDE_OURS = WIDE_VISION + 9 * 780 + 39 * 48 + 550  # 26740
+# stock: rows of 7 and 6 tokens (13), keys 28 + 21 = 49, the image twice.
+WIDE_STOCK = 2 * WIDE_VISION + 13 * 780 + 49 * 48 + 550  # 47638
+
+
+def test_distinct_widths_match_the_hand_count():
+    for path, expected in (("ours", WIDE_OURS), ("stock", WIDE_STOCK)):
+        got = flops.pair_forward_flops(WIDE, 4, 3, 2, images=1, image_tokens=9, path=path, head_positions=5)
+        assert got == expected, path
+    # Without an explicit head_dim it is hidden / heads: d 6, 3 heads -> head_dim 2, d_q 6, d_kv 2 (1 layer, MLP 7):
+    # 2 x (2 x 6 x 6 + 2 x 6 x 2) + 6 x 6 x 7 = 444 per token, 4 x 6 = 24 per attended key.
+    implicit = SimpleNamespace(
+        text_config=SimpleNamespace(
+            hidden_size=6, intermediate_size=7, num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=1
+        )
+    )
+    assert flops._llm_token_flops(implicit) == (444, 24)
