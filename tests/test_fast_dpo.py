@@ -537,11 +537,16 @@ def _relative_errors(reference, candidate):
 
 def test_pair_blocks_in_bf16_are_as_exact_as_the_plain_path(tiny):
     """bf16 on CPU: the padding-free pair-block forward (shared image, shared prefix, one packed row) against the
-    plain padded forward, both in bf16, each compared with the fp32 plain forward of the same weights. Tolerance:
-    the fast path's error is at most twice the plain path's own bf16 error plus 1e-3 (log-probs) / 2e-2 (gradients),
-    and the log-probs of the two bf16 paths agree within 1e-2 relative. bf16 rounding differs between the layouts
-    (different reduction orders and lengths), so bitwise equality is not expected; a wrong mask, position or
-    scatter gives errors of order 1."""
+    plain padded forward, both in bf16, each compared with the fp32 plain forward of the same weights.
+
+    Tolerances, relative to the plain path's own bf16 error on the same machine (so they follow the CPU's bf16
+    kernels): the fast path's log-prob error <= 1.5x the plain path's + 1e-5, its gradient error <= 1.5x + 5e-3,
+    and the two bf16 paths' log-probs differ by <= half the plain path's error against fp32. Measured on a 2-vCPU
+    Intel VM: log-prob errors 9.1e-5 both, the two paths 1.4e-5 apart, gradient errors 0.0155 (plain) / 0.0168
+    (fast). Most of the bf16 error is the rounding of weights and activations both layouts share; only reduction
+    orders and lengths differ between them, hence the last bound. Bugs seen to break them: a mask leaking one
+    future token (log-prob error 2.1e-4, paths 1.65e-4 apart, gradient error 0.06), rejected-tail positions not
+    restarting (gradient error 0.30)."""
     path, processor = tiny
     batch = DataCollatorForVisionPreference(processor=processor)(copy.deepcopy(_mixed_rows()))
     fp32 = _model(path)
@@ -558,10 +563,11 @@ def test_pair_blocks_in_bf16_are_as_exact_as_the_plain_path(tiny):
     assert fast[1].keys() == plain[1].keys() == truth[1].keys()
     plain_lp, plain_grad = _relative_errors(truth, plain)
     fast_lp, fast_grad = _relative_errors(truth, fast)
-    assert fast_lp <= 2 * plain_lp + 1e-3, (fast_lp, plain_lp)
-    assert fast_grad <= 2 * plain_grad + 2e-2, (fast_grad, plain_grad)
+    assert plain_lp > 0 and plain_grad > 0  # bf16 really rounded (the bounds below scale with it)
+    assert fast_lp <= 1.5 * plain_lp + 1e-5, (fast_lp, plain_lp)
+    assert fast_grad <= 1.5 * plain_grad + 5e-3, (fast_grad, plain_grad)
     between = ((plain[0].double() - fast[0].double()).abs() / plain[0].double().abs()).max().item()
-    assert between <= 1e-2, between
+    assert between <= 0.5 * plain_lp, (between, plain_lp)
 
 
 def test_cached_reference_model_is_released(tiny, tmp_path):
