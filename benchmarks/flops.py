@@ -166,3 +166,88 @@ def padding_share(batches: list[dict], path: str) -> float:
     valid = sum(b["tokens"] if path == "stock" else b["packed_tokens"] for b in batches)
     slots = sum(sum(b["rows"][path]) for b in batches)
     return 1.0 - valid / slots
+
+
+# ------------------------------------------------------------------------------------ the paper's shape, by sampling
+def sampled_batches(batch_pairs: int, batches: int, seed: int, image_tokens: int, template_tokens: int = 30) -> list:
+    """`batches` batches of `batch_pairs` MMPR-like pairs (lengths from `dpo_throughput.MMPR_MIX`, one token per word),
+    laid out as each path runs them: stock 2B rows padded to the longest row, ours (pair blocks on sdpa) one row of the
+    valid tokens with per-pair attention. Prefix = image tokens + question + `template_tokens` (the chat template's
+    system prompt and turn markers); each answer carries 2 more (end of turn and newline)."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dpo_throughput import _answer_lengths
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(batches):
+        pairs = [_answer_lengths(rng, "mmpr") for _ in range(batch_pairs)]
+        prefixes = [image_tokens + question + template_tokens for question, _, _ in pairs]
+        chosen = [c + 2 for _, c, _ in pairs]
+        rejected = [r + 2 for _, _, r in pairs]
+        width = max(max(p + c, p + r) for p, c, r in zip(prefixes, chosen, rejected))
+        packed = [p + c + r for p, c, r in zip(prefixes, chosen, rejected)]
+        keys = sum((p + c) * (p + c + 1) // 2 + r * (p + r) for p, c, r in zip(prefixes, chosen, rejected))
+        out.append(
+            {
+                "pairs": batch_pairs,
+                "tokens": sum(2 * p + c + r for p, c, r in zip(prefixes, chosen, rejected)),
+                "packed_tokens": sum(packed),
+                "answer_tokens": sum(chosen) + sum(rejected),
+                "rows": {"stock": [width] * (2 * batch_pairs), "ours": [sum(packed)]},
+                "keys": {"ours": keys},
+            }
+        )
+    return out
+
+
+def paper_shape_table(batches: int = 500, seed: int = 0) -> list[dict]:
+    """FLOP-model ratios stock/ours per pair at the paper's shape (SigLIP2-So400m/16 at 384 px, 576 image tokens;
+    Qwen2.5-0.5B / 1.5B), MMPR-like lengths, batch 2 and 8, the stock LM head on every position (TRL off CUDA) or on
+    the completion positions (TRL on CUDA), the reference amortised over 1 and 3 epochs."""
+    from pivot_hf.testing import real_shape_pivot_config
+
+    rows = []
+    for text in ("Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B-Instruct"):
+        config = real_shape_pivot_config(text=text)
+        image_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        for batch_pairs in (2, 8):
+            sample = sampled_batches(batch_pairs, batches, seed, image_tokens)
+            for compact in (False, True):
+                row = {"llm": text, "batch_pairs": batch_pairs, "stock_head": "completion" if compact else "every"}
+                stock = sum(padded_step_flops(config, b, "stock", image_tokens, compact)["total"] for b in sample)
+                for epochs in (1, 3):
+                    ours = sum(
+                        padded_step_flops(config, b, "ours", image_tokens, True, epochs=epochs)["total"]
+                        for b in sample
+                    )
+                    row[f"ratio_{epochs}_epoch"] = stock / ours
+                row["stock_tflop_per_pair"] = stock / (batches * batch_pairs) / 1e12
+                rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="The FLOP model's ratios at the paper's shape (no model is built).")
+    parser.add_argument("--batches", type=int, default=500, help="sampled batches per row of the table")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    cli = parser.parse_args()
+    HEADS = {"every": "every position (TRL off CUDA)", "completion": "completion positions (TRL on CUDA)"}
+    table = paper_shape_table(cli.batches, cli.seed)
+    print("| LLM | batch (pairs) | stock LM head | 1 epoch | 3 epochs | stock TFLOP/pair |")
+    print("|---|---|---|---|---|---|")
+    for r in table:
+        print(
+            f"| {r['llm'].removesuffix('-Instruct')} | {r['batch_pairs']} | {HEADS[r['stock_head']]} | "
+            f"{r['ratio_1_epoch']:.2f} | {r['ratio_3_epoch']:.2f} | {r['stock_tflop_per_pair']:.1f} |"
+        )
+    if cli.json:
+        with open(cli.json, "w", encoding="utf-8") as f:
+            json.dump(table, f, indent=2)

@@ -116,3 +116,14 @@ def test_distinct_widths_match_the_hand_count():
         )
     )
     assert flops._llm_token_flops(implicit) == (444, 24)
+
+
+def test_sampled_paper_shape_batches_lay_out_as_each_path_runs():
+    """`flops.py`'s table samples MMPR-like batches: stock pads 2B rows to the longest, ours packs the valid tokens in
+    one row; the prefix (576 image tokens and more) is counted twice by stock, once by ours."""
+    for batch in flops.sampled_batches(batch_pairs=4, batches=20, seed=1, image_tokens=576):
+        assert batch["rows"]["ours"] == [batch["packed_tokens"]]
+        assert len(batch["rows"]["stock"]) == 8 and sum(batch["rows"]["stock"]) >= batch["tokens"]
+        assert batch["tokens"] - batch["packed_tokens"] >= 4 * 576  # each pair's prefix once less
+        ours = flops.rows_forward_flops(CONFIG, batch["rows"]["ours"], batch["keys"]["ours"])
+        assert ours < flops.rows_forward_flops(CONFIG, batch["rows"]["stock"])
