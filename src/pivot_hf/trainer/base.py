@@ -15,11 +15,36 @@ change check, update norms and curves) come from the four parts below, whose ord
 
 from __future__ import annotations
 
+import logging
+
 from .callbacks import TrainingMonitorMixin
 from .checkpointing import AtomicCheckpointMixin
 from .preflight import check_model_processor
 from .row_contract import RowContractMixin
 from .tunable import TunablePartsMixin
+
+
+logger = logging.getLogger(__name__)
+
+
+def uneven_last_batch_message(
+    rows: int, world_size: int, per_device_batch: int, even_batches: bool, drop_last: bool
+) -> str | None:
+    """What an epoch of `rows` rows does on `world_size` processes when the rows do not fill the last global batch:
+    accelerate's `even_batches` (on by default) refills that batch with rows from the start of the epoch, so those
+    rows train twice per epoch and the run differs from one process. `None` when every batch is full, on one process,
+    or when the last batch is dropped (`dataloader_drop_last`) or left uneven."""
+    global_batch = world_size * per_device_batch
+    remainder = rows % global_batch if global_batch else 0
+    if world_size <= 1 or not remainder or drop_last or not even_batches:
+        return None
+    repeated = global_batch - remainder
+    return (
+        f"The training set has {rows} rows; with {world_size} processes x {per_device_batch} per device, the last "
+        f"batch of every epoch is refilled with {repeated} rows from the start of the epoch (accelerate's "
+        f"even_batches), which train twice per epoch, unlike on one process. For identical epochs use a row count "
+        f"divisible by {global_batch}, or `dataloader_drop_last: true` (drops the last {remainder} rows instead)."
+    )
 
 
 class PivotTrainerMixin(RowContractMixin, AtomicCheckpointMixin, TunablePartsMixin, TrainingMonitorMixin):
@@ -37,10 +62,26 @@ class PivotTrainerMixin(RowContractMixin, AtomicCheckpointMixin, TunablePartsMix
         )
         return train_dataset, eval_dataset, peft_config
 
+    def get_train_dataloader(self):
+        dataloader = super().get_train_dataloader()
+        rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
+        # GRPO deals prompts in generation batches of its own (repeated `num_generations` times): not this arithmetic.
+        if rows is not None and getattr(self.args, "num_generations", None) is None:
+            message = uneven_last_batch_message(
+                rows,
+                self.args.world_size,
+                self.args.per_device_train_batch_size,
+                getattr(self.accelerator, "even_batches", True),
+                self.args.dataloader_drop_last,
+            )
+            if message is not None and self.is_world_process_zero():
+                logger.warning(message)
+        return dataloader
+
     def _pivot_finish(self) -> None:
         """After the parent: the trainable split after wrapping, and the collate-time guard."""
         self._finish_tunable_parts()
         self._guard_collator()
 
 
-__all__ = ["PivotTrainerMixin"]
+__all__ = ["PivotTrainerMixin", "uneven_last_batch_message"]
