@@ -139,7 +139,7 @@ def _private_getattr(value: ast.AST) -> bool:
 
 
 def _namespace_of(node: ast.AST) -> ast.AST | None:
-    """`x` of `vars(x)` / `x.__dict__`, the objects whose namespace is written through a subscript."""
+    """`x` of `vars(x)` / `x.__dict__`, the objects whose namespace is written through a subscript or a method."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "vars" and node.args:
         return node.args[0]
     if isinstance(node, ast.Attribute) and node.attr == "__dict__":
@@ -147,46 +147,114 @@ def _namespace_of(node: ast.AST) -> ast.AST | None:
     return None
 
 
+def _is_self(node: ast.AST | None) -> bool:
+    return isinstance(node, ast.Name) and node.id in ("self", "cls")
+
+
+# Methods that change the container they are called on.
+_MUTATORS = {
+    "append", "extend", "insert", "clear", "update", "pop", "popitem", "setdefault", "remove", "add", "discard",
+    "__setitem__", "__delitem__", "sort", "reverse",
+}  # fmt: skip
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.Module)
+
+
 def seam_violations(path: Path, root: Path = REPO) -> list[str]:
     """Writes into another library's objects: assignments (`=`, `+=`, `del`, `setattr`, `object.__setattr__`,
-    `vars(x)[...]`, `x.__dict__[...]`) into a watched library's module/object, into a private attribute of anything but
-    `self` / `cls` (stdlib modules aside), or into a local name bound to such a private attribute (an alias:
-    `models = accelerator._models; models[:] = ...`)."""
+    `type.__setattr__`, `vars(x)[...]`, `x.__dict__[...]`) and mutating calls (`.append`, `.update`, `.pop`, ...) into
+    a watched library's module/object, into a private attribute of anything but `self` / `cls` (stdlib modules aside),
+    into `vars(x)` / `x.__dict__` of anything but `self` / `cls`, or into a local name bound to such a private attribute
+    (an alias, `models = accelerator._models; models.append(m)`; followed through `b = a`, annotated and `:=`
+    bindings, per function, until the name is bound to something else)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     watched, other = _imported_roots(tree)
-    aliases = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and (_foreign_private(node.value) or _private_getattr(node.value)):
-            if _root(node.value) not in other:
-                aliases |= {target.id for target in node.targets if isinstance(target, ast.Name)}
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def scope_of(node: ast.AST) -> ast.AST:
+        node = parents.get(node)
+        while node is not None and not isinstance(node, _SCOPES):
+            node = parents.get(node)
+        return node if node is not None else tree
+
+    # Per scope, the bindings of each name in source order: (line, column, foreign?).
+    bindings: dict[tuple[int, str], list[tuple[int, int, bool]]] = {}
+
+    def is_alias(name: str, node: ast.AST) -> bool:
+        entries = bindings.get((id(scope_of(node)), name), [])
+        before = [e for e in entries if (e[0], e[1]) < (node.lineno, node.col_offset)]
+        return bool(before) and before[-1][2]
+
+    def foreign_value(value: ast.AST) -> bool:
+        if isinstance(value, ast.Name):
+            return is_alias(value.id, value)
+        return (_foreign_private(value) or _private_getattr(value)) and _root(value) not in other
+
+    binders = sorted(
+        (n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.NamedExpr))),
+        key=lambda n: (n.lineno, n.col_offset),
+    )
+    for node in binders:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        if node.value is None:
+            continue
+        foreign = foreign_value(node.value)
+        for target in targets:
+            if isinstance(target, ast.Name):
+                entry = (target.lineno, target.col_offset, foreign)
+                bindings.setdefault((id(scope_of(node)), target.id), []).append(entry)
     found = []
 
     def report(target: ast.AST, lineno: int):
         found.append(f"{path.relative_to(root)}:{lineno}: {ast.unparse(target)}")
 
     def check(target: ast.AST, lineno: int, attribute: str | None = None):
-        if not isinstance(target, (ast.Attribute, ast.Subscript)) and attribute is None:
+        if not isinstance(target, (ast.Attribute, ast.Subscript, ast.Name)):
             return
-        base = _root(target)
-        if isinstance(target, ast.Subscript) and _namespace_of(target.value) is not None:
-            owner = _namespace_of(target.value)
-            if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
+        if isinstance(target, ast.Name) and attribute is None:
+            return
+        owner = _namespace_of(target.value) if isinstance(target, ast.Subscript) else None
+        if owner is not None:
+            if not _is_self(owner):
                 report(target, lineno)
             return
-        if base in watched or (base in aliases and target is not None):
+        base = _root(target)
+        if base in watched:
             report(target, lineno)
             return
+        root_name = target
+        while isinstance(root_name, (ast.Attribute, ast.Subscript)):
+            root_name = root_name.value
+        if isinstance(root_name, ast.Name) and isinstance(target, (ast.Attribute, ast.Subscript)):
+            if is_alias(root_name.id, target):
+                report(target, lineno)
+                return
         if base in other or base is None:
             return
         foreign = _foreign_private(target) if isinstance(target, (ast.Attribute, ast.Subscript)) else False
-        if (
-            attribute is not None
-            and _private(attribute)
-            and not (isinstance(target, ast.Name) and base in ("self", "cls"))
-        ):
+        if attribute is not None and _private(attribute) and not (isinstance(target, ast.Name) and _is_self(target)):
             foreign = True
         if foreign:
             report(target, lineno)
+
+    def check_container(container: ast.AST, lineno: int, shown: ast.AST):
+        """A mutating method called on `container`."""
+        owner = _namespace_of(container)
+        if owner is not None:
+            if not _is_self(owner):
+                report(shown, lineno)
+            return
+        if isinstance(container, ast.Name):
+            if container.id in watched or is_alias(container.id, container):
+                report(shown, lineno)
+            return
+        if _root(container) in watched or (_foreign_private(container) and _root(container) not in other):
+            report(shown, lineno)
+        elif isinstance(container, (ast.Attribute, ast.Subscript)):
+            root_name = container
+            while isinstance(root_name, (ast.Attribute, ast.Subscript)):
+                root_name = root_name.value
+            if isinstance(root_name, ast.Name) and is_alias(root_name.id, container):
+                report(shown, lineno)
 
     for node in ast.walk(tree):
         if isinstance(node, (ast.Assign, ast.Delete)):
@@ -195,16 +263,19 @@ def seam_violations(path: Path, root: Path = REPO) -> list[str]:
                     check(element, node.lineno)
         elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
             check(node.target, node.lineno)
-        elif isinstance(node, ast.Call) and len(node.args) >= 2:
+        elif isinstance(node, ast.Call):
             func = ast.unparse(node.func)
-            if func in ("setattr", "delattr", "object.__setattr__", "object.__delattr__"):
+            setters = ("setattr", "delattr", "object.__setattr__", "object.__delattr__", "type.__setattr__")
+            if func in setters and len(node.args) >= 2:
                 obj, name = node.args[0], node.args[1]
                 if isinstance(name, ast.Constant):
                     check(obj, node.lineno, attribute=str(name.value))
                 elif _root(obj) in watched:  # a computed name on a watched module/object
                     report(obj, node.lineno)
-                if func.startswith("object.") and not (isinstance(obj, ast.Name) and obj.id in ("self", "cls")):
+                if func.startswith(("object.", "type.")) and not _is_self(obj):
                     report(obj, node.lineno)
+            elif isinstance(node.func, ast.Attribute) and node.func.attr in _MUTATORS:
+                check_container(node.func.value, node.lineno, node.func)
     return list(dict.fromkeys(found))
 
 
@@ -233,7 +304,24 @@ def test_the_seam_scan_finds_what_it_looks_for(tmp_path):
         "vars(self)['_z'] = 1\n"
         "object.__setattr__(model, 'anything', 1)\n"
         "setattr(trl_utils, name, 1)\n"
-        "self._own.value = 1\n",
+        "self._own.value = 1\n"
+        "accelerator._models.clear()\n"
+        "vars(model).update(_x=1)\n"
+        "model.config.__dict__.pop('x', None)\n"
+        "again = prepared\n"
+        "again[:] = []\n"
+        "if (walrused := accelerator._models):\n"
+        "    walrused.append(1)\n"
+        "def elsewhere():\n"
+        "    prepared = {}\n"  # another scope: not the alias above
+        "    prepared['k'] = 1\n"
+        "    cache = self._cache\n"
+        "    cache[1] = 2\n"
+        "    cache.update(x=1)\n"
+        "    listed = []\n"
+        "    listed.append(1)\n"
+        "    vars(self).update(y=1)\n"
+        "    self._items.append(1)\n",
         encoding="utf-8",
     )
     found = [line.split(": ", 1)[1] for line in seam_violations(sample, root=tmp_path)]
@@ -250,6 +338,12 @@ def test_the_seam_scan_finds_what_it_looks_for(tmp_path):
             "model.__dict__['_y']",
             "model",  # object.__setattr__(model, ...)
             "trl_utils",  # setattr(trl_utils, name, ...)
+            "listed.append",  # through an alias of accelerator._models
+            "accelerator._models.clear",
+            "vars(model).update",
+            "model.config.__dict__.pop",
+            "again[:]",  # an alias of an alias
+            "walrused.append",
         ]
     )
 
@@ -420,12 +514,17 @@ def test_the_callers_config_is_left_as_given(kind, tiny_pivot_factory, tmp_path,
     else:
         config = PivotDPOConfig(**common, padding_free=kind == "dpo")
         rows, trainer_cls, extra = _rows(2), PivotDPOTrainer, {"ref_model": _fresh(path)}
-    before = dict(vars(config))
+    before = {k: copy.deepcopy(v) for k, v in vars(config).items() if k != "distributed_state"}
     trainer = trainer_cls(
         model=_fresh(path), args=config, train_dataset=Dataset.from_list(rows), processing_class=processor, **extra
     )
     assert trainer.args is not config and trainer.args.report_to == []
-    after = dict(vars(config))
+    # Containers are the trainer's own: an in-place edit (TRL sets `use_reentrant` in this dict under ZeRO-3 + PEFT)
+    # does not reach the caller's.
+    for name, value in vars(trainer.args).items():
+        if isinstance(value, (dict, list)) and name in vars(config):
+            assert value is not vars(config)[name], name
+    after = {k: v for k, v in vars(config).items() if k != "distributed_state"}
     assert after == before, {
         k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)
     }

@@ -21,10 +21,12 @@ from pivot_hf.trainer.base import uneven_last_batch_message
         (10, 2, 2, True, True, None),  # dataloader_drop_last: dropped, not refilled
         (10, 2, 2, False, False, None),  # even_batches off: ranks get uneven batches
         (7, 4, 1, True, False, 1),
+        (10, 2, 4, True, False, 2),  # split_batches (below): the loader's batch of 4 is the global one
     ],
 )
 def test_the_refill_is_counted(rows, world, batch, even, drop, repeated):
-    message = uneven_last_batch_message(rows, world, batch, even, drop)
+    split = (rows, world, batch) == (10, 2, 4)
+    message = uneven_last_batch_message(rows, world, batch, even, drop, split_batches=split)
     if repeated is None:
         assert message is None
     else:

@@ -197,7 +197,8 @@ class PivotProcessor(ProcessorMixin):
         finally:
             for obj, value in zip(objects, before):
                 if value is _UNSET:
-                    obj.__dict__.pop("auto_map", None)
+                    if "auto_map" in vars(obj):
+                        delattr(obj, "auto_map")
                 else:
                     obj.auto_map = value
 

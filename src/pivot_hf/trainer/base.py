@@ -28,13 +28,14 @@ logger = logging.getLogger(__name__)
 
 
 def uneven_last_batch_message(
-    rows: int, world_size: int, per_device_batch: int, even_batches: bool, drop_last: bool
+    rows: int, world_size: int, per_device_batch: int, even_batches: bool, drop_last: bool, split_batches: bool = False
 ) -> str | None:
     """What an epoch of `rows` rows does on `world_size` processes when the rows do not fill the last global batch:
     accelerate's `even_batches` (on by default) refills that batch with rows from the start of the epoch, so those
     rows train twice per epoch and the run differs from one process. `None` when every batch is full, on one process,
-    or when the last batch is dropped (`dataloader_drop_last`) or left uneven."""
-    global_batch = world_size * per_device_batch
+    or when the last batch is dropped (`dataloader_drop_last`) or left uneven. With accelerate's `split_batches` the
+    data loader's batch is the global one, split across the processes."""
+    global_batch = per_device_batch if split_batches else world_size * per_device_batch
     remainder = rows % global_batch if global_batch else 0
     if world_size <= 1 or not remainder or drop_last or not even_batches:
         return None
@@ -66,13 +67,16 @@ class PivotTrainerMixin(RowContractMixin, AtomicCheckpointMixin, TunablePartsMix
         dataloader = super().get_train_dataloader()
         rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
         # GRPO deals prompts in generation batches of its own (repeated `num_generations` times): not this arithmetic.
-        if rows is not None and getattr(self.args, "num_generations", None) is None:
+        # With `dispatch_batches` the main process reads and sends every batch: another path, not this arithmetic.
+        dispatched = bool(getattr(self.accelerator, "dispatch_batches", False))
+        if rows is not None and getattr(self.args, "num_generations", None) is None and not dispatched:
             message = uneven_last_batch_message(
                 rows,
                 self.args.world_size,
                 self.args.per_device_train_batch_size,
                 getattr(self.accelerator, "even_batches", True),
                 self.args.dataloader_drop_last,
+                split_batches=bool(getattr(self.accelerator, "split_batches", False)),
             )
             if message is not None and self.is_world_process_zero():
                 logger.warning(message)

@@ -163,10 +163,10 @@ def as_pivot_config(args, pivot_cls):
     if args is None:
         return args
     if isinstance(args, pivot_cls):
-        # A shallow copy: what the trainer or TRL resolve in place on their config (a tracker that is not installed
-        # dropped from `report_to`, TRL's `ddp_find_unused_parameters` for vision models) stays off the caller's
-        # object, as it does for a plain TRL config below.
-        return copy.copy(args)
+        # A copy: what the trainer or TRL resolve in place on their config (a tracker that is not installed dropped
+        # from `report_to`, TRL's `ddp_find_unused_parameters` for vision models, `gradient_checkpointing_kwargs`
+        # under PEFT + ZeRO-3) stays off the caller's object, as it does for a plain TRL config below.
+        return _own_containers(copy.copy(args))
     trl_cls = next(
         c for c in pivot_cls.__mro__[1:] if issubclass(c, TrainingArguments) and c.__module__.startswith("trl")
     )
@@ -189,7 +189,15 @@ def as_pivot_config(args, pivot_cls):
     # only the same placement keys says what each default resolved to, and the key check accepts that value too.
     with resolved_defaults(_resolved_defaults(trl_cls, args)):
         converted._pivot_post_init()
-    return converted
+    return _own_containers(converted)
+
+
+def _own_containers(args):
+    """`args` (a shallow copy) with its own copies of the dict / list / set values, which TRL edits in place."""
+    for name, value in vars(args).items():
+        if isinstance(value, (dict, list, set)):
+            setattr(args, name, copy.deepcopy(value))
+    return args
 
 
 def _resolved_defaults(trl_cls, args) -> dict:
