@@ -414,6 +414,7 @@ def _batch_shapes(trainer, dataset, batch_size: int) -> tuple[list[dict], list[d
     the same)."""
     import torch
 
+    from flops import pair_block_keys
     from pivot_hf.trainer.fast_dpo import plan_pairs
     from pivot_hf.trainer.fast_dpo.collator import _RefLogpsCollator
     from pivot_hf.trainer.fast_dpo.packing import _place_units
@@ -453,8 +454,7 @@ def _batch_shapes(trainer, dataset, batch_size: int) -> tuple[list[dict], list[d
             rows["ours"] = [int(packed.sum())]
             prefix, chosen = plan["prefix"], plan["lengths"][:pairs] - plan["prefix"]
             rejected = plan["lengths"][pairs:] - plan["prefix"]
-            head = prefix + chosen
-            keys["ours"] = int((head * (head + 1) // 2 + rejected * (prefix + rejected)).sum())
+            keys["ours"] = int(pair_block_keys(prefix, chosen, rejected).sum())
         else:  # eager: rows as wide as the longest pair, dense block mask
             _, _, pf_width, pf_rows = _place_units(packed, True, None)
             rows["ours"] = [pf_width] * pf_rows

@@ -65,6 +65,13 @@ def _llm_token_flops(config) -> tuple[float, float]:
     return dense, layers * 4 * dq
 
 
+def pair_block_keys(prefix, chosen, rejected):
+    """Keys attended over one pair under pair-block attention (sdpa): `[prefix | chosen]` causal, the rejected tail
+    over the whole `r x (p + r)` rectangle its mask covers. Ints or integer tensors (elementwise, one per pair)."""
+    head = prefix + chosen
+    return head * (head + 1) // 2 + rejected * (prefix + rejected)
+
+
 def _causal_keys(n: int, offset: int = 0) -> int:
     # sum over positions i < n of (offset + i + 1)
     return n * offset + n * (n + 1) // 2
@@ -190,7 +197,7 @@ def sampled_batches(batch_pairs: int, batches: int, seed: int, image_tokens: int
         rejected = [r + 2 for _, _, r in pairs]
         width = max(max(p + c, p + r) for p, c, r in zip(prefixes, chosen, rejected))
         packed = [p + c + r for p, c, r in zip(prefixes, chosen, rejected)]
-        keys = sum((p + c) * (p + c + 1) // 2 + r * (p + r) for p, c, r in zip(prefixes, chosen, rejected))
+        keys = sum(pair_block_keys(p, c, r) for p, c, r in zip(prefixes, chosen, rejected))
         out.append(
             {
                 "pairs": batch_pairs,

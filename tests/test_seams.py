@@ -207,54 +207,32 @@ def seam_violations(path: Path, root: Path = REPO) -> list[str]:
     def report(target: ast.AST, lineno: int):
         found.append(f"{path.relative_to(root)}:{lineno}: {ast.unparse(target)}")
 
+    def foreign(node: ast.AST, attribute: str | None = None) -> bool:
+        """Writing into `node` (or its `attribute`, for `setattr`) writes into another library's object."""
+        owner = _namespace_of(node.value) if isinstance(node, ast.Subscript) else _namespace_of(node)
+        if owner is not None:
+            return not _is_self(owner)
+        base = _root(node)
+        if base in watched or (base is not None and is_alias(base, node)):
+            return True
+        if base is None or base in other:
+            return False
+        if attribute is not None and _private(attribute):
+            return not _is_self(node)
+        return _foreign_private(node)
+
     def check(target: ast.AST, lineno: int, attribute: str | None = None):
         if not isinstance(target, (ast.Attribute, ast.Subscript, ast.Name)):
             return
         if isinstance(target, ast.Name) and attribute is None:
-            return
-        owner = _namespace_of(target.value) if isinstance(target, ast.Subscript) else None
-        if owner is not None:
-            if not _is_self(owner):
-                report(target, lineno)
-            return
-        base = _root(target)
-        if base in watched:
-            report(target, lineno)
-            return
-        root_name = target
-        while isinstance(root_name, (ast.Attribute, ast.Subscript)):
-            root_name = root_name.value
-        if isinstance(root_name, ast.Name) and isinstance(target, (ast.Attribute, ast.Subscript)):
-            if is_alias(root_name.id, target):
-                report(target, lineno)
-                return
-        if base in other or base is None:
-            return
-        foreign = _foreign_private(target) if isinstance(target, (ast.Attribute, ast.Subscript)) else False
-        if attribute is not None and _private(attribute) and not (isinstance(target, ast.Name) and _is_self(target)):
-            foreign = True
-        if foreign:
+            return  # binding a local name
+        if foreign(target, attribute):
             report(target, lineno)
 
     def check_container(container: ast.AST, lineno: int, shown: ast.AST):
         """A mutating method called on `container`."""
-        owner = _namespace_of(container)
-        if owner is not None:
-            if not _is_self(owner):
-                report(shown, lineno)
-            return
-        if isinstance(container, ast.Name):
-            if container.id in watched or is_alias(container.id, container):
-                report(shown, lineno)
-            return
-        if _root(container) in watched or (_foreign_private(container) and _root(container) not in other):
+        if foreign(container):
             report(shown, lineno)
-        elif isinstance(container, (ast.Attribute, ast.Subscript)):
-            root_name = container
-            while isinstance(root_name, (ast.Attribute, ast.Subscript)):
-                root_name = root_name.value
-            if isinstance(root_name, ast.Name) and is_alias(root_name.id, container):
-                report(shown, lineno)
 
     for node in ast.walk(tree):
         if isinstance(node, (ast.Assign, ast.Delete)):

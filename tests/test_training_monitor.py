@@ -375,6 +375,20 @@ class _Parts(torch.nn.Module):
         self.language_model = torch.nn.ParameterDict({"embed": param(151_936, 8), "b": param(5)})
 
 
+def _sgd_monitor(model, lr=1e-3, **logging_args):
+    """An `UpdateNormCallback` on a stand-in trainer that steps `model`'s trainable tensors with SGD at `lr`, and the
+    logging arguments it reads (every step logged; `logging_args` adds fields such as `update_norm_memory_mib`)."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import IntervalStrategy
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=lr)
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, is_world_process_zero=lambda: True)
+    args = SimpleNamespace(logging_strategy=IntervalStrategy.STEPS, logging_first_step=True, **logging_args)
+    return monitor.UpdateNormCallback(trainer), optimizer, trainable, args
+
+
 @pytest.mark.parametrize(
     "dtype, bf16_values, step",
     [
@@ -389,14 +403,8 @@ def test_update_norms_equal_a_float64_computation(dtype, bf16_values, step):
     weights (rel 1e-5: fp32 norms of 64k-element pieces), for fp32 and bf16 weights; a frozen part logs exactly 0."""
     from types import SimpleNamespace
 
-    from transformers.trainer_utils import IntervalStrategy
-
     model = _Parts(dtype, bf16_values)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=step)
-    trainer = SimpleNamespace(model=model, optimizer=optimizer, is_world_process_zero=lambda: True)
-    callback = monitor.UpdateNormCallback(trainer)
-    args = SimpleNamespace(logging_strategy=IntervalStrategy.STEPS, logging_first_step=True)
+    callback, optimizer, trainable, args = _sgd_monitor(model, lr=step)
     state = SimpleNamespace(global_step=0, logging_steps=1)
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -424,18 +432,10 @@ def test_update_norm_memory_budget_samples_pieces(step_index):
     the stride keeps one piece; the copy stays within the budget (plus one piece per part)."""
     from types import SimpleNamespace
 
-    from transformers.trainer_utils import IntervalStrategy
-
     model = _Parts(torch.float32, False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=1e-3)
-    trainer = SimpleNamespace(model=model, optimizer=optimizer, is_world_process_zero=lambda: True)
-    callback = monitor.UpdateNormCallback(trainer)
-    size = sum(p.numel() * p.element_size() for p in trainable)
+    size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     budget_mib = size / 2**20 / 3.5  # -> stride 4
-    args = SimpleNamespace(
-        logging_strategy=IntervalStrategy.STEPS, logging_first_step=True, update_norm_memory_mib=budget_mib
-    )
+    callback, optimizer, trainable, args = _sgd_monitor(model, update_norm_memory_mib=budget_mib)
     state = SimpleNamespace(global_step=step_index, logging_steps=1)
 
     g = torch.Generator().manual_seed(1)
@@ -467,17 +467,11 @@ def test_a_moved_part_whose_measured_weights_were_zero_is_not_logged_as_frozen(c
     the ratio is undefined, so the part logs NaN with a warning, never 0 (which means "did not move")."""
     from types import SimpleNamespace
 
-    from transformers.trainer_utils import IntervalStrategy
-
     model = _Parts(torch.float32, False)
     with torch.no_grad():
         for p in model.vision_tower.values():
             p.zero_()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=1e-3)
-    trainer = SimpleNamespace(model=model, optimizer=optimizer, is_world_process_zero=lambda: True)
-    callback = monitor.UpdateNormCallback(trainer)
-    args = SimpleNamespace(logging_strategy=IntervalStrategy.STEPS, logging_first_step=True)
+    callback, optimizer, trainable, args = _sgd_monitor(model)
     state = SimpleNamespace(global_step=0, logging_steps=1)
     for p in trainable:
         p.grad = torch.ones_like(p)
@@ -503,16 +497,10 @@ def test_update_norm_of_a_non_contiguous_parameter():
     read it again after the step; the logged ratio equals the float64 computation."""
     from types import SimpleNamespace
 
-    from transformers.trainer_utils import IntervalStrategy
-
     model = _Parts(torch.float32, False)
     model.vision_tower["w"] = torch.nn.Parameter(torch.randn(70, 300, generator=torch.Generator().manual_seed(2)).t())
     assert not model.vision_tower["w"].is_contiguous()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=1e-3)
-    trainer = SimpleNamespace(model=model, optimizer=optimizer, is_world_process_zero=lambda: True)
-    callback = monitor.UpdateNormCallback(trainer)
-    args = SimpleNamespace(logging_strategy=IntervalStrategy.STEPS, logging_first_step=True)
+    callback, optimizer, trainable, args = _sgd_monitor(model)
     state = SimpleNamespace(global_step=0, logging_steps=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in trainable:

@@ -39,7 +39,17 @@ import transformers
 import trl.trainer.utils as trl_utils
 
 
-TESTED = "transformers >=5.18,<5.26, trl >=1.16,<1.17 and accelerate >=1.15,<1.17"
+def _tested() -> str:
+    from ..configuration_pivot import TESTED_TRANSFORMERS_RANGE
+    from ..versions import TESTED_RANGES
+
+    ranges = {"transformers": TESTED_TRANSFORMERS_RANGE, **{k: TESTED_RANGES[k] for k in ("trl", "accelerate")}}
+    parts = [f"{name} >={low},<{high}" for name, (low, high) in ranges.items()]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+# The versions the private names below were checked on: read from the one table of tested ranges.
+TESTED = _tested()
 
 
 def _installed() -> str:
@@ -82,13 +92,12 @@ def _check_checkpoint_output_dir() -> None:
     be written in place, never marked complete, and automatic resume would silently start fresh."""
     from transformers import Trainer
 
+    # Both methods exist (`_check_overridden_methods`); what is checked here is that one calls the other.
     try:
         source = inspect.getsource(Trainer._save_checkpoint)
-    except (OSError, TypeError) as error:  # no source (a frozen install): the save-time check still guards it
-        if not hasattr(Trainer, "_get_output_dir"):
-            raise _missing("`Trainer._get_output_dir`", "the run folder of a checkpoint") from error
+    except (OSError, TypeError):  # no source (a frozen install): the save-time check still guards it
         return
-    if not hasattr(Trainer, "_get_output_dir") or "self._get_output_dir(" not in source:
+    if "self._get_output_dir(" not in source:
         raise _missing(
             "`Trainer._save_checkpoint` to take its run folder from `Trainer._get_output_dir`",
             "the atomic checkpoints stage each save there",
